@@ -1,0 +1,59 @@
+"""Resumable checkpoints: Accelerate's ``save_state`` folders plus a ``latest.json`` pointer.
+
+The pointer is written atomically only after every file of a checkpoint is on disk, so a
+run killed mid-save resumes from the previous complete checkpoint, never a partial one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from herbens.errors import HerbensError
+from herbens.fileio import read_json, write_json
+
+POINTER = "latest.json"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(accelerator, run_dir: Path, state, keep: int) -> Path:
+    """Save model, optimizer, RNG and registered objects; every process must call this."""
+    folder = checkpoint_dir(run_dir) / f"epoch{state.epoch:04d}-step{state.step:08d}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(checkpoint_dir(run_dir) / POINTER,
+                   {"checkpoint": folder.name, "epoch": state.epoch, "step": state.step,
+                    "batch_in_epoch": state.batch_in_epoch})
+        _prune(checkpoint_dir(run_dir), keep=max(1, keep), current=folder.name)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    """Remove all but the newest ``keep`` checkpoint folders (never the current one)."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch"))
+    for old in folders[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None when it has none."""
+    pointer = checkpoint_dir(run_dir) / POINTER
+    if not pointer.exists():
+        return None
+    info = read_json(pointer)
+    folder = checkpoint_dir(run_dir) / str(info.get("checkpoint", ""))
+    if not folder.is_dir():
+        raise HerbensError(f"{pointer} names checkpoint {folder.name!r}, which does not exist")
+    return folder
+
+
+def load_checkpoint(accelerator, folder: Path) -> None:
+    """Restore everything ``save_checkpoint`` saved (registered objects included)."""
+    accelerator.load_state(str(folder))

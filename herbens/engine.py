@@ -1,0 +1,163 @@
+"""The loops: one training epoch, and prediction over a loader (validation or test).
+
+Short functions over prepared Accelerate objects; no rank logic beyond "main process shows
+the bar" and "gather once per batch".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainState:
+    """Where training is: checkpointed so a resumed run continues exactly here."""
+
+    epoch: int = 0            # current epoch (0-based)
+    step: int = 0             # optimizer updates done in total
+    batch_in_epoch: int = 0   # micro-batches of the current epoch already consumed
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.history = list(state.get("history", []))
+
+
+@dataclass
+class TrainParts:
+    """Everything one optimizer step needs, prepared by Accelerate where that applies."""
+
+    accelerator: object
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    levels: tuple
+    mixup: object = None
+    ema: object = None
+    clip_grad: float | None = None
+
+
+def _targets(batch: dict, levels) -> dict:
+    return {level: batch[level] for level in levels}
+
+
+def train_step(parts: TrainParts, batch: dict, state: TrainState) -> dict:
+    """Forward, loss, backward and (on a sync step) optimizer update; returns loss parts."""
+    acc = parts.accelerator
+    with acc.accumulate(parts.model):
+        images = batch["image"]
+        hard = _targets(batch, parts.levels)
+        targets = dict(hard)
+        if parts.mixup is not None:
+            images, targets["species"] = parts.mixup(images, hard["species"])
+        outputs = parts.model(images, targets=hard)
+        losses = parts.criterion(outputs, targets)
+        acc.backward(losses["loss"])
+        if acc.sync_gradients and parts.clip_grad:
+            acc.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            state.step += 1
+            parts.schedule.step(state.step)
+            if parts.ema is not None:
+                parts.ema.update(acc.unwrap_model(parts.model), step=state.step)
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches: int,
+                    on_step=None, log_every: int = 10) -> dict:
+    """Run the rest of the current epoch; ``loader`` already skips consumed batches.
+
+    Args:
+        on_step: called after every optimizer update (for step checkpoints); may be None.
+    Returns:
+        Mean loss parts over the batches run, images per second and the epoch's time.
+    """
+    acc = parts.accelerator
+    parts.model.train()
+    sums: dict[str, float] = {}
+    count = images = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
+               disable=not acc.is_main_process, leave=False, dynamic_ncols=True)
+    for batch in loader:
+        losses = train_step(parts, batch, state)
+        state.batch_in_epoch += 1
+        count += 1
+        images += len(batch["image"]) * acc.num_processes
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value
+        bar.update(1)
+        if count % log_every == 0:
+            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", lr=f"{current_lr(parts.optimizer):.2e}")
+        if acc.sync_gradients and on_step is not None:
+            on_step()
+    bar.close()
+    elapsed = time.perf_counter() - start
+    out = {key: value / max(count, 1) for key, value in sums.items()}
+    out.update(images_per_second=images / max(elapsed, 1e-9), epoch_time_s=elapsed)
+    return out
+
+
+def current_lr(optimizer) -> float:
+    """The largest learning rate of any group (the heads' full LR under layer decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+@torch.no_grad()
+def predict(accelerator, model, loader, levels, desc: str = "predict") -> dict[str, np.ndarray]:
+    """Per-level logits for every row of the loader's dataset, in dataset order.
+
+    Test-time views arrive as images of shape [B, V, C, H, W]; their logits are averaged per
+    image. The dataset index travels with the logits through ``gather_for_metrics`` (which
+    drops the padding duplicates of the last distributed batch), so rows land where they
+    belong whatever the process count.
+
+    Returns:
+        ``{level: float32 array [N, C]}`` plus ``"labels"`` (species index, -1 unknown), on
+        every process.
+    """
+    model.eval()
+    n = len(loader.dataset)
+    out: dict[str, np.ndarray] = {}
+    seen = np.zeros(n, dtype=bool)
+    bar = tqdm(total=len(loader), desc=desc, disable=not accelerator.is_main_process, leave=False)
+    for batch in loader:
+        images = batch["image"]
+        views = images.shape[1] if images.ndim == 5 else 1
+        if images.ndim == 5:
+            images = images.flatten(0, 1)
+        outputs = model(images)
+        record = {"index": batch["index"], "labels": batch["species"]}
+        for level in levels:
+            logits = outputs[level].float()
+            record[level] = logits.view(-1, views, logits.shape[-1]).mean(dim=1)
+        record = accelerator.gather_for_metrics(record)
+        index = record["index"].cpu().numpy()
+        for key, value in record.items():
+            if key == "index":
+                continue
+            value = value.cpu().numpy()
+            if key not in out:
+                out[key] = np.zeros((n,) + value.shape[1:], dtype=value.dtype)
+            out[key][index] = value
+        seen[index] = True
+        bar.update(1)
+    bar.close()
+    if not seen.all():
+        missing = np.flatnonzero(~seen)[:5].tolist()
+        raise RuntimeError(f"prediction missed {int((~seen).sum())} rows (first: {missing})")
+    return out

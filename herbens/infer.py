@@ -1,0 +1,106 @@
+"""Per-level logits of a run's validation and test images, through the logits store.
+
+Called at the end of training with the model in memory, and by ``herbens infer runs/NAME``,
+which rebuilds the model from the run's ``config.yaml`` and final weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from herbens.data.loaders import predict_loader
+from herbens.data.run_data import RunData, load_run_data
+from herbens.data.transforms import build_tta_views, model_data_config
+from herbens.engine import predict
+from herbens.errors import HerbensError
+from herbens.logits import write_logits
+
+
+def _split_frame(data: RunData, split: str):
+    if split == "val":
+        return data.val, data.images_dir, True
+    if split == "test":
+        if data.test is None:
+            raise HerbensError("no test metadata found next to the training metadata; cannot infer 'test'")
+        return data.test, data.test_images_dir, False
+    raise HerbensError(f"unknown split {split!r}; expected val or test")
+
+
+def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
+                       run_dir: Path, split: str, views: list[str] | None = None) -> None:
+    """Predict every image of ``split`` with test-time views averaged and store the logits."""
+    views = list(views or cfg["infer"]["tta"])
+    frame, images_dir, labelled = _split_frame(data, split)
+    loader = accelerator.prepare(
+        predict_loader(frame, images_dir, data.taxonomy if labelled else None,
+                       build_tta_views(views, data_config), cfg))
+    levels = tuple(cfg["levels"])
+    scores = predict(accelerator, model, loader, levels, desc=f"logits {split}")
+    if accelerator.is_main_process:
+        write_logits(
+            run_dir, split, frame["image_id"].astype(str).tolist(),
+            {level: scores[level].astype(np.float16) for level in levels},
+            {"taxonomy_hash": data.taxonomy.hash, "views": views, "model": cfg["model"]["backbone"],
+             "split": split},
+            labels=scores["labels"].astype(np.int64) if labelled else None)
+    accelerator.wait_for_everyone()
+
+
+def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
+    """Rebuild a run's model and load its final (EMA, when present) weights."""
+    from herbens.models.net import build_model
+
+    weights = run_dir / "model_ema.pt"
+    if not (use_ema and weights.exists()):
+        weights = run_dir / "model.pt"
+    if not weights.exists():
+        raise HerbensError(f"{run_dir} has no final weights (model.pt): has training finished?")
+    model = build_model({**cfg, "model": {**cfg["model"], "pretrained": False}}, taxonomy)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model
+
+
+def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
+              data_root: str | None = None, batch_size: int | None = None) -> None:
+    """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views)."""
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise HerbensError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(config_file.read_text())
+    if data_root:
+        cfg["data"]["root"] = data_root
+    if batch_size:
+        cfg["infer"]["batch_size"] = batch_size
+    accelerator = Accelerator(mixed_precision=cfg["train"]["precision"])
+    data = load_run_data(cfg, run_dir, reuse_split=True)
+    model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
+    data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])
+    for split in splits:
+        write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, views)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "infer", help="write a run's per-level logits for val/test images (with test-time views)",
+        description="Predict a finished run's validation and/or test images and store the logits "
+                    "in runs/NAME/logits/<split>/ for the ensembler.")
+    parser.add_argument("run", help="run directory, e.g. runs/convnext_b")
+    parser.add_argument("--split", nargs="+", default=["val", "test"], choices=["val", "test"])
+    parser.add_argument("--tta", nargs="+", default=None, metavar="VIEW",
+                        help="test-time views to average (default: the recipe's infer.tta)")
+    parser.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    infer_run(args.run, args.split, args.tta, args.data_root, args.batch_size)
+    return 0

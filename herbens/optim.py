@@ -1,0 +1,106 @@
+"""Optimizer and learning-rate schedule from the recipe, through timm's factories.
+
+Layer-wise LR decay applies to the trunk only; the neck, the heads and any trainable loss
+parameters train at the full learning rate (they start from scratch).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+
+from herbens.errors import HerbensError
+
+
+def scaled_lr(opt_cfg: dict, global_batch: int) -> float:
+    """Peak learning rate, scaled linearly with the global batch when ``lr_base_batch`` is set."""
+    lr = float(opt_cfg["lr"])
+    if opt_cfg.get("lr_base_batch"):
+        lr *= global_batch / float(opt_cfg["lr_base_batch"])
+    return lr
+
+
+def param_groups(model: torch.nn.Module, extra: list[torch.nn.Parameter], opt_cfg: dict) -> list[dict]:
+    """Parameter groups: the trunk (layer-decayed if asked), then everything else at full LR."""
+    weight_decay = float(opt_cfg["weight_decay"])
+    if opt_cfg.get("layer_decay"):
+        trunk_groups = param_groups_layer_decay(
+            model.trunk, weight_decay=weight_decay, layer_decay=float(opt_cfg["layer_decay"]))
+    else:
+        trunk_groups = param_groups_weight_decay(model.trunk, weight_decay=weight_decay)
+    trunk_ids = {id(p) for p in model.trunk.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in trunk_ids and p.requires_grad]
+    rest_ids = {id(p) for p in rest}
+    rest += [p for p in extra if p.requires_grad and id(p) not in rest_ids and id(p) not in trunk_ids]
+    decay = [p for p in rest if p.ndim > 1]
+    no_decay = [p for p in rest if p.ndim <= 1]
+    groups = list(trunk_groups)
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, extra_params: list, opt_cfg: dict, lr: float):
+    """timm optimizer over :func:`param_groups`."""
+    kwargs = {}
+    if opt_cfg["name"].lower() in ("sgd", "momentum", "nesterov"):
+        kwargs["momentum"] = float(opt_cfg["momentum"])
+        kwargs["nesterov"] = bool(opt_cfg["nesterov"])
+    try:
+        return create_optimizer_v2(param_groups(model, extra_params, opt_cfg), opt=opt_cfg["name"],
+                                   lr=lr, weight_decay=float(opt_cfg["weight_decay"]), **kwargs)
+    except (ValueError, AssertionError) as exc:
+        raise HerbensError(f"optimizer.name={opt_cfg['name']!r}: {exc}") from None
+
+
+class StepSchedule:
+    """Per-optimizer-step LR schedule with one interface for timm and torch schedulers.
+
+    timm's schedulers are driven by ``step_update(num_updates)``; the paper's one-cycle
+    schedule is torch's ``OneCycleLR`` (stepped once per update). Checkpointed through
+    ``state_dict``.
+    """
+
+    def __init__(self, scheduler, kind: str):
+        self.scheduler = scheduler
+        self.kind = kind
+
+    def step(self, num_updates: int) -> None:
+        if self.kind == "timm":
+            self.scheduler.step_update(num_updates)
+        elif self.kind == "torch":
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
+
+
+def build_schedule(optimizer, sched_cfg: dict, epochs: int, updates_per_epoch: int, lr: float) -> StepSchedule:
+    """LR schedule from the recipe: cosine with warm-up (timm), one-cycle (torch) or none."""
+    name = sched_cfg["name"]
+    total = max(1, epochs * updates_per_epoch)
+    if name == "none":
+        return StepSchedule(None, "none")
+    if name == "onecycle":
+        # The NAFlora-1M baseline: cosine rise from peak/div_factor over pct_start of the
+        # steps, cosine fall to peak/div_factor^2 (0.007 -> 0.7 -> 7e-5 in the paper).
+        div = float(sched_cfg["div_factor"])
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total + 1,
+            pct_start=float(sched_cfg["pct_start"]), anneal_strategy="cos", div_factor=div,
+            final_div_factor=div, cycle_momentum=False)
+        return StepSchedule(sched, "torch")
+    if name == "cosine":
+        sched, _ = create_scheduler_v2(
+            optimizer, sched="cosine", num_epochs=epochs, updates_per_epoch=updates_per_epoch,
+            warmup_epochs=float(sched_cfg["warmup_epochs"]), warmup_lr=float(sched_cfg["warmup_lr"]),
+            min_lr=float(sched_cfg["min_lr"]), step_on_epochs=False, cooldown_epochs=0)
+        return StepSchedule(sched, "timm")
+    raise HerbensError(f"scheduler.name={name!r} is unknown; choose cosine, onecycle or none")
