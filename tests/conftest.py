@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny synthetic herbarium and one tiny trained run per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores in CI: one torch thread per process keeps parallel data workers from thrashing.
+torch.set_num_threads(1)
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+TINY_OVERRIDES = [
+    "train.epochs=2", "train.batch_size=8", "input.size=[48,32]", "data.num_workers=0",
+    "infer.batch_size=16", "data.val_fraction=0.25", "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_herbarium(tmp_path_factory) -> Path:
+    """A Kaggle-2022-format synthetic herbarium: 6 species, 64 px sheets."""
+    from herbens.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("herbarium")
+    synthesize(root, species=6, seed=3, long_edge=64, min_images=4, max_images=12,
+               test_per_species=2, progress=False)
+    return root
+
+
+def train_tiny(root: Path, out: Path, recipe: str = "demo_ce", extra: list[str] | None = None,
+               flags: list[str] | None = None) -> int:
+    """Train a recipe on the tiny herbarium through ``herbens.train.main``."""
+    from herbens.train import main
+
+    argv = [recipe, f"data.root={root}", f"output_dir={out}", *TINY_OVERRIDES, *(extra or []), *(flags or [])]
+    return main(argv)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_herbarium, tmp_path_factory) -> Path:
+    """A finished run directory of the demo_ce recipe on the tiny herbarium."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train_tiny(tiny_herbarium, out, extra=["name=tiny"]) == 0
+    return out / "tiny"

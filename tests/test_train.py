@@ -1,0 +1,96 @@
+"""Training through ``main(argv)`` writes a complete, consistent run directory."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import train_tiny
+from herbens.cli import main as cli_main
+from herbens.data.metadata import load_test_metadata
+from herbens.data.taxonomy import Taxonomy
+from herbens.logits import read_logits
+
+
+def test_run_directory_is_complete(tiny_run):
+    for name in ("config.yaml", "taxonomy.json", "split.csv", "metrics.json", "history.jsonl",
+                 "model.pt", "checkpoints/latest.json"):
+        assert (tiny_run / name).exists(), name
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["train"]["epochs"] == 2 and cfg["name"] == "tiny"
+    history = [json.loads(line) for line in (tiny_run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in history)
+    assert {"val_species_macro_f1", "val_genus_macro_f1", "val_family_macro_f1"} <= set(history[-1])
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val"]["species_macro_f1"] <= 1.0
+    assert metrics["cost"]["device_type"] == "cpu" and metrics["cost"]["device_count"] == 1
+
+
+def test_logits_cover_every_val_and_test_image_once(tiny_run, tiny_herbarium):
+    taxonomy = Taxonomy.load(tiny_run / "taxonomy.json")
+    val_ids = pd.read_csv(tiny_run / "split.csv", dtype=str)["image_id"].tolist()
+    val = read_logits(tiny_run, "val")
+    assert sorted(val.image_ids) == sorted(val_ids)
+    assert (np.asarray(val.labels) >= 0).all()
+    test = read_logits(tiny_run, "test")
+    expected = load_test_metadata(tiny_herbarium / "test_metadata.json")["image_id"].tolist()
+    assert sorted(test.image_ids) == sorted(expected)
+    for split in (val, test):
+        assert split.meta["taxonomy_hash"] == taxonomy.hash
+        for level in ("species", "genus", "family"):
+            scores = np.asarray(split.level(level))
+            assert scores.shape == (len(split.image_ids), taxonomy.num_classes(level))
+            assert scores.dtype == np.float16 and np.isfinite(scores).all()
+
+
+def test_split_is_disjoint_from_training_and_reproducible(tiny_run, tiny_herbarium, tmp_path):
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=again", "train.epochs=1"]) == 0
+    first = pd.read_csv(tiny_run / "split.csv", dtype=str)
+    second = pd.read_csv(tmp_path / "again" / "split.csv", dtype=str)
+    assert first.equals(second)
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_herbarium, tmp_path, capsys):
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 0
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"], flags=["--overwrite"]) == 0
+
+
+def test_resume_continues_to_more_epochs(tiny_herbarium, tmp_path):
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 0
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=2"], flags=["--resume"]) == 0
+    history = (tmp_path / "r" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["epoch"] for h in history] == [1, 2]
+
+
+def test_infer_rewrites_logits_with_other_views(tiny_run):
+    before = np.asarray(read_logits(tiny_run, "val").level("species")).copy()
+    assert cli_main(["infer", str(tiny_run), "--split", "val", "--tta", "center"]) == 0
+    after = read_logits(tiny_run, "val")
+    assert after.meta["views"] == ["center"]
+    assert after.level("species").shape == before.shape
+    assert not np.array_equal(np.asarray(after.level("species")), before)  # hflip no longer averaged in
+
+
+def test_bad_recipe_key_is_a_clear_error(tiny_herbarium, tmp_path, capsys):
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["train.epochz=1"]) == 2
+    assert "train.epochz" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    assert train_tiny(tmp_path / "nowhere", tmp_path) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_final_weights_reload_into_the_model(tiny_run):
+    from herbens.infer import load_run_model
+
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    model = load_run_model(tiny_run, cfg, Taxonomy.load(tiny_run / "taxonomy.json"))
+    out = model.eval()(torch.zeros(1, 3, 48, 32))
+    assert out["species"].shape[-1] == Taxonomy.load(tiny_run / "taxonomy.json").num_classes("species")
