@@ -18,7 +18,7 @@ BASE_RECIPE = RECIPES_DIR / "_base.yaml"
 
 # Blocks whose contents belong to the component that receives them (a loss's or head's own
 # keyword arguments), so they are not checked against the base.
-FREE_FORM_KEYS = {"head_params", "loss_params"}
+FREE_FORM_KEYS = {"head_params", "loss_params", "model_kwargs"}
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
