@@ -1,0 +1,226 @@
+"""HierarchicalNet: a timm trunk, an optional neck, and one head per taxonomic level.
+
+```
+images -> trunk (timm, num_classes=0: pooled features, dropout drop_rate)
+       -> neck  (none | linear | bnneck)  -> "embedding"
+       -> heads {species, genus, family}   -> "<level>" logits (+ "<level>_margin_loss")
+```
+
+The trunk is wrapped, not forked: ``timm.create_model(..., num_classes=0)`` and our own heads on
+its pooled output (as open_clip's ``TimmModel`` does). ``model.trunk``, ``model.neck`` and
+``model.heads`` are public so the trainer can give the trunk timm's layer-wise LR decay and
+the rest full LR.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from herbens.errors import HerbensError
+from herbens.models.heads import build_head
+
+NECKS = ("none", "linear", "bnneck")
+
+
+class Neck(nn.Module):
+    """Embedding layer between trunk and heads.
+
+    Returns ``(embedding, head_input)``:
+
+    - ``none``: both are the pooled trunk features.
+    - ``linear``: both are ``Linear(features)``.
+    - ``bnneck`` (BagTricks, Luo et al. 2019): embedding = ``Linear(features)`` and head input =
+      ``BatchNorm1d(embedding)``. A metric loss (AMS) reads the embedding before BN and the
+      classifier sees it after BN, which keeps the two losses from pulling the same feature
+      space in different directions. The BN bias is frozen, as in BagTricks, so BN only
+      rescales and the classifier's decision boundaries stay through the origin.
+    """
+
+    def __init__(self, kind: str, in_dim: int, embedding_dim: int | None):
+        super().__init__()
+        if kind not in NECKS:
+            raise HerbensError(f"unknown neck {kind!r}; expected one of {', '.join(NECKS)}")
+        self.kind = kind
+        if kind == "none":
+            self.out_dim = in_dim
+            return
+        if not embedding_dim or embedding_dim <= 0:
+            raise HerbensError(f"neck {kind!r} needs a positive model.embedding_dim, got {embedding_dim!r}")
+        self.out_dim = int(embedding_dim)
+        self.fc = nn.Linear(in_dim, self.out_dim)
+        if kind == "bnneck":
+            self.bn = nn.BatchNorm1d(self.out_dim)
+            self.bn.bias.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "none":
+            return features, features
+        emb = self.fc(features)
+        return emb, (self.bn(emb) if self.kind == "bnneck" else emb)
+
+
+class HierarchicalNet(nn.Module):
+    """timm trunk -> neck -> one head per level.
+
+    Args:
+        backbone: any timm model name (with or without a pretrained tag).
+        level_classes: classes per level, e.g. ``{"species": 15501, "genus": 2564}``.
+        heads: per level, ``{"head": name, "head_params": {...}}`` (a recipe's level block may
+            be passed as is; other keys are ignored). A level missing here gets a linear head.
+        pretrained: load pretrained trunk weights (from the hub, or ``pretrained_file``).
+        pretrained_file: local ``.pth``/``.safetensors`` weights for offline ``pretrained``.
+        neck: ``none`` | ``linear`` | ``bnneck``.
+        embedding_dim: neck output size (ignored for ``none``).
+        drop_path_rate: stochastic depth in the trunk.
+        drop_rate: dropout on the pooled features (timm's head dropout).
+        channels_last: convert inputs (and the model, in :func:`build_model`) to NHWC.
+        grad_checkpointing: recompute trunk activations in backward.
+        model_kwargs: extra ``timm.create_model`` keywords (e.g. ``img_size`` for a ViT).
+    """
+
+    def __init__(self, backbone: str, level_classes: dict[str, int], heads: dict[str, dict],
+                 pretrained: bool = False, pretrained_file: str | Path | None = None,
+                 neck: str = "none", embedding_dim: int | None = None, drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0, channels_last: bool = False,
+                 grad_checkpointing: bool = False, model_kwargs: dict | None = None):
+        super().__init__()
+        if not level_classes:
+            raise HerbensError("the model needs at least one level (all levels are null)")
+        self.backbone = backbone
+        self.trunk = create_trunk(backbone, pretrained, pretrained_file, drop_rate, drop_path_rate,
+                                  model_kwargs)
+        self.data_config = resolve_model_data_config(self.trunk)
+        self.neck = Neck(neck, trunk_out_dim(self.trunk), embedding_dim)
+        self.heads = nn.ModuleDict({
+            level: _head_from_spec(level, heads.get(level) or {}, self.neck.out_dim, n)
+            for level, n in level_classes.items()})
+        self.channels_last = channels_last
+        if grad_checkpointing:
+            _enable_grad_checkpointing(self.trunk, backbone)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.neck.out_dim
+
+    def forward(self, images: torch.Tensor,
+                targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Embedding and per-level logits (plus margin losses when training with targets).
+
+        Args:
+            images: ``[B, 3, H, W]``.
+            targets: per level, hard labels ``[B]``; only margin heads read them.
+
+        Returns:
+            ``{"embedding": [B, D], "<level>": [B, C_level], "<level>_margin_loss": scalar}``.
+        """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        emb, head_in = self.neck(self.trunk(images))
+        out = {"embedding": emb}
+        for level, head in self.heads.items():
+            out[level] = head(head_in)
+            if getattr(head, "is_margin_head", False) and self.training and targets is not None:
+                # The margin loss is computed here, not in the criterion: DDP only all-reduces
+                # gradients of parameters used inside the wrapped module's forward, and the
+                # ArcFace weights would otherwise go unsynchronised across ranks (PML #710).
+                out[f"{level}_margin_loss"] = head.margin_loss(head_in, _level_target(targets, level))
+        return out
+
+
+def create_trunk(backbone: str, pretrained: bool = False, pretrained_file: str | Path | None = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 model_kwargs: dict | None = None) -> nn.Module:
+    """``timm.create_model(backbone, num_classes=0, ...)`` with herbens errors.
+
+    Offline weights use timm's own loader (``pretrained_cfg_overlay=dict(file=...)``), which
+    drops the classifier and adapts input convolutions exactly as a hub download would.
+    """
+    # Hub names ("hf-hub:org/repo") are resolved by timm itself.
+    if ":" not in backbone and not timm.is_model(backbone):
+        stem = backbone.split(".")[0].split("_")[0]
+        similar = timm.list_models(f"*{stem}*")[:10]
+        raise HerbensError(f"unknown timm model {backbone!r} (model.backbone)"
+                           + (f"; similar: {', '.join(similar)}" if similar else ""))
+    kwargs = dict(model_kwargs or {}, pretrained=pretrained, num_classes=0)
+    # Only passed when set: a few architectures take no dropout / stochastic-depth argument.
+    if drop_rate:
+        kwargs["drop_rate"] = drop_rate
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained_file:
+        if not pretrained:
+            warnings.warn(f"model.pretrained_file {pretrained_file} ignored: model.pretrained is false",
+                          stacklevel=2)
+        elif not Path(pretrained_file).is_file():
+            raise HerbensError(f"model.pretrained_file {pretrained_file} does not exist")
+        else:
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    try:
+        return timm.create_model(backbone, **kwargs)
+    except TypeError as exc:
+        raise HerbensError(f"timm model {backbone!r} rejected an option: {exc}") from exc
+    except (RuntimeError, OSError) as exc:
+        where = pretrained_file or "the hub (set model.pretrained_file for offline use)"
+        raise HerbensError(f"could not load pretrained weights for {backbone!r} from {where}: {exc}") from exc
+
+
+def trunk_out_dim(trunk: nn.Module) -> int:
+    """Size of the trunk's pooled output with ``num_classes=0``.
+
+    Models with a pre-logits layer (MobileNetV3, MambaOut, ...) output ``head_hidden_size``,
+    not ``num_features``.
+    """
+    return int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
+
+
+def build_model(cfg: dict, taxonomy) -> HierarchicalNet:
+    """Build the network from a resolved recipe's ``model`` and ``levels`` blocks.
+
+    Levels set to ``null`` get no head. ``model.compile`` is left to the trainer.
+    """
+    m = cfg["model"]
+    levels = {name: spec for name, spec in cfg["levels"].items() if spec is not None}
+    net = HierarchicalNet(
+        backbone=m["backbone"],
+        level_classes={level: taxonomy.num_classes(level) for level in levels},
+        heads={level: {"head": spec.get("head", "linear"), "head_params": spec.get("head_params") or {}}
+               for level, spec in levels.items()},
+        pretrained=bool(m.get("pretrained", False)),
+        pretrained_file=m.get("pretrained_file"),
+        neck=m.get("neck") or "none",
+        embedding_dim=m.get("embedding_dim"),
+        drop_path_rate=float(m.get("drop_path_rate") or 0.0),
+        drop_rate=float(m.get("drop_rate") or 0.0),
+        channels_last=bool(m.get("channels_last", False)),
+        grad_checkpointing=bool(m.get("grad_checkpointing", False)),
+        model_kwargs=m.get("model_kwargs") or {},
+    )
+    if net.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def _head_from_spec(level: str, spec: dict, in_dim: int, num_classes: int) -> nn.Module:
+    try:
+        return build_head(spec.get("head", "linear"), in_dim, num_classes, **(spec.get("head_params") or {}))
+    except HerbensError as exc:
+        raise HerbensError(f"levels.{level}: {exc}") from exc
+
+
+def _enable_grad_checkpointing(trunk: nn.Module, backbone: str) -> None:
+    try:
+        trunk.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as exc:
+        raise HerbensError(f"timm model {backbone!r} does not support model.grad_checkpointing: {exc}") from exc
+
+
+def _level_target(targets: dict[str, torch.Tensor], level: str) -> torch.Tensor:
+    if level not in targets:
+        raise HerbensError(f"the {level} head has a margin loss but forward got no {level!r} target")
+    return targets[level]
