@@ -81,8 +81,8 @@ def build_mixup(cfg: dict, num_classes: int):
         return None
     from timm.data import Mixup
 
-    smoothing = float(cfg["levels"]["species"].get("loss_params", {}).get("label_smoothing", 0.0))
-    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], label_smoothing=smoothing,
+    # The losses smooth soft targets themselves (every level alike), so Mixup must not.
+    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], label_smoothing=0.0,
                  num_classes=num_classes)
 
 
@@ -145,8 +145,8 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     global_batch = int(cfg["train"]["batch_size"]) * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
     lr = scaled_lr(cfg["optimizer"], global_batch)
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
-    if cfg["model"]["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
+    if cfg["model"]["compile"]:
+        model = torch.compile(model)
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     updates_per_epoch = max(1, len(loader) // int(cfg["train"]["grad_accum"]))
     schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates_per_epoch, lr)
