@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from herbens.errors import HerbensError
 from herbens.fileio import read_json, write_json
@@ -66,9 +67,7 @@ class Taxonomy:
     def level_indices(self, level: str, species_idx):
         """Map species indices (numpy array or torch tensor) to indices at ``level``."""
         mapping = self.level_map(level)
-        if hasattr(species_idx, "device"):  # torch tensor: index a tensor copy of the map
-            import torch
-
+        if isinstance(species_idx, torch.Tensor):
             return torch.as_tensor(mapping, device=species_idx.device)[species_idx]
         return mapping[np.asarray(species_idx)]
 
@@ -90,7 +89,9 @@ class Taxonomy:
             try:
                 out[i] = self._index[int(cid)]
             except (KeyError, ValueError, TypeError):
-                raise HerbensError(f"unknown category_id {cid!r} (not in the taxonomy)") from None
+                # .item(): numpy scalars would print as "np.int64(77)"
+                shown = cid.item() if isinstance(cid, np.generic) else cid
+                raise HerbensError(f"unknown category_id {shown!r} (not in the taxonomy)") from None
         return out
 
     def category_of(self, indices) -> np.ndarray:
