@@ -1,0 +1,406 @@
+"""``herbens evaluate``: score Kaggle submissions or runs with the paper's post-hoc analyses.
+
+Two kinds of input, freely mixed on one command line:
+
+* a submission CSV (``Id,Predicted``), scored against ``--solution`` with the taxonomy built
+  from ``--metadata`` (train_metadata.json); the CSV passes the same checks Kaggle applies;
+* a run directory, scored on its validation logits: argmax of the ``species`` level against
+  the labels stored with the logits, with the run's own ``taxonomy.json``.
+
+Genus and family scores are always derived from the predicted species through the taxonomy,
+so a species head is all an input needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from herbens.data.taxonomy import Taxonomy
+from herbens.errors import HerbensError
+from herbens.fileio import write_json
+from herbens.metrics import (accuracy_by_training_count, best_worst, correctness_anova,
+                             head_tail_scores, level_scores, per_level_accuracy, top1_accuracy)
+
+#: Label columns accepted in a solution file, in order of preference (Kaggle solutions use
+#: ``Predicted`` or ``Expected``; herbens' synthetic data may use ``category_id``).
+SOLUTION_LABEL_COLUMNS = ("Predicted", "Expected", "category_id")
+
+#: Elements per block when taking the argmax of memory-mapped logits: bounds the float32 copy
+#: to about 128 MB whatever the number of classes.
+ARGMAX_BLOCK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class Predictions:
+    """True and predicted species indices of one input, with the taxonomy they refer to."""
+
+    name: str
+    path: Path
+    kind: str  # "submission" or "run"
+    true: np.ndarray
+    pred: np.ndarray
+    taxonomy: Taxonomy
+
+
+# ----- scoring ----------------------------------------------------------------------------------
+
+def evaluate_predictions(true_species_idx, pred_species_idx, taxonomy: Taxonomy, k: int = 10,
+                         min_images: int = 1) -> dict:
+    """Every score and analysis herbens reports, as a JSON-ready dict.
+
+    Args:
+        true_species_idx: true species indices (taxonomy class order), shape [N].
+        pred_species_idx: predicted species indices, shape [N].
+        taxonomy: maps species to genus/family and holds the training counts.
+        k: rows in the best/worst family and genus tables.
+        min_images: groups with fewer test images are left out of the best/worst tables.
+
+    Returns:
+        ``n_images``, ``top1_accuracy``, ``<level>_macro_f1`` and ``<level>_accuracy`` per level,
+        ``head_macro_f1``/``tail_macro_f1`` (+ ``head_tail`` details), ``per_family``/``per_genus``
+        (all groups), ``family_best``/``family_worst``/``genus_best``/``genus_worst``,
+        ``by_training_count`` (bins) and ``anova`` (``family`` and ``genus``). Lists of records;
+        NaN becomes None.
+    """
+    true = _as_indices(true_species_idx, "true")
+    pred = _as_indices(pred_species_idx, "predicted")
+    if true.shape != pred.shape:
+        raise HerbensError(f"{len(true)} true labels but {len(pred)} predictions")
+    n_species = taxonomy.num_classes("species")
+    for what, arr in (("true", true), ("predicted", pred)):
+        if len(arr) and (arr.min() < 0 or arr.max() >= n_species):
+            raise HerbensError(f"{what} species index out of range 0..{n_species - 1}")
+    out: dict = {"n_images": int(len(true)), "top1_accuracy": top1_accuracy(true, pred)}
+    out.update(level_scores(true, pred, taxonomy))
+    head_tail = head_tail_scores(true, pred, taxonomy)
+    out["head_macro_f1"] = head_tail["head_macro_f1"]
+    out["tail_macro_f1"] = head_tail["tail_macro_f1"]
+    out["head_tail"] = head_tail
+    for level in ("family", "genus"):
+        table = per_level_accuracy(true, pred, taxonomy, level)
+        best, worst = best_worst(table, k, min_images)
+        out[f"per_{level}"] = _records(table)
+        out[f"{level}_best"] = _records(best)
+        out[f"{level}_worst"] = _records(worst)
+    out["by_training_count"] = _records(accuracy_by_training_count(true, pred, taxonomy))
+    out["anova"] = {level: correctness_anova(true, pred, taxonomy, level)
+                    for level in ("family", "genus")}
+    return _json_ready(out)
+
+
+def _as_indices(values, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise HerbensError(f"{what} labels must be a 1-D array of integer species indices")
+    return arr.astype(np.int64)
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    return [{key: _plain(value) for key, value in row.items()} for row in table.to_dict("records")]
+
+
+def _plain(value):
+    # numpy scalars and NaN are not JSON: convert to Python numbers and None.
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def _json_ready(obj):
+    if isinstance(obj, dict):
+        return {key: _json_ready(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_json_ready(value) for value in obj]
+    return _plain(obj)
+
+
+# ----- submissions --------------------------------------------------------------------------------
+
+def load_solution(path: str | Path) -> pd.DataFrame:
+    """Read a solution CSV: ``Id`` plus a label column (see ``SOLUTION_LABEL_COLUMNS``).
+
+    Returns:
+        DataFrame ``Id`` (str), ``category_id`` (int64). Other columns (``Usage``) are ignored.
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise HerbensError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise HerbensError(f"{path}: not a readable CSV ({exc})") from None
+    label = next((c for c in SOLUTION_LABEL_COLUMNS if c in frame.columns), None)
+    if "Id" not in frame.columns or label is None:
+        raise HerbensError(f"{path}: solution needs columns Id and one of "
+                           f"{', '.join(SOLUTION_LABEL_COLUMNS)}; found {', '.join(frame.columns)}")
+    ids = frame["Id"].str.strip()
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        raise HerbensError(f"{path}: duplicate Id {duplicated.iloc[0]!r} in the solution")
+    labels = pd.to_numeric(frame[label].str.strip(), errors="coerce")
+    bad = labels.isna() | (labels != labels.round())
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise HerbensError(f"{path}: Id {ids.iloc[row]!r} has a non-integer {label} "
+                           f"{frame[label].iloc[row]!r}")
+    return pd.DataFrame({"Id": ids.to_numpy(), "category_id": labels.astype(np.int64).to_numpy()})
+
+
+def taxonomy_from_metadata(path: str | Path) -> Taxonomy:
+    """Taxonomy (class order, hierarchy, training counts) of a train metadata file."""
+    from herbens.data.metadata import load_train_metadata
+
+    return Taxonomy.from_metadata(load_train_metadata(path))
+
+
+def submission_predictions(csv: str | Path, solution: pd.DataFrame, taxonomy: Taxonomy,
+                           solution_path: str | Path = "solution") -> tuple[np.ndarray, np.ndarray]:
+    """True and predicted species indices of a submission, in the solution's row order.
+
+    The submission goes through ``read_submission`` (header, duplicate/missing/unknown ids,
+    category ids outside the taxonomy), the checks Kaggle applies before scoring.
+    """
+    from herbens.ensemble.submission import read_submission
+
+    true = taxonomy.index_of(_checked_solution_ids(solution, taxonomy, solution_path))
+    sub = read_submission(csv, expected_ids=solution["Id"].tolist(),
+                          valid_category_ids=taxonomy.category_ids)
+    predicted = sub.assign(Id=sub["Id"].astype(str)).set_index("Id")["Predicted"]
+    predicted = predicted.reindex(solution["Id"])
+    if predicted.isna().any():  # read_submission should have caught this; never score a gap
+        missing = predicted.index[predicted.isna()][0]
+        raise HerbensError(f"{csv}: no prediction for Id {missing!r}")
+    return true, taxonomy.index_of(predicted.astype(np.int64).to_numpy())
+
+
+def _checked_solution_ids(solution: pd.DataFrame, taxonomy: Taxonomy, path) -> np.ndarray:
+    labels = solution["category_id"].to_numpy()
+    known = np.isin(labels, taxonomy.category_ids)
+    if not known.all():
+        row = int(np.flatnonzero(~known)[0])
+        raise HerbensError(f"{path}: Id {solution['Id'].iloc[row]!r} has category_id "
+                           f"{labels[row]} which is not in the training metadata")
+    return labels
+
+
+# ----- runs ---------------------------------------------------------------------------------------
+
+def argmax_rows(matrix, chunk: int | None = None) -> np.ndarray:
+    """Row-wise argmax of a (possibly memory-mapped) matrix, ``chunk`` rows at a time.
+
+    Blocks are converted to float32 because numpy's float16 argmax is about twice as slow.
+    """
+    if chunk is None:
+        chunk = max(1, ARGMAX_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+    out = np.empty(len(matrix), dtype=np.int64)
+    for start in range(0, len(matrix), chunk):
+        block = np.asarray(matrix[start:start + chunk], dtype=np.float32)
+        out[start:start + chunk] = block.argmax(axis=1)
+    return out
+
+
+def run_predictions(run_dir: str | Path, split: str = "val"
+                    ) -> tuple[np.ndarray, np.ndarray, Taxonomy]:
+    """True and predicted species indices of a run's stored logits, with its taxonomy.
+
+    Images without a label (-1) are left out; a split without any labels is an error.
+    """
+    from herbens.logits import read_logits
+
+    run_dir = Path(run_dir)
+    taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
+    logits = read_logits(run_dir, split)
+    stored_hash = (getattr(logits, "meta", None) or {}).get("taxonomy_hash")
+    if stored_hash not in (None, taxonomy.hash):
+        raise HerbensError(f"{run_dir}: logits/{split} were written for taxonomy {stored_hash}, "
+                           f"but taxonomy.json is {taxonomy.hash}")
+    scores = logits.level("species")
+    if scores.ndim != 2 or scores.shape[1] != taxonomy.num_classes("species"):
+        raise HerbensError(f"{run_dir}: logits/{split}/species has shape {tuple(scores.shape)}, "
+                           f"expected [N, {taxonomy.num_classes('species')}]")
+    if logits.labels is None:
+        raise _no_labels(run_dir, split)
+    labels = np.asarray(logits.labels, dtype=np.int64)
+    if len(labels) != len(scores):
+        raise HerbensError(f"{run_dir}: logits/{split} has {len(scores)} rows but {len(labels)} labels")
+    known = labels >= 0
+    if not known.any():
+        raise _no_labels(run_dir, split)
+    pred = argmax_rows(scores)
+    return labels[known], pred[known], taxonomy
+
+
+def _no_labels(run_dir: Path, split: str) -> HerbensError:
+    return HerbensError(f"{run_dir}: logits/{split} carry no labels, nothing to evaluate "
+                        f"(test logits cannot be scored; use a submission and --solution)")
+
+
+# ----- inputs of either kind --------------------------------------------------------------------
+
+def load_predictions(path: str | Path, solution: str | Path | None = None,
+                     metadata: str | Path | None = None, split: str = "val",
+                     _cache: dict | None = None) -> Predictions:
+    """Predictions of one input: a run directory or a submission CSV.
+
+    Args:
+        path: run directory, or CSV file (then ``solution`` and ``metadata`` are required).
+        solution, metadata: solution CSV and train metadata for submissions.
+        split: logits split of a run.
+        _cache: shared between calls so the solution and metadata are read once.
+    """
+    path = Path(path)
+    if path.is_dir():
+        true, pred, taxonomy = run_predictions(path, split)
+        return Predictions(path.name, path, "run", true, pred, taxonomy)
+    if not path.exists():
+        raise HerbensError(f"{path}: no such run directory or submission file")
+    if solution is None or metadata is None:
+        raise HerbensError(f"{path}: scoring a submission needs --solution and --metadata")
+    cache = {} if _cache is None else _cache
+    key = (str(solution), str(metadata))
+    if key not in cache:
+        cache[key] = (load_solution(solution), taxonomy_from_metadata(metadata))
+    sol, taxonomy = cache[key]
+    true, pred = submission_predictions(path, sol, taxonomy, solution)
+    return Predictions(path.stem, path, "submission", true, pred, taxonomy)
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Make display names unique (``a``, ``a#2``) so tables and files never collide."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+# ----- text output -------------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = (
+    ("n_images", "images"), ("species_macro_f1", "sp F1"), ("species_accuracy", "sp acc"),
+    ("genus_macro_f1", "gen F1"), ("genus_accuracy", "gen acc"), ("family_macro_f1", "fam F1"),
+    ("family_accuracy", "fam acc"), ("head_macro_f1", "head F1"), ("tail_macro_f1", "tail F1"),
+)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _pct_se(value, se) -> str:
+    # A single species or image has no standard error: show the value alone, not "+- nan".
+    return _pct(value) if se is None else f"{_pct(value)} +- {_pct(se)}"
+
+
+def format_summary(results: list[tuple[str, dict]]) -> str:
+    """Side-by-side table: one row per input, scores in percent."""
+    header = ["input"] + [label for _, label in SUMMARY_COLUMNS]
+    rows = [[name] + [str(m[key]) if key == "n_images" else _pct(m.get(key))
+                      for key, _ in SUMMARY_COLUMNS] for name, m in results]
+    return format_rows(header, rows)
+
+
+def format_rows(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_group_table(records: list[dict], level: str) -> str:
+    """Best or worst family/genus table: name, test images, training images, accuracy +- SE."""
+    rows = [[r["name"], str(r["n_images"]), str(r["train_images"]),
+             _pct_se(r["accuracy"], r["se"])] for r in records]
+    return format_rows([level, "test", "train", "accuracy %"], rows)
+
+
+def format_bins(records: list[dict]) -> str:
+    """Accuracy by training-image bin: mean per-species accuracy +- SE of that mean."""
+    rows = [[r["bin"], str(r["n_species"]), str(r["n_images"]),
+             _pct_se(r["accuracy"], r["se"])] for r in records]
+    return format_rows(["train images", "species", "test", "accuracy %"], rows)
+
+
+def format_anova(anova: dict) -> str:
+    """One line per level: F, p and degrees of freedom."""
+    lines = []
+    for level, a in anova.items():
+        f = "nan" if a["F"] is None else f"{a['F']:.4g}"
+        p = "nan" if a["p"] is None else f"{a['p']:.3g}"
+        extra = f"  ({a['note']})" if a.get("note") else ""
+        lines.append(f"ANOVA of correctness across {level}: F({a['df_between']}, {a['df_within']})"
+                     f" = {f}, p = {p}{extra}")
+    return "\n".join(lines)
+
+
+def format_detail(name: str, metrics: dict) -> str:
+    """Per-family best/worst tables, training-count bins and ANOVA of one input."""
+    k = len(metrics["family_best"])
+    parts = [f"== {name} ==",
+             f"Best {k} families (species accuracy)", format_group_table(metrics["family_best"], "family"),
+             f"Worst {k} families", format_group_table(metrics["family_worst"], "family"),
+             "Accuracy by training images per species", format_bins(metrics["by_training_count"]),
+             format_anova(metrics["anova"])]
+    return "\n\n".join(parts)
+
+
+# ----- command line -----------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    """Add the ``evaluate`` verb."""
+    p = subparsers.add_parser(
+        "evaluate", help="score submissions or runs (macro-F1, per-family, head/tail, ANOVA)",
+        description="Score Kaggle submission CSVs against a solution, or runs on their "
+                    "validation logits, side by side.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="SUBMISSION.csv|RUN_DIR")
+    p.add_argument("--solution", type=Path, help="solution CSV (Id + true category_id)")
+    p.add_argument("--metadata", type=Path, help="train_metadata.json (taxonomy and counts)")
+    p.add_argument("--split", default="val", help="logits split of runs (default: val)")
+    p.add_argument("--top-k", type=int, default=10, help="rows in best/worst tables (default 10)")
+    p.add_argument("--min-images", type=int, default=1,
+                   help="leave groups with fewer test images out of best/worst tables")
+    p.add_argument("--detail", action="store_true",
+                   help="print per-family tables and ANOVA for every input, not only the first")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write every score to this JSON file")
+    p.set_defaults(handler=run)
+
+
+def evaluate_inputs(paths: list[Path], solution=None, metadata=None, split: str = "val",
+                    k: int = 10, min_images: int = 1) -> list[dict]:
+    """Load and score every input; one dict per input with ``name, path, kind, metrics``."""
+    cache: dict = {}
+    loaded = [load_predictions(p, solution, metadata, split, cache) for p in paths]
+    names = unique_names([p.name for p in loaded])
+    return [{"name": name, "path": str(p.path), "kind": p.kind,
+             "taxonomy_hash": p.taxonomy.hash,
+             "metrics": evaluate_predictions(p.true, p.pred, p.taxonomy, k, min_images)}
+            for name, p in zip(names, loaded)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``herbens evaluate``."""
+    if args.top_k < 1 or args.min_images < 1:
+        raise HerbensError("--top-k and --min-images must be at least 1")
+    results = evaluate_inputs(args.inputs, args.solution, args.metadata, args.split,
+                              args.top_k, args.min_images)
+    print(format_summary([(r["name"], r["metrics"]) for r in results]))
+    for r in results if args.detail else results[:1]:
+        print()
+        print(format_detail(r["name"], r["metrics"]))
+    if args.json:
+        write_json(args.json, {"inputs": results})
+        print(f"\nwrote {args.json}")
+    return 0

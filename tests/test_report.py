@@ -1,0 +1,165 @@
+"""``herbens report``: figures with labelled axes, PNGs on disk, HTML linking only real images."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from herbens.cli import main
+from herbens.data.taxonomy import Taxonomy
+from herbens.errors import HerbensError
+from herbens.evaluate import evaluate_predictions
+from herbens.report import (plot_f1_vs_cost, plot_family_accuracy, plot_history, plot_throughput,
+                            plot_training_bins, write_report)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def taxonomy() -> Taxonomy:
+    """Twelve species in four families, training counts spread over several bins."""
+    return Taxonomy(list(range(100, 112)), [f"G{i // 2} s{i}" for i in range(12)],
+                    [f"G{i}" for i in range(6)], ["Fa", "Fb", "Fc", "Fd"],
+                    [i // 2 for i in range(12)], [i // 3 for i in range(12)],
+                    [3, 7, 12, 18, 25, 33, 41, 55, 62, 78, 85, 96])
+
+
+class FakeSplit:
+    """Stands in for herbens.logits.LogitsSplit."""
+
+    def __init__(self, scores, labels, taxonomy_hash):
+        self.image_ids = [str(i) for i in range(len(labels))]
+        self.meta = {"taxonomy_hash": taxonomy_hash}
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._scores = np.asarray(scores, dtype=np.float16)
+
+    def level(self, name):
+        return self._scores
+
+
+def history(epochs: int, with_lr: bool = True) -> list[dict]:
+    return [{"epoch": e + 1, "step": 10 * (e + 1), "train_loss": 3.0 / (e + 1),
+             **({"lr": 0.1 * (1 - e / epochs)} if with_lr else {}), "images_per_second": 50.0 + e,
+             "epoch_time_s": 2.0, "val_species_macro_f1": 0.2 * (e + 1)} for e in range(epochs)]
+
+
+def make_run(root: Path, name: str, splits: dict, *, metrics: bool = True, hist=None,
+             seed: int = 0) -> Path:
+    """A run folder with taxonomy.json, optional metrics.json/history.jsonl, fake val logits."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    tax = taxonomy()
+    tax.save(run_dir / "taxonomy.json")
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(12), 4)
+    scores = rng.normal(size=(len(labels), 12))
+    scores[np.arange(len(labels)), labels] += rng.uniform(0, 3, size=len(labels))  # mostly right
+    splits[run_dir] = FakeSplit(scores, labels, tax.hash)
+    if metrics:
+        (run_dir / "metrics.json").write_text(json.dumps({
+            "run": name, "backbone": "test_vit", "params": 1234, "epochs": 3,
+            "val": {"species_macro_f1": 0.5},
+            "cost": {"wall_time_s": 10, "train_time_s": 8, "device_type": "cpu", "device_name": "cpu",
+                     "device_count": 1, "images_per_second": 51.0, "device_hours": 0.002 * (seed + 1)}}))
+    if hist is not None:
+        (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hist))
+    return run_dir
+
+
+@pytest.fixture()
+def fake_logits(monkeypatch):
+    """Replace herbens.logits with a module serving the fake splits registered by make_run."""
+    splits: dict = {}
+
+    def read_logits(run_dir, split):
+        if Path(run_dir) not in splits or split != "val":
+            raise HerbensError(f"{run_dir}: no logits/{split}")
+        return splits[Path(run_dir)]
+
+    module = types.ModuleType("herbens.logits")
+    module.read_logits = read_logits
+    monkeypatch.setitem(sys.modules, "herbens.logits", module)
+    return splits
+
+
+def assert_labelled(fig):
+    assert fig is not None and fig.axes
+    for ax in fig.axes:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+
+
+def tiny_evaluation():
+    rng = np.random.default_rng(3)
+    true = np.repeat(np.arange(12), 3)
+    pred = np.where(rng.random(len(true)) < 0.7, true, rng.integers(0, 12, len(true)))
+    return evaluate_predictions(true, pred, taxonomy(), k=3)
+
+
+def test_every_plot_has_labelled_axes():
+    ev = tiny_evaluation()
+    assert_labelled(plot_family_accuracy(ev["family_best"], ev["family_worst"], "families"))
+    assert_labelled(plot_training_bins([("a", ev["by_training_count"]), ("b", ev["by_training_count"])]))
+    for key in ("train_loss", "lr", "val_species_macro_f1"):
+        assert_labelled(plot_history([("a", history(3)), ("b", history(2))], key, "y", "t"))
+    assert_labelled(plot_throughput([("a", 10.0), ("b", 20.0)]))
+    assert_labelled(plot_f1_vs_cost([("a", 1.0, 0.5), ("b", 2.0, 0.7)]))
+
+
+def test_plots_without_data_are_skipped():
+    assert plot_training_bins([]) is None
+    assert plot_history([("a", history(2, with_lr=False))], "lr", "y", "t") is None
+    assert plot_throughput([]) is None and plot_f1_vs_cost([]) is None
+
+
+def test_report_figures_html_and_notes(tmp_path, fake_logits, capsys):
+    runs = tmp_path / "runs"
+    full = make_run(runs, "full", fake_logits, hist=history(3))
+    bare = make_run(runs, "bare", fake_logits, metrics=False, seed=1)  # no metrics, no history
+    (runs / "notes.txt").write_text("not a run")
+    sub = tmp_path / "sub.csv"  # a submission cannot be scored without --solution/--metadata
+    sub.write_text("Id,Predicted\n0,100\n")
+    out = tmp_path / "reports" / "r1"
+    rc = main(["report", str(full), str(bare), str(runs / "notes.txt"), str(sub), "-o", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "full" in printed and "bare" in printed and "index.html" in printed
+
+    page = (out / "index.html").read_text()
+    linked = re.findall(r'<img src="([^"]+)"', page)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert sorted(linked) == pngs  # every figure shown, every link present
+    for name in linked:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    expected = {"accuracy_by_training_images.png", "train_loss.png", "learning_rate.png",
+                "val_macro_f1.png", "throughput.png", "macro_f1_vs_cost.png"}
+    assert expected <= set(pngs)
+    assert sum(name.startswith("family_accuracy_") for name in pngs) == 2
+    report = json.loads((out / "report.json").read_text())
+    notes = " ".join(report["notes"])
+    assert "bare/metrics.json: missing" in notes and "bare/history.jsonl: missing" in notes
+    assert "notes.txt" in notes and "--solution" in notes
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_report_survives_runs_without_anything(tmp_path, fake_logits):
+    run_dir = tmp_path / "empty_run"
+    run_dir.mkdir()
+    (run_dir / "history.jsonl").write_text('{"epoch": 1, "train_loss": 2.0}\n{"epoch": 2, "tra')
+    index = write_report([run_dir], tmp_path / "out")
+    page = index.read_text()
+    for name in re.findall(r'<img src="([^"]+)"', page):
+        assert (index.parent / name).is_file()
+    notes = json.loads((index.parent / "report.json").read_text())["notes"]
+    assert any("not scored" in n for n in notes) and any("line 2 is not JSON" in n for n in notes)
+    assert (index.parent / "train_loss.png").is_file()
+
+
+def test_report_missing_input_is_an_error(tmp_path):
+    with pytest.raises(HerbensError, match="no such"):
+        write_report([tmp_path / "absent"], tmp_path / "out")
