@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from herbens.amp import autocast_off
 from herbens.errors import HerbensError
 from herbens.losses.base import LevelLoss
 
@@ -92,6 +93,6 @@ class AMSLoss(LevelLoss):
         if "embedding" not in outputs:
             raise HerbensError("loss ams: the model outputs have no 'embedding'")
         ce = F.cross_entropy(self.logits(outputs), target, label_smoothing=self.label_smoothing)
-        with torch.autocast(device_type=target.device.type, enabled=False):
+        with autocast_off(target.device.type):
             metric = ams_metric_loss(outputs["embedding"], target, self.temperature, self.margin)
         return self.metric_weight * metric + ce

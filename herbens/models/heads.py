@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 from torch import nn
 
+from herbens.amp import autocast_off
 from herbens.errors import HerbensError
 
 
@@ -57,7 +58,7 @@ class CosineHead(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=emb.device.type, enabled=False):
+        with autocast_off(emb.device.type):
             emb = F.normalize(emb.float(), dim=1)
             weight = F.normalize(self.weight.float(), dim=1)
             return self.scale * emb @ weight.t()
@@ -92,7 +93,7 @@ class SubCenterArcFaceHead(nn.Module):
                                          margin=margin, scale=scale, sub_centers=sub_centers)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=emb.device.type, enabled=False):
+        with autocast_off(emb.device.type):
             return self.loss.get_logits(self._fp32(emb))
 
     def margin_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class SubCenterArcFaceHead(nn.Module):
         if labels.ndim != 1 or labels.is_floating_point():
             raise HerbensError("sub-center ArcFace needs hard integer labels [B]; "
                                "mixup/cutmix soft targets cannot be used with a margin loss")
-        with torch.autocast(device_type=emb.device.type, enabled=False):
+        with autocast_off(emb.device.type):
             return self.loss(self._fp32(emb), labels.long())
 
     def _fp32(self, emb: torch.Tensor) -> torch.Tensor:
