@@ -13,6 +13,10 @@ from timm.scheduler import create_scheduler_v2
 from herbens.errors import HerbensError
 
 
+# timm optimizer names that take momentum and nesterov keywords.
+SGD_FAMILY = ("sgd", "sgdw", "sgdp", "momentum", "nesterov")
+
+
 def scaled_lr(opt_cfg: dict, global_batch: int) -> float:
     """Peak learning rate, scaled linearly with the global batch when ``lr_base_batch`` is set."""
     lr = float(opt_cfg["lr"])
@@ -46,9 +50,10 @@ def param_groups(model: torch.nn.Module, extra: list[torch.nn.Parameter], opt_cf
 def build_optimizer(model: torch.nn.Module, extra_params: list, opt_cfg: dict, lr: float):
     """timm optimizer over :func:`param_groups`."""
     kwargs = {}
-    if opt_cfg["name"].lower() in ("sgd", "momentum", "nesterov"):
+    if opt_cfg["name"].lower() in SGD_FAMILY:
         kwargs["momentum"] = float(opt_cfg["momentum"])
-        kwargs["nesterov"] = bool(opt_cfg["nesterov"])
+        if opt_cfg.get("nesterov") is not None:  # null keeps timm's default for the name
+            kwargs["nesterov"] = bool(opt_cfg["nesterov"])
     try:
         return create_optimizer_v2(param_groups(model, extra_params, opt_cfg), opt=opt_cfg["name"],
                                    lr=lr, weight_decay=float(opt_cfg["weight_decay"]), **kwargs)

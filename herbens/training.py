@@ -8,18 +8,21 @@ weights -> logits for val/test -> metrics.json.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from herbens.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from herbens.config import save_config
+from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader, train_loader
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.splits import save_split
@@ -50,11 +53,22 @@ def prepare_run_dir(cfg: dict, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def launched_on_cpus_only() -> bool:
+    """Whether this process is one of several started without any GPU (torchrun on CPUs).
+
+    Accelerate forms a multi-CPU (gloo) process group only when it is told ``cpu=True``;
+    ``accelerate launch --cpu`` says so through ACCELERATE_USE_CPU, but plain ``torchrun`` does
+    not, and every rank would then train alone, all writing the same run directory.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world_size > 1 and not torch.cuda.is_available()
+
+
 def build_accelerator(cfg: dict) -> Accelerator:
     precision = str(cfg["train"]["precision"])
     if precision not in ("no", "fp16", "bf16"):
         raise HerbensError(f"train.precision must be no, fp16 or bf16, got {precision!r}")
-    return Accelerator(mixed_precision=precision,
+    return Accelerator(mixed_precision=precision, cpu=launched_on_cpus_only(),
                        gradient_accumulation_steps=int(cfg["train"]["grad_accum"]))
 
 
@@ -69,7 +83,10 @@ def git_revision() -> str | None:
 
 def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
     """Config, taxonomy and split: what makes the run reproducible."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HerbensError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from exc
     save_config({**cfg, "git_revision": git_revision()}, run_dir / "config.yaml")
     data.taxonomy.save(run_dir / "taxonomy.json")
     save_split(run_dir / "split.csv", data.val["image_id"].tolist())
@@ -140,9 +157,11 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
                                    build_train_transform(data_config, cfg["augment"]), cfg)
     val_loader = predict_loader(data.val, data.images_dir, data.taxonomy,
-                                build_tta_views(["center"], data_config), cfg)
+                                build_tta_views(["center"], data_config), cfg, data_config=data_config)
     criterion = build_criterion(cfg["levels"], data.taxonomy).to(accelerator.device)
-    global_batch = int(cfg["train"]["batch_size"]) * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
+    # A P x K batch sampler sets the batch size itself (P classes x K images).
+    batch = sampler.batch_size if getattr(sampler, "is_batch_sampler", False) else int(cfg["train"]["batch_size"])
+    global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
     lr = scaled_lr(cfg["optimizer"], global_batch)
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
     if cfg["model"]["compile"]:
@@ -184,6 +203,7 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
         if every and state.step % every == 0:
             save_checkpoint(acc, run_dir, state, keep)
 
+    unreadable: set[int] = set()
     for epoch in range(state.epoch, int(cfg["train"]["epochs"])):
         state.epoch = epoch
         sampler.set_epoch(epoch)
@@ -192,6 +212,7 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
                                 log_every=int(cfg["train"]["log_every"]))
         eval_model = parts.ema.module if parts.ema is not None else parts.model
         scores = validate(acc, eval_model, val_loader, parts.levels, taxonomy)
+        _report_unreadable(acc, loader.dataset, stats.pop("unreadable"), unreadable, epoch)
         record = {"epoch": epoch + 1, "step": state.step,
                   "train_loss": stats.pop("loss"), "lr": current_lr(parts.optimizer)}
         record.update({f"loss_{k}": v for k, v in stats.items() if k not in ("images_per_second", "epoch_time_s")})
@@ -204,6 +225,22 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
                       + "  ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items())
                       + f"  {record['images_per_second']:.1f} img/s")
         save_checkpoint(acc, run_dir, state, keep)
+
+
+def _report_unreadable(acc, dataset, found: list[int], known: set[int], epoch: int) -> None:
+    """Warn once per epoch, with the count, when new unreadable training images were skipped.
+
+    Every rank reports the dataset indices it replaced; their union (``known``, kept across
+    epochs) is what the warning counts, so the number does not depend on the process count.
+    """
+    new = set(gather_object(list(found))) - known
+    known.update(new)
+    if not new or not acc.is_main_process:
+        return
+    examples = ", ".join(dataset.paths[i] for i in sorted(new)[:3])
+    warnings.warn(f"epoch {epoch + 1}: {len(new)} unreadable training image(s) skipped and replaced by "
+                  f"the next readable one ({len(known)} in all; data.bad_images=skip), e.g. {examples}; "
+                  f"`herbens check` lists every problem file", BadImageWarning, stacklevel=2)
 
 
 def _save_weights(accelerator, run_dir: Path, model, ema) -> None:
