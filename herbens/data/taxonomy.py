@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import sys
+
 import numpy as np
-import torch
 
 from herbens.errors import HerbensError
 from herbens.fileio import read_json, write_json
@@ -67,7 +68,10 @@ class Taxonomy:
     def level_indices(self, level: str, species_idx):
         """Map species indices (numpy array or torch tensor) to indices at ``level``."""
         mapping = self.level_map(level)
-        if isinstance(species_idx, torch.Tensor):
+        # torch is not imported here: numpy-only tools (the ensembler) would pay ~0.5 GB and
+        # seconds for it. If torch was never imported, the input cannot be a tensor.
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(species_idx, torch.Tensor):
             return torch.as_tensor(mapping, device=species_idx.device)[species_idx]
         return mapping[np.asarray(species_idx)]
 
