@@ -1,0 +1,518 @@
+"""The logits store: the contract between a trained run and the ensembler.
+
+A run's inference writes, per split, ``runs/<name>/logits/<split>/``:
+
+- ``<level>.npy``: float16 scores, rows = images, columns = the taxonomy's class order;
+- ``<level>.views.npy`` (optional): float16 per-view scores ``[N, V, C]`` (test-time
+  augmentation views), kept for analysis and vote-mode ensembling;
+- ``image_ids.json``: the row order (list of str);
+- ``labels.npy`` (optional): int64 species index per row, -1 where unknown (test);
+- ``meta.json``: ``{"taxonomy_hash", "levels": {level: [rows, cols]}, "dtype": "float16",
+  "views": [...], "model", "split", "format_version": 1, ...}``.
+
+Matrices reach 6.5 GB (210,407 x 15,501 x 2 bytes), so they are written block by block and read
+memory-mapped; the reader checks everything that is cheap (meta, shapes, sizes, ids, dtype,
+levels, labels) and leaves finiteness to the ensembler, which checks each chunk it reads.
+The directory is assembled under a temporary name and renamed into place (``atomic_dir``),
+so a crash never leaves a half directory that a reader accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from herbens.data.taxonomy import LEVELS
+from herbens.errors import HerbensError
+from herbens.fileio import atomic_dir, read_json, write_json
+
+if TYPE_CHECKING:
+    from herbens.data.taxonomy import Taxonomy
+
+FORMAT_VERSION = 1
+DTYPE = np.dtype(np.float16)
+_FP16_MAX = float(np.finfo(np.float16).max)
+_FP16_LIMIT = 65520.0  # the smallest magnitude that rounds to inf in float16
+
+
+def logits_dir(run_dir: str | os.PathLike, split: str) -> Path:
+    """Directory holding one split's logits inside a run directory."""
+    return Path(run_dir) / "logits" / split
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------
+class LogitsSplit:
+    """One split's logits, checked and (by default) memory-mapped.
+
+    Attributes:
+        run_dir: the run directory it was read from.
+        split: split name (``val``, ``test``, ...).
+        path: the ``logits/<split>`` directory.
+        image_ids: row order, list of str (unique).
+        meta: the parsed ``meta.json``.
+        labels: int64 species index per row (-1 unknown), or None when not stored.
+    """
+
+    def __init__(self, run_dir: Path, split: str, path: Path, image_ids: list[str], meta: dict,
+                 arrays: dict[str, np.ndarray], views: dict[str, np.ndarray],
+                 labels: np.ndarray | None):
+        self.run_dir = run_dir
+        self.split = split
+        self.path = path
+        self.image_ids = image_ids
+        self.meta = meta
+        self.labels = labels
+        self._arrays = arrays
+        self._views = views
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """Levels stored, in LEVELS order."""
+        return tuple(level for level in LEVELS if level in self._arrays)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def where(self) -> str:
+        """How error messages name this split: the run and the split."""
+        return f"run '{self.run_dir}', split '{self.split}'"
+
+    def level(self, name: str) -> np.ndarray:
+        """float16 matrix ``[N, C_level]`` (memory-mapped unless read with mmap=False)."""
+        if name not in self._arrays:
+            raise HerbensError(f"{self.where}: no '{name}' logits (stored: {', '.join(self.levels)})")
+        return self._arrays[name]
+
+    def has_views(self, name: str) -> bool:
+        """Whether per-view logits were kept for ``name``."""
+        return name in self._views
+
+    def views(self, name: str) -> np.ndarray:
+        """float16 per-view array ``[N, V, C_level]``; HerbensError when not kept."""
+        if name not in self._views:
+            raise HerbensError(f"{self.where}: no per-view '{name}' logits "
+                               "(write them with keep_views=True)")
+        return self._views[name]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{lv}={tuple(self._arrays[lv].shape)}" for lv in self.levels)
+        return f"LogitsSplit({self.where}, {shapes})"
+
+
+def read_logits(run_dir: str | os.PathLike, split: str, mmap: bool = True, *,
+                taxonomy: "Taxonomy | None" = None) -> LogitsSplit:
+    """Open and check one split's logits.
+
+    Args:
+        run_dir: run directory (``runs/<name>``).
+        split: split name, e.g. ``"val"`` or ``"test"``.
+        mmap: memory-map the matrices (default); False reads them into memory.
+        taxonomy: when given, the stored taxonomy hash and column counts must match it.
+
+    Returns:
+        The checked LogitsSplit. Values are not checked for finiteness here (that would
+        read gigabytes); the ensembler checks each chunk it reads.
+
+    Raises:
+        HerbensError: naming the run, the split and the problem (missing or half-written
+            directory, bad meta, wrong shapes, truncated file, duplicate ids, ...).
+    """
+    run_dir = Path(run_dir)
+    path = logits_dir(run_dir, split)
+    where = f"run '{run_dir}', split '{split}'"
+    if not path.is_dir():
+        raise HerbensError(f"{where}: no logits directory {path}")
+    meta = _read_meta(path, where, split)
+    image_ids = _read_ids(path, where)
+    arrays, views = {}, {}
+    for level, shape in meta["levels"].items():
+        arrays[level] = _open_npy(path / f"{level}.npy", tuple(shape), len(image_ids), where, mmap)
+    for level, shape in meta.get("view_levels", {}).items():
+        views[level] = _open_npy(path / f"{level}.views.npy", tuple(shape), len(image_ids), where, mmap)
+        if views[level].shape[2] != arrays[level].shape[1]:
+            raise HerbensError(f"{where}: {level}.views.npy has {views[level].shape[2]} columns "
+                               f"but {level}.npy has {arrays[level].shape[1]}")
+    labels = _read_labels(path, meta, len(image_ids), arrays["species"].shape[1], where)
+    if taxonomy is not None:
+        _check_taxonomy(meta, arrays, taxonomy, where)
+    return LogitsSplit(run_dir, split, path, image_ids, meta, arrays, views, labels)
+
+
+def _read_meta(path: Path, where: str, split: str) -> dict:
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise HerbensError(f"{where}: {meta_path} is missing (half-written or not a logits directory)")
+    try:
+        meta = read_json(meta_path)
+    except HerbensError as exc:
+        raise HerbensError(f"{where}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise HerbensError(f"{where}: {meta_path} is not a JSON object")
+    missing = [k for k in ("format_version", "taxonomy_hash", "levels", "dtype", "split") if k not in meta]
+    if missing:
+        raise HerbensError(f"{where}: {meta_path} lacks {', '.join(missing)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise HerbensError(f"{where}: format_version {meta['format_version']!r} is not supported "
+                           f"(this herbens reads {FORMAT_VERSION})")
+    if meta["dtype"] != DTYPE.name:
+        raise HerbensError(f"{where}: dtype {meta['dtype']!r}; expected {DTYPE.name}")
+    if meta["split"] != split:
+        raise HerbensError(f"{where}: meta.json says split {meta['split']!r} (directory renamed?)")
+    _check_level_shapes(meta, "levels", 2, where)
+    _check_level_shapes(meta, "view_levels", 3, where)
+    if "species" not in meta["levels"]:
+        raise HerbensError(f"{where}: no species logits (levels: {', '.join(meta['levels'])})")
+    return meta
+
+
+def _check_level_shapes(meta: dict, key: str, ndim: int, where: str) -> None:
+    shapes = meta.get(key, {})
+    if not isinstance(shapes, dict):
+        raise HerbensError(f"{where}: meta.json '{key}' must map level -> shape")
+    for level, shape in shapes.items():
+        if level not in LEVELS:
+            raise HerbensError(f"{where}: unknown level {level!r} in meta.json; expected {', '.join(LEVELS)}")
+        if (not isinstance(shape, list) or len(shape) != ndim
+                or not all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise HerbensError(f"{where}: meta.json {key}.{level} = {shape!r} is not a {ndim}-d shape")
+    if key == "view_levels" and not set(shapes) <= set(meta["levels"]):
+        raise HerbensError(f"{where}: per-view logits for levels without logits: "
+                           f"{sorted(set(shapes) - set(meta['levels']))}")
+
+
+def _read_ids(path: Path, where: str) -> list[str]:
+    try:
+        ids = read_json(path / "image_ids.json")
+    except HerbensError as exc:
+        raise HerbensError(f"{where}: {exc}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise HerbensError(f"{where}: image_ids.json must be a list of strings")
+    if len(set(ids)) != len(ids):
+        raise HerbensError(f"{where}: duplicate image ids in image_ids.json: {_duplicates(ids)}")
+    return ids
+
+
+def _npy_header(file: Path, where: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """Shape, dtype, Fortran order and data offset of a .npy file, without reading the data."""
+    try:
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            return tuple(shape), np.dtype(dtype), fortran, handle.tell()
+    except FileNotFoundError:
+        raise HerbensError(f"{where}: {file} is missing") from None
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise HerbensError(f"{where}: {file} is not a valid .npy file ({exc})") from None
+
+
+def _open_npy(file: Path, shape: tuple[int, ...], rows: int, where: str, mmap: bool) -> np.ndarray:
+    got_shape, dtype, fortran, offset = _npy_header(file, where)
+    if got_shape != shape:
+        raise HerbensError(f"{where}: {file.name} has shape {got_shape} but meta.json says {shape}")
+    if shape[0] != rows:
+        raise HerbensError(f"{where}: {file.name} has {shape[0]} rows for {rows} image ids")
+    if dtype != DTYPE:
+        raise HerbensError(f"{where}: {file.name} is {dtype}; expected {DTYPE.name}")
+    if fortran:
+        raise HerbensError(f"{where}: {file.name} is Fortran-ordered; rows must be contiguous")
+    expected = offset + int(np.prod(shape)) * DTYPE.itemsize
+    size = file.stat().st_size
+    if size != expected:
+        raise HerbensError(f"{where}: {file.name} is {size} bytes, expected {expected} "
+                           f"({'truncated' if size < expected else 'trailing data'})")
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, DTYPE)  # numpy cannot memory-map an empty array
+    return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def _read_labels(path: Path, meta: dict, rows: int, num_species: int, where: str) -> np.ndarray | None:
+    file = path / "labels.npy"
+    if not meta.get("labels", False):
+        return None
+    try:
+        labels = np.load(file, allow_pickle=False)
+    except FileNotFoundError:
+        raise HerbensError(f"{where}: meta.json announces labels but {file} is missing") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise HerbensError(f"{where}: {file} is not a valid .npy file ({exc})") from None
+    if labels.shape != (rows,) or labels.dtype != np.int64:
+        raise HerbensError(f"{where}: labels.npy must be int64 of shape ({rows},), "
+                           f"got {labels.dtype} {labels.shape}")
+    bad = (labels < -1) | (labels >= num_species)
+    if bad.any():
+        raise HerbensError(f"{where}: labels.npy has species indices outside -1..{num_species - 1} "
+                           f"(first at row {int(np.argmax(bad))}: {int(labels[bad][0])})")
+    return labels
+
+
+def _check_taxonomy(meta: dict, arrays: dict[str, np.ndarray], taxonomy: "Taxonomy", where: str) -> None:
+    if meta["taxonomy_hash"] != taxonomy.hash:
+        raise HerbensError(f"{where}: logits were written for taxonomy {meta['taxonomy_hash']} "
+                           f"but the run's taxonomy.json is {taxonomy.hash}")
+    for level, arr in arrays.items():
+        if arr.shape[1] != taxonomy.num_classes(level):
+            raise HerbensError(f"{where}: {level}.npy has {arr.shape[1]} columns; the taxonomy has "
+                               f"{taxonomy.num_classes(level)} {level} classes")
+
+
+def _duplicates(ids: Sequence[str], limit: int = 5) -> str:
+    seen, dups = set(), []
+    for i in ids:
+        if i in seen and i not in dups:
+            dups.append(i)
+            if len(dups) == limit:
+                break
+        seen.add(i)
+    return ", ".join(repr(d) for d in dups)
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------
+class _NpyFile:
+    """A float16 ``.npy`` file of fixed shape, filled by plain positioned writes.
+
+    Plain writes rather than a writable memory map: written pages then belong to the page
+    cache, not to the writer's resident memory, which stays at one block however big the file.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.path, self.shape = path, shape
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * DTYPE.itemsize
+        with open(path, "wb") as handle:
+            np.lib.format.write_array_header_1_0(
+                handle, {"descr": np.lib.format.dtype_to_descr(DTYPE), "fortran_order": False, "shape": shape})
+            self.offset = handle.tell()
+            handle.truncate(self.offset + self.row_bytes * shape[0])  # full size (sparse until written)
+        self.handle = open(path, "r+b")
+
+    def write_rows(self, start: int, block: np.ndarray) -> None:
+        self.handle.seek(self.offset + start * self.row_bytes)
+        self.handle.write(np.ascontiguousarray(block, dtype=DTYPE).data)
+
+    def close(self, sync: bool) -> None:
+        if self.handle.closed:
+            return
+        if sync:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+class LogitsWriter:
+    """Fills one split's matrices block by block inside a temporary directory.
+
+    Obtained from :func:`open_logits_writer`; inference writes each batch as it comes so that
+    the full matrix never has to sit in memory.
+    """
+
+    def __init__(self, tmp: Path, where: str, num_rows: int, columns: Mapping[str, int],
+                 num_views: int, view_levels: Sequence[str]):
+        self._where = where
+        self.num_rows = num_rows
+        self._files: dict[str, _NpyFile] = {}
+        try:
+            for lv, c in columns.items():
+                self._files[lv] = _NpyFile(tmp / f"{lv}.npy", (num_rows, c))
+            for lv in view_levels:
+                self._files[f"{lv}.views"] = _NpyFile(tmp / f"{lv}.views.npy", (num_rows, num_views, columns[lv]))
+        except OSError as exc:
+            self._close(sync=False)
+            raise HerbensError(f"{where}: cannot create logits files in {tmp}: {exc.strerror or exc}") from exc
+        # Which rows were written, so that a forgotten batch cannot publish zeros.
+        self._written = {key: np.zeros(num_rows, bool) for key in self._files}
+
+    def write(self, level: str, start: int, block: np.ndarray) -> None:
+        """Store rows ``start:start+len(block)`` of ``level`` (``block`` is ``[n, C]``)."""
+        self._put(level, start, block)
+
+    def write_views(self, level: str, start: int, block: np.ndarray) -> None:
+        """Store per-view rows (``block`` is ``[n, V, C]``) of ``level``."""
+        self._put(f"{level}.views", start, block)
+
+    def _put(self, key: str, start: int, block: np.ndarray) -> None:
+        if key not in self._files:
+            raise HerbensError(f"{self._where}: no '{key}' matrix was declared for this writer")
+        target = self._files[key]
+        block = np.asarray(block)
+        if block.shape[1:] != target.shape[1:] or start < 0 or start + len(block) > self.num_rows:
+            raise HerbensError(f"{self._where}: {key} block of shape {block.shape} at row {start} "
+                               f"does not fit the {target.shape} matrix")
+        # float16 overflows from 65520 up: refuse rather than store inf that poisons the ensemble.
+        # Checked on the input (one max per row) because float16 arithmetic is slow in numpy.
+        with np.errstate(invalid="ignore"):
+            row_max = np.abs(block.reshape(len(block), -1)).max(axis=1, initial=0)
+            fits = row_max.astype(np.float64) < _FP16_LIMIT  # float64: the limit itself is inf in float16
+        if not fits.all():
+            raise HerbensError(f"{self._where}: {key} row {start + int(np.argmin(fits))} is not finite in "
+                               f"float16 (NaN, inf or |value| > {_FP16_MAX:g})")
+        try:
+            target.write_rows(start, block)
+        except OSError as exc:
+            raise HerbensError(f"{self._where}: cannot write {target.path}: {exc.strerror or exc}") from exc
+        self._written[key][start:start + len(block)] = True
+
+    def _finish(self) -> None:
+        for key, done in self._written.items():
+            if not done.all():
+                raise HerbensError(f"{self._where}: {key} rows were never written "
+                                   f"(first missing row {int(np.argmin(done))})")
+        self._close(sync=True)
+
+    def _close(self, sync: bool) -> None:
+        for file in self._files.values():
+            file.close(sync)
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_logits_writer(run_dir: str | os.PathLike, split: str, image_ids: Sequence, columns: Mapping[str, int],
+                       meta: Mapping, *, labels: np.ndarray | None = None, num_views: int = 0,
+                       view_levels: Sequence[str] = ()) -> Iterator[LogitsWriter]:
+    """Context manager yielding a :class:`LogitsWriter`; the split appears only on success.
+
+    Args:
+        run_dir: run directory.
+        split: split name.
+        image_ids: row order (converted to str; must be unique).
+        columns: level -> number of classes (``species`` required).
+        meta: caller's metadata; must hold ``taxonomy_hash``; may hold ``model``, ``views``.
+        labels: optional species index per row (-1 unknown), stored as ``labels.npy``.
+        num_views: V for per-view matrices (with ``view_levels``).
+        view_levels: levels whose per-view ``[N, V, C]`` matrices will be written.
+
+    Raises:
+        HerbensError: on bad arguments, a block that does not fit, non-finite values, rows
+            never written. Nothing is published then, and an older complete split is kept.
+    """
+    where = f"run '{run_dir}', split '{split}'"
+    ids = [str(i) for i in image_ids]
+    full_meta = _build_meta(meta, split, ids, columns, num_views, view_levels, labels is not None, where)
+    label_array = _check_labels(labels, len(ids), columns["species"], where)
+    with atomic_dir(logits_dir(run_dir, split)) as tmp:
+        writer = LogitsWriter(tmp, where, len(ids), columns, num_views, view_levels)
+        try:
+            yield writer
+            writer._finish()
+        finally:
+            writer._close(sync=False)
+        write_json(tmp / "image_ids.json", ids)
+        if label_array is not None:
+            np.save(tmp / "labels.npy", label_array)
+            _fsync(tmp / "labels.npy")
+        # meta.json last: its presence marks a complete directory even to a careless reader.
+        write_json(tmp / "meta.json", full_meta)
+
+
+def _build_meta(meta: Mapping, split: str, ids: list[str], columns: Mapping[str, int], num_views: int,
+                view_levels: Sequence[str], has_labels: bool, where: str) -> dict:
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("taxonomy_hash"), str):
+        raise HerbensError(f"{where}: meta must be a dict with a 'taxonomy_hash' string")
+    if "species" not in columns:
+        raise HerbensError(f"{where}: species logits are required")
+    unknown = [lv for lv in (*columns, *view_levels) if lv not in LEVELS]
+    if unknown:
+        raise HerbensError(f"{where}: unknown level(s) {unknown}; expected {', '.join(LEVELS)}")
+    if len(set(ids)) != len(ids):
+        raise HerbensError(f"{where}: duplicate image ids: {_duplicates(ids)}")
+    if view_levels and num_views < 1:
+        raise HerbensError(f"{where}: view_levels given without num_views")
+    if not set(view_levels) <= set(columns):
+        raise HerbensError(f"{where}: per-view levels {list(view_levels)} must also have logits")
+    views = list(meta.get("views") or [])
+    if view_levels and views and len(views) != num_views:
+        raise HerbensError(f"{where}: meta lists {len(views)} views but the logits have {num_views}")
+    out = dict(meta)
+    out.update({
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "dtype": DTYPE.name,
+        "model": str(meta.get("model", "")),
+        "views": views or ([f"view{v}" for v in range(num_views)] if num_views else []),
+        "num_rows": len(ids),
+        "levels": {lv: [len(ids), int(columns[lv])] for lv in LEVELS if lv in columns},
+        "labels": has_labels,
+    })
+    if view_levels:
+        out["view_levels"] = {lv: [len(ids), num_views, int(columns[lv])] for lv in LEVELS if lv in view_levels}
+    else:
+        out.pop("view_levels", None)
+    return out
+
+
+def _check_labels(labels, rows: int, num_species: int, where: str) -> np.ndarray | None:
+    if labels is None:
+        return None
+    arr = np.asarray(labels)
+    if arr.shape != (rows,) or not np.issubdtype(arr.dtype, np.integer):
+        raise HerbensError(f"{where}: labels must be {rows} integers, got {arr.dtype} {arr.shape}")
+    arr = arr.astype(np.int64)
+    if ((arr < -1) | (arr >= num_species)).any():
+        raise HerbensError(f"{where}: labels must be species indices 0..{num_species - 1} or -1 (unknown)")
+    return arr
+
+
+def write_logits(run_dir: str | os.PathLike, split: str, image_ids: Sequence, logits: Mapping[str, np.ndarray],
+                 meta: Mapping, *, labels: np.ndarray | None = None, keep_views: bool = False,
+                 chunk_rows: int = 4096) -> Path:
+    """Write one split's logits atomically (float16, block by block).
+
+    Args:
+        run_dir: run directory (``runs/<name>``).
+        split: split name (``val``, ``test``).
+        image_ids: row order (converted to str; must be unique).
+        logits: level -> ``[N, C]`` scores, or ``[N, V, C]`` per-view scores, which are averaged
+            over views (in float32) for ``<level>.npy``. Arrays may be memory-mapped.
+        meta: must hold ``taxonomy_hash``; ``model`` and ``views`` (names) are recorded.
+        labels: optional int species index per row (-1 unknown) -> ``labels.npy``; the
+            ensembler fits its weights, temperatures and post-processing on labelled val rows.
+        keep_views: with ``[N, V, C]`` inputs, also store ``<level>.views.npy``.
+        chunk_rows: rows converted per block (bounds the writer's memory).
+
+    Returns:
+        The ``logits/<split>`` directory.
+    """
+    # np.asarray leaves memmaps and arrays untouched (no copy); lists become arrays.
+    arrays = {lv: np.asarray(a) for lv, a in logits.items()}
+    where = f"run '{run_dir}', split '{split}'"
+    columns = {}
+    for level, arr in arrays.items():
+        if arr.ndim not in (2, 3) or arr.shape[0] != len(image_ids):
+            raise HerbensError(f"{where}: {level} logits have shape {arr.shape}; expected "
+                               f"[{len(image_ids)}, C] or [{len(image_ids)}, V, C]")
+        columns[level] = arr.shape[-1]
+    view_levels = [lv for lv, a in arrays.items() if a.ndim == 3] if keep_views else []
+    num_views = {arrays[lv].shape[1] for lv in view_levels}
+    if len(num_views) > 1:
+        raise HerbensError(f"{where}: levels have different numbers of views {sorted(num_views)}")
+    with open_logits_writer(run_dir, split, image_ids, columns, meta, labels=labels,
+                            num_views=num_views.pop() if num_views else 0, view_levels=view_levels) as writer:
+        for start in range(0, len(image_ids), max(1, chunk_rows)):
+            for level, arr in arrays.items():
+                block = arr[start:start + chunk_rows]
+                if block.ndim == 3:
+                    if level in view_levels:
+                        writer.write_views(level, start, block)
+                    block = block.astype(np.float32).mean(axis=1)
+                writer.write(level, start, block)
+    return logits_dir(run_dir, split)
