@@ -1,4 +1,4 @@
-"""Image transforms: thin wrappers over timm's ``create_transform`` plus test-time views.
+"""Image transforms: timm's training pipeline, the evaluation crop and test-time views.
 
 Normalisation and interpolation come from the model's own data config (never hard-coded
 ImageNet statistics); the input size comes from the recipe and may be non-square.
@@ -7,6 +7,9 @@ ImageNet statistics); the input size comes from the recipe and may be non-square
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
+from PIL import Image
 
 from timm.data import create_transform
 from torchvision import transforms as T
@@ -57,29 +60,137 @@ def build_train_transform(data_config: dict, augment: dict) -> Callable:
 
 
 def build_eval_transform(data_config: dict) -> Callable:
-    """Evaluation transform: resize, centre crop, normalise (timm's eval pipeline)."""
-    return create_transform(
-        input_size=data_config["input_size"],
-        is_training=False,
-        crop_pct=data_config.get("crop_pct"),
-        crop_mode=data_config.get("crop_mode", "center"),
-        interpolation=data_config.get("interpolation", "bilinear"),
-        mean=data_config["mean"],
-        std=data_config["std"],
-    )
+    """Evaluation transform: resize the shorter side to size / crop_pct, centre crop, normalise."""
+    _, height, width = data_config["input_size"]
+    return _resize_crop(data_config, _default_scale(data_config), T.CenterCrop((height, width)))
+
+
+def _default_scale(data_config: dict) -> float:
+    return 1.0 / float(data_config.get("crop_pct") or 0.875)
+
+
+def _resize_crop(data_config: dict, scale: float, crop) -> Callable:
+    """Resize the shorter side to ``scale`` x the input size, then ``crop`` and normalise."""
+    _, height, width = data_config["input_size"]
+    resize = T.Resize(int(round(min(height, width) * scale)), interpolation=_interpolation(data_config))
+    return T.Compose([resize, crop, _stack_normalised(data_config)])
+
+
+def _interpolation(data_config: dict):
+    return T.InterpolationMode(data_config.get("interpolation", "bilinear"))
+
+
+def _normalise(data_config: dict) -> Callable:
+    return T.Compose([T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
+
+
+def _stack_normalised(data_config: dict) -> Callable:
+    """PIL image, or tuple of them (five/ten-crop), -> [C,H,W] or [K,C,H,W] tensor."""
+    normalise = _normalise(data_config)
+
+    def apply(images):
+        if isinstance(images, (tuple, list)):
+            return torch.stack([normalise(image) for image in images])
+        return normalise(images)
+
+    return apply
+
+
+def _squash(data_config: dict) -> Callable:
+    """The whole sheet resized to the input size, aspect ratio not kept."""
+    _, height, width = data_config["input_size"]
+    return T.Compose([T.Resize((height, width), interpolation=_interpolation(data_config)),
+                      _normalise(data_config)])
+
+
+def _letterbox(data_config: dict) -> Callable:
+    """The whole sheet fitted inside the input size, aspect kept, padded with white paper."""
+    _, height, width = data_config["input_size"]
+    normalise = _normalise(data_config)
+
+    def apply(image: Image.Image):
+        factor = min(height / image.height, width / image.width)
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(image.resize(size, Image.BILINEAR), ((width - size[0]) // 2, (height - size[1]) // 2))
+        return normalise(canvas)
+
+    return apply
+
+
+class FixedResizedCrops:
+    """``count`` random-resized crops drawn once from a seed: the same relative boxes for
+    every image, so test-time views are reproducible and independent of image order."""
+
+    def __init__(self, data_config: dict, count: int, seed: int = 0,
+                 scale=(0.35, 1.0), ratio=(0.75, 1.3333)):
+        _, self.height, self.width = data_config["input_size"]
+        generator = torch.Generator().manual_seed(seed)
+        self.boxes = []
+        probe = Image.new("RGB", (1000, 1000))
+        for _ in range(count):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                top, left, h, w = T.RandomResizedCrop.get_params(probe, list(scale), list(ratio))
+            self.boxes.append((top / 1000, left / 1000, h / 1000, w / 1000))
+        self.interpolation = _interpolation(data_config)
+        self.normalise = _normalise(data_config)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        crops = []
+        for top, left, h, w in self.boxes:
+            box = (round(top * image.height), round(left * image.width),
+                   max(1, round(h * image.height)), max(1, round(w * image.width)))
+            crop = T.functional.resized_crop(image, *box, [self.height, self.width],
+                                             interpolation=self.interpolation)
+            crops.append(self.normalise(crop))
+        return torch.stack(crops)
+
+
+def _parse_view(name: str) -> tuple[str, float | None, int | None]:
+    """``kind[@scale]`` or ``rrcN``: e.g. ``center``, ``tencrop@1.14``, ``rrc8``."""
+    kind, _, scale = name.partition("@")
+    count = None
+    if kind.startswith("rrc") and kind[3:].isdigit():
+        kind, count = "rrc", int(kind[3:])
+    try:
+        return kind, float(scale) if scale else None, count
+    except ValueError:
+        raise HerbensError(f"test-time view {name!r}: scale after '@' must be a number") from None
 
 
 def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Callable]]:
-    """Named test-time views; each maps a PIL image to one normalised tensor."""
-    center = build_eval_transform(data_config)
-    views = {
-        "center": center,
-        "hflip": T.Compose([T.RandomHorizontalFlip(p=1.0), center]),
-        "vflip": T.Compose([T.RandomVerticalFlip(p=1.0), center]),
-    }
+    """Named test-time views; each maps a PIL image to a [C,H,W] or [K,C,H,W] tensor.
+
+    Views: ``center`` (the eval transform), ``hflip``/``vflip`` (of the centre view), ``full``
+    (the whole sheet squashed to the input size), ``letterbox`` (whole sheet, aspect kept,
+    white padding: herbarium sheets are portrait), ``fivecrop``/``tencrop`` (four corners and
+    centre, plus their mirrors), ``rrcN`` (N seeded random-resized crops). ``@S`` scales the
+    resize before cropping to S x the input size (``center@1.14``, ``tencrop@1.2``); the
+    default is the model's crop_pct.
+    """
+    _, height, width = data_config["input_size"]
     out = []
     for name in names:
-        if name not in views:
-            raise HerbensError(f"unknown test-time view {name!r}; known: {', '.join(views)}")
-        out.append((name, views[name]))
+        kind, scale, count = _parse_view(name)
+        scale = scale or _default_scale(data_config)
+        if kind == "center":
+            view = _resize_crop(data_config, scale, T.CenterCrop((height, width)))
+        elif kind in ("hflip", "vflip"):
+            flip = T.RandomHorizontalFlip(1.0) if kind == "hflip" else T.RandomVerticalFlip(1.0)
+            view = T.Compose([flip, _resize_crop(data_config, scale, T.CenterCrop((height, width)))])
+        elif kind == "full":
+            view = _squash(data_config)
+        elif kind == "letterbox":
+            view = _letterbox(data_config)
+        elif kind == "fivecrop":
+            view = _resize_crop(data_config, scale, T.FiveCrop((height, width)))
+        elif kind == "tencrop":
+            view = _resize_crop(data_config, scale, T.TenCrop((height, width)))
+        elif kind == "rrc":
+            view = FixedResizedCrops(data_config, count)
+        else:
+            raise HerbensError(f"unknown test-time view {name!r}; known: center, hflip, vflip, full, "
+                               "letterbox, fivecrop, tencrop, rrcN, each optionally @SCALE")
+        out.append((name, view))
     return out
