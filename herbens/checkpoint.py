@@ -15,6 +15,21 @@ from herbens.fileio import read_json, write_json
 POINTER = "latest.json"
 
 
+def _write_errors() -> tuple[type[BaseException], ...]:
+    # torch.save reports a failed write as RuntimeError, safetensors as SafetensorError.
+    errors: list[type[BaseException]] = [OSError, RuntimeError]
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        pass
+    else:
+        errors.append(SafetensorError)
+    return tuple(errors)
+
+
+_WRITE_ERRORS = _write_errors()
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -23,7 +38,13 @@ def save_checkpoint(accelerator, run_dir: Path, state, keep: int) -> Path:
     """Save model, optimizer, RNG and registered objects; every process must call this."""
     folder = checkpoint_dir(run_dir) / f"epoch{state.epoch:04d}-step{state.step:08d}"
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(folder))
+    try:
+        accelerator.save_state(str(folder))
+    except _WRITE_ERRORS as exc:
+        # A full disk or a read-only directory: the pointer still names the previous complete
+        # checkpoint; drop the partial folder so that it does not take the space of the next one.
+        shutil.rmtree(folder, ignore_errors=True)
+        raise HerbensError(f"cannot save checkpoint {folder}: {_write_failure(exc, folder.parent)}") from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(checkpoint_dir(run_dir) / POINTER,
@@ -32,6 +53,17 @@ def save_checkpoint(accelerator, run_dir: Path, state, keep: int) -> Path:
         _prune(checkpoint_dir(run_dir), keep=max(1, keep), current=folder.name)
     accelerator.wait_for_everyone()
     return folder
+
+
+def _write_failure(exc: BaseException, where: Path) -> str:
+    """The reason a save failed, with the free space: torch reports a full disk only as an
+    internal "unexpected pos" assertion."""
+    reason = getattr(exc, "strerror", None) or str(exc).strip()
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return reason
+    return f"{reason} ({free / 2**20:.1f} MiB free on that disk)"
 
 
 def _prune(root: Path, keep: int, current: str) -> None:

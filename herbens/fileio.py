@@ -9,9 +9,12 @@ once complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -20,6 +23,42 @@ from herbens.errors import HerbensError
 
 def _tmp_sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid at all: leave it alone
+    return True
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Delete temporary siblings of ``path`` left by writers that were killed.
+
+    A SIGKILL or a power cut inside a write leaves ``.<name>.tmp-<pid>`` (or ``.old-<pid>``)
+    behind; for a logits directory that is gigabytes. Only those of processes that no longer
+    run on this machine are removed, so a live writer's files are never touched.
+    """
+    for kind in ("tmp", "old"):
+        for sibling in path.parent.glob(f".{path.name}.{kind}-*"):
+            pid = sibling.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    sibling.unlink()
+
+
+def _discard(tmp: Path) -> None:
+    # Cleaning up must not hide the error being reported: in a read-only directory even
+    # unlinking a file that was never created fails (EACCES, not ENOENT).
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,6 +73,42 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system or the filesystem cannot do it; the caller then falls back to
+    two renames, between which ``b`` briefly does not exist.
+    """
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _ensure_parent(path: Path) -> None:
@@ -52,6 +127,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     """
     path = Path(path)
     _ensure_parent(path)
+    _remove_stale_siblings(path)
     tmp = _tmp_sibling(path, "tmp")
     try:
         with open(tmp, mode, **open_kwargs) as handle:
@@ -60,10 +136,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise HerbensError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     _fsync_dir(path.parent)
 
@@ -72,20 +148,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``path`` once the block succeeds.
 
-    A reader therefore sees either the old complete directory, or none, or the new complete
-    one; never a mixture. On failure the temporary directory is removed.
+    A reader therefore sees either the old complete directory or the new complete one, never a
+    mixture: on Linux the two are exchanged in one atomic step, elsewhere (two renames) ``path``
+    is briefly absent. On failure the temporary directory is removed.
     """
     path = Path(path)
     _ensure_parent(path)
+    _remove_stale_siblings(path)
     tmp = _tmp_sibling(path, "tmp")
     old = _tmp_sibling(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         yield tmp
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        if path.exists() and _exchange(tmp, path):
+            old = tmp  # the exchange left the previous directory under the temporary name
+        else:
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise HerbensError(f"cannot write {path}: {exc.strerror or exc}") from exc
