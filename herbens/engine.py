@@ -84,17 +84,22 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
     Args:
         on_step: called after every optimizer update (for step checkpoints); may be None.
     Returns:
-        Mean loss parts over the batches run, images per second and the epoch's time.
+        Mean loss parts over the batches run, images per second, the epoch's time and
+        ``"unreadable"``: the dataset indices of this process's unreadable images that were
+        replaced (``data.bad_images: skip``), as a sorted list.
     """
     acc = parts.accelerator
     parts.model.train()
     sums: dict[str, float] = {}
+    unreadable: set[int] = set()
     count = images = 0
     start = time.perf_counter()
     bar = tqdm(total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
                disable=not acc.is_main_process, leave=False, dynamic_ncols=True)
     for batch in loader:
         losses = train_step(parts, batch, state)
+        if "unreadable" in batch and batch["unreadable"].any():
+            unreadable.update(batch["index"][batch["unreadable"]].tolist())
         state.batch_in_epoch += 1
         count += 1
         images += len(batch["image"]) * acc.num_processes
@@ -108,7 +113,8 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
     bar.close()
     elapsed = time.perf_counter() - start
     out = {key: value / max(count, 1) for key, value in sums.items()}
-    out.update(images_per_second=images / max(elapsed, 1e-9), epoch_time_s=elapsed)
+    out.update(images_per_second=images / max(elapsed, 1e-9), epoch_time_s=elapsed,
+               unreadable=sorted(unreadable))
     return out
 
 

@@ -38,7 +38,7 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
         predict_loader(frame, images_dir, data.taxonomy if labelled else None,
-                       build_tta_views(views, data_config), cfg))
+                       build_tta_views(views, data_config), cfg, data_config=data_config))
     levels = tuple(cfg["levels"])
     scores = predict(accelerator, model, loader, levels, desc=f"logits {split}")
     if accelerator.is_main_process:
@@ -70,6 +70,8 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
     """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views)."""
     from accelerate import Accelerator
 
+    from herbens.training import launched_on_cpus_only
+
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
@@ -79,7 +81,7 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
         cfg["data"]["root"] = data_root
     if batch_size:
         cfg["infer"]["batch_size"] = batch_size
-    accelerator = Accelerator(mixed_precision=cfg["train"]["precision"])
+    accelerator = Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only())
     data = load_run_data(cfg, run_dir, reuse_split=True)
     model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
     data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])

@@ -1,7 +1,15 @@
-"""DataLoaders for training and prediction, built from a tidy frame and the recipe."""
+"""DataLoaders for training and prediction, built from a tidy frame and the recipe.
+
+Both loaders decode JPEGs at a reduced scale when the transform that follows needs fewer pixels
+than the file holds (:func:`train_decode_size`, :func:`eval_decode_size`): a 1000 px sheet for a
+128 px model input is decoded at 1/2 or 1/4 scale by libjpeg's DCT scaling, several times faster,
+and the model still never sees a pixel that was upsampled when it would not have been at full
+size.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -9,6 +17,24 @@ from torch.utils.data import DataLoader
 from herbens.data.dataset import HerbariumDataset
 from herbens.data.samplers import build_sampler
 from herbens.data.taxonomy import Taxonomy
+from herbens.errors import HerbensError
+
+# The eval transforms use this crop_pct when the model's data config has none (as timm).
+DEFAULT_CROP_PCT = 0.875
+
+
+class TrainingDataset(HerbariumDataset):
+    """HerbariumDataset whose samples also say whether the requested image was unreadable.
+
+    With ``bad_image_policy="skip"`` a bad file is silently replaced by the next readable one;
+    the flag travels with the batch (also out of DataLoader worker processes, whose copies of
+    the dataset the trainer cannot see) so that the trainer can count and report them.
+    """
+
+    def __getitem__(self, index: int) -> dict:
+        sample = super().__getitem__(index)
+        sample["unreadable"] = bool(self.bad_images) and self.paths[int(index)] in self.bad_images
+        return sample
 
 
 def _loader_kwargs(num_workers: int) -> dict:
@@ -17,14 +43,80 @@ def _loader_kwargs(num_workers: int) -> dict:
             "pin_memory": False}
 
 
+def _input_hw(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    raise HerbensError(f"input.size must be an int or [height, width], got {size!r}")
+
+
+def train_decode_size(cfg: dict) -> tuple[int, int] | None:
+    """Smallest decoded ``(height, width)`` at which random-resized crops are never upsampled
+    where the full-size image would not have been.
+
+    The rule: RandomResizedCrop cuts a crop of area ``s * A`` (``s >= scale_min`` of the image
+    area ``A``) with pixel aspect ``r = w / h`` in ``[ratio_min, ratio_max]`` and resizes it to
+    the input ``H x W``. Its narrowest crop is ``sqrt(scale_min * A * ratio_min)`` wide and its
+    shortest ``sqrt(scale_min * A / ratio_max)`` high. Requiring both to be at least ``W`` and
+    ``H`` pixels gives ``A >= H * W * k**2`` with
+    ``k**2 = max(W / (H * ratio_min), H * ratio_max / W) / scale_min``; asking for at least
+    ``k * H`` rows and ``k * W`` columns guarantees that area. Decoding at any reduced scale
+    that still covers this size changes only the resampling source of crops that are
+    downscaled anyway; crops that would be upsampled at full size are never decoded smaller
+    than full size (the decoder never goes below the file's own size).
+
+    Returns:
+        ``(height, width)`` for :class:`HerbariumDataset`'s ``decode_size``, or None when the
+        augmentation allows arbitrarily small crops (``scale_min <= 0``).
+    """
+    height, width = _input_hw(cfg["input"]["size"])
+    scale_min = float(min(cfg["augment"]["scale"]))
+    ratio_min, ratio_max = (float(r) for r in sorted(cfg["augment"]["ratio"]))
+    if scale_min <= 0 or ratio_min <= 0:
+        return None
+    k = math.sqrt(max(width / (height * ratio_min), height * ratio_max / width) / scale_min)
+    k = max(k, 1.0)
+    return math.ceil(k * height), math.ceil(k * width)
+
+
+def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | None:
+    """Smallest decoded ``(height, width)`` for the test-time views (:func:`build_tta_views`).
+
+    The centre, flip and five/ten-crop views resize the shorter side to ``S x min(H, W)`` (``S``
+    from ``@S``, else ``1 / crop_pct``) before cropping, so an image whose shorter side is at
+    least that is only ever downscaled, exactly as at full size; ``full`` and ``letterbox``
+    resize the whole sheet to at most ``H x W``. Seeded random crops (``rrcN``) and views this
+    rule does not know are decoded at full size (None).
+    """
+    _, height, width = data_config["input_size"]
+    default = 1.0 / float(data_config.get("crop_pct") or DEFAULT_CROP_PCT)
+    need = (1, 1)
+    for name in views:
+        kind, _, scale = name.partition("@")
+        if kind in ("center", "hflip", "vflip", "fivecrop", "tencrop"):
+            side = math.ceil(min(height, width) * (float(scale) if scale else default))
+            size = (side, side)
+        elif kind in ("full", "letterbox"):
+            size = (height, width)
+        else:
+            return None
+        need = (max(need[0], size[0]), max(need[1], size[1]))
+    return need
+
+
 def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: dict):
-    """Shuffled (or re-balanced) training loader; returns (loader, sampler with set_epoch)."""
+    """Shuffled (or re-balanced) training loader; returns (loader, sampler with set_epoch).
+
+    Samples carry ``"unreadable"`` (see :class:`TrainingDataset`).
+    """
     labels = taxonomy.index_of(frame["category_id"].to_numpy())
     sampler_cfg = dict(cfg["sampler"])
     name = sampler_cfg.pop("name")
     batch_size = int(cfg["train"]["batch_size"])
-    dataset = HerbariumDataset(frame, images_dir, taxonomy, transform,
-                               bad_image_policy=cfg["data"]["bad_images"])
+    dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
+                              bad_image_policy=cfg["data"]["bad_images"],
+                              decode_size=train_decode_size(cfg))
     if name == "pk":
         sampler = build_sampler(name, labels, seed=cfg["seed"],
                                 classes_per_batch=sampler_cfg["classes_per_batch"],
@@ -39,10 +131,21 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
 
 
 def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cfg: dict,
-                   batch_size: int | None = None):
-    """Ordered loader over every row of ``frame``; one stacked tensor of views per image."""
+                   batch_size: int | None = None, data_config: dict | None = None):
+    """Ordered loader over every row of ``frame``; one stacked tensor of views per image.
+
+    Args:
+        views: ``[(name, transform)]`` test-time views (:func:`build_tta_views`).
+        data_config: the model's data config with the recipe's input size; when given, images
+            are decoded at the reduced scale the views allow (:func:`eval_decode_size`).
+
+    Unreadable images follow ``data.bad_images``: under ``skip`` the row gets the next readable
+    image's scores (with a warning) so that a long run does not die while writing its logits.
+    """
     dataset = HerbariumDataset(frame, images_dir, taxonomy, transform=None,
-                               bad_image_policy="error", views=[fn for _, fn in views])
+                               bad_image_policy=cfg["data"]["bad_images"],
+                               decode_size=eval_decode_size(data_config, [name for name, _ in views])
+                               if data_config else None,
+                               views=[fn for _, fn in views])
     return DataLoader(dataset, batch_size=batch_size or int(cfg["infer"]["batch_size"]), shuffle=False,
                       **_loader_kwargs(cfg["data"]["num_workers"]))
-
