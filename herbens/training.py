@@ -206,8 +206,11 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
     unreadable: set[int] = set()
     for epoch in range(state.epoch, int(cfg["train"]["epochs"])):
         state.epoch = epoch
-        sampler.set_epoch(epoch)
         epoch_loader = acc.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        # Accelerate's loaders re-seed the sampler from their own pass counter on every pass; a
+        # resumed run's loader starts counting at 0, so the epoch is set on the loader itself.
+        epoch_loader.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         stats = train_one_epoch(parts, epoch_loader, state, len(loader), on_step=on_step,
                                 log_every=int(cfg["train"]["log_every"]))
         eval_model = parts.ema.module if parts.ema is not None else parts.model

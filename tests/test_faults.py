@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import TINY_OVERRIDES, train_tiny
@@ -90,10 +91,15 @@ def leftovers(folder: Path) -> list[str]:
 
 # ----- SIGKILL during training ---------------------------------------------------------------
 
+# Seesaw (checkpointed class counts), EMA and step checkpoints: everything resume must restore.
+RESUME_ARGS = ["train.batch_size=2", "train.checkpoint_every_steps=1", "train.ema=true",
+               "train.ema_decay=0.9", "train.deterministic=true"]
+
+
 @pytest.mark.slow
-def test_sigkill_during_training_then_resume_completes_the_run(tiny_herbarium, tmp_path):
-    args = ["demo_ce", f"data.root={tiny_herbarium}", f"output_dir={tmp_path}", "name=killed",
-            *TINY_OVERRIDES, "train.batch_size=2", "train.checkpoint_every_steps=1"]
+def test_sigkill_mid_epoch_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tiny_herbarium, tmp_path):
+    args = ["demo_seesaw", f"data.root={tiny_herbarium}", f"output_dir={tmp_path}", "name=killed",
+            *TINY_OVERRIDES, *RESUME_ARGS]
     pointer = tmp_path / "killed" / "checkpoints" / POINTER
     log = tmp_path / "train.log"  # a file, not a pipe: a full pipe would stall the child
     with open(log, "wb") as handle:
@@ -111,10 +117,9 @@ def test_sigkill_during_training_then_resume_completes_the_run(tiny_herbarium, t
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert not (tmp_path / "killed" / "metrics.json").exists()
     saved = read_json(pointer)
-    assert saved["step"] >= 1
+    assert saved["step"] >= 1 and saved["batch_in_epoch"] >= 1  # a mid-epoch checkpoint
 
-    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=killed", "train.batch_size=2",
-                                                        "train.checkpoint_every_steps=1"],
+    assert train_tiny(tiny_herbarium, tmp_path, recipe="demo_seesaw", extra=["name=killed", *RESUME_ARGS],
                       flags=["--resume"]) == 0
     run = tmp_path / "killed"
     for name in ("config.yaml", "taxonomy.json", "split.csv", "metrics.json", "model.pt"):
@@ -127,6 +132,16 @@ def test_sigkill_during_training_then_resume_completes_the_run(tiny_herbarium, t
     taxonomy = Taxonomy.load(run / "taxonomy.json")
     for split in ("val", "test"):
         read_logits(run, split, taxonomy=taxonomy)
+
+    # Same sample order, augmentation, RNG, optimizer, schedule, EMA and Seesaw counts:
+    # the resumed weights equal an uninterrupted run's bit for bit.
+    assert train_tiny(tiny_herbarium, tmp_path, recipe="demo_seesaw", extra=["name=straight", *RESUME_ARGS]) == 0
+    for weights in ("model.pt", "model_ema.pt"):
+        resumed = torch.load(run / weights, weights_only=True)
+        straight = torch.load(tmp_path / "straight" / weights, weights_only=True)
+        assert resumed.keys() == straight.keys()
+        different = [k for k in resumed if not torch.equal(resumed[k], straight[k])]
+        assert not different, f"{weights}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
 # ----- SIGKILL inside a writer ----------------------------------------------------------------

@@ -9,9 +9,13 @@ size.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from herbens.data.dataset import HerbariumDataset
@@ -23,17 +27,77 @@ from herbens.errors import HerbensError
 DEFAULT_CROP_PCT = 0.875
 
 
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Run a block with torch, numpy and python RNGs seeded, then restore all three.
+
+    torchvision and timm augmentations draw from the global generators; seeding them per
+    sample makes an augmented sample a pure function of (seed, epoch, index), whatever the
+    worker count, and leaves the trainer's own random stream untouched.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class EpochKeys:
+    """Wraps a sampler so that it yields ``epoch * n + index`` keys instead of indices.
+
+    The key carries the epoch into DataLoader workers (whose dataset copies never see
+    ``set_epoch``), so :class:`TrainingDataset` can seed each sample's augmentation from it.
+    """
+
+    def __init__(self, sampler, dataset_size: int):
+        self.sampler = sampler
+        self.size = dataset_size
+        self.epoch = 0
+        self.is_batch_sampler = bool(getattr(sampler, "is_batch_sampler", False))
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        offset = self.epoch * self.size
+        for item in self.sampler:
+            yield [offset + int(i) for i in item] if self.is_batch_sampler else offset + int(item)
+
+
 class TrainingDataset(HerbariumDataset):
-    """HerbariumDataset whose samples also say whether the requested image was unreadable.
+    """HerbariumDataset for training: seeded augmentation and an unreadable-image flag.
+
+    Items are requested by :class:`EpochKeys` keys; each sample's augmentation is seeded from
+    (seed, epoch, index), so an exactly resumed run sees exactly the same pixels.
 
     With ``bad_image_policy="skip"`` a bad file is silently replaced by the next readable one;
     the flag travels with the batch (also out of DataLoader worker processes, whose copies of
     the dataset the trainer cannot see) so that the trainer can count and report them.
     """
 
-    def __getitem__(self, index: int) -> dict:
-        sample = super().__getitem__(index)
-        sample["unreadable"] = bool(self.bad_images) and self.paths[int(index)] in self.bad_images
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = int(seed)
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(int(key), len(self))
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        with seeded_rngs(sample_seed):
+            sample = super().__getitem__(index)
+        sample["unreadable"] = bool(self.bad_images) and self.paths[index] in self.bad_images
         return sample
 
 
@@ -108,7 +172,9 @@ def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | 
 def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: dict):
     """Shuffled (or re-balanced) training loader; returns (loader, sampler with set_epoch).
 
-    Samples carry ``"unreadable"`` (see :class:`TrainingDataset`).
+    Samples carry ``"unreadable"`` (see :class:`TrainingDataset`). The loader has its own
+    seeded generator, so starting an epoch (or resuming one) draws nothing from torch's global
+    generator, which the trainer checkpoints.
     """
     labels = taxonomy.index_of(frame["category_id"].to_numpy())
     sampler_cfg = dict(cfg["sampler"])
@@ -116,18 +182,17 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     batch_size = int(cfg["train"]["batch_size"])
     dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
                               bad_image_policy=cfg["data"]["bad_images"],
-                              decode_size=train_decode_size(cfg))
+                              decode_size=train_decode_size(cfg), seed=cfg["seed"])
+    kwargs = _loader_kwargs(cfg["data"]["num_workers"])
+    kwargs["generator"] = torch.Generator().manual_seed(int(cfg["seed"]))
     if name == "pk":
-        sampler = build_sampler(name, labels, seed=cfg["seed"],
-                                classes_per_batch=sampler_cfg["classes_per_batch"],
-                                images_per_class=sampler_cfg["images_per_class"])
-        loader = DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(cfg["data"]["num_workers"]))
-        return loader, sampler
+        sampler = EpochKeys(build_sampler(name, labels, seed=cfg["seed"],
+                                          classes_per_batch=sampler_cfg["classes_per_batch"],
+                                          images_per_class=sampler_cfg["images_per_class"]), len(dataset))
+        return DataLoader(dataset, batch_sampler=sampler, **kwargs), sampler
     params = {"alpha": sampler_cfg["alpha"]} if name in ("sqrt", "power") else {}
-    sampler = build_sampler(name, labels, seed=cfg["seed"], **params)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        **_loader_kwargs(cfg["data"]["num_workers"]))
-    return loader, sampler
+    sampler = EpochKeys(build_sampler(name, labels, seed=cfg["seed"], **params), len(dataset))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs), sampler
 
 
 def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cfg: dict,
