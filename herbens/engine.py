@@ -6,12 +6,15 @@ the bar" and "gather once per batch".
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from herbens.errors import HerbensError
 
 
 @dataclass
@@ -123,18 +126,34 @@ def current_lr(optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
+def combine_views(logits: torch.Tensor, space: str) -> torch.Tensor:
+    """Average per-view logits ``[B, V, C]`` over views.
+
+    ``logit``: the mean logit (the default; what the ensembler expects). ``prob``: the log of
+    the mean probability, so a softmax downstream gives the averaged probabilities. ``none``:
+    keep every view.
+    """
+    if space == "logit":
+        return logits.mean(dim=1)
+    if space == "prob":
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) - math.log(logits.shape[1])
+    if space == "none":
+        return logits
+    raise HerbensError(f"infer.tta_space must be logit or prob, got {space!r}")
+
+
 @torch.no_grad()
-def predict(accelerator, model, loader, levels, desc: str = "predict") -> dict[str, np.ndarray]:
+def predict(accelerator, model, loader, levels, desc: str = "predict", space: str = "logit") -> dict[str, np.ndarray]:
     """Per-level logits for every row of the loader's dataset, in dataset order.
 
-    Test-time views arrive as images of shape [B, V, C, H, W]; their logits are averaged per
-    image. The dataset index travels with the logits through ``gather_for_metrics`` (which
-    drops the padding duplicates of the last distributed batch), so rows land where they
-    belong whatever the process count.
+    Test-time views arrive as images of shape [B, V, C, H, W]; their logits are combined per
+    image (:func:`combine_views` with ``space``). The dataset index travels with the logits
+    through ``gather_for_metrics`` (which drops the padding duplicates of the last distributed
+    batch), so rows land where they belong whatever the process count.
 
     Returns:
-        ``{level: float32 array [N, C]}`` plus ``"labels"`` (species index, -1 unknown), on
-        every process.
+        ``{level: float32 array [N, C]}`` (``[N, V, C]`` with ``space="none"``) plus
+        ``"labels"`` (species index, -1 unknown), on every process.
     """
     model.eval()
     n = len(loader.dataset)
@@ -150,7 +169,7 @@ def predict(accelerator, model, loader, levels, desc: str = "predict") -> dict[s
         record = {"index": batch["index"], "labels": batch["species"]}
         for level in levels:
             logits = outputs[level].float()
-            record[level] = logits.view(-1, views, logits.shape[-1]).mean(dim=1)
+            record[level] = combine_views(logits.view(-1, views, logits.shape[-1]), space)
         record = accelerator.gather_for_metrics(record)
         index = record["index"].cpu().numpy()
         for key, value in record.items():

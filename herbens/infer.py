@@ -15,7 +15,7 @@ import yaml
 
 from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData, load_run_data
-from herbens.data.transforms import build_tta_views, model_data_config
+from herbens.data.transforms import build_tta_views, model_data_config, view_row_names
 from herbens.engine import predict
 from herbens.errors import HerbensError
 from herbens.logits import write_logits
@@ -40,14 +40,20 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
         predict_loader(frame, images_dir, data.taxonomy if labelled else None,
                        build_tta_views(views, data_config), cfg, data_config=data_config))
     levels = tuple(cfg["levels"])
-    scores = predict(accelerator, model, loader, levels, desc=f"logits {split}")
+    keep_views, space = bool(cfg["infer"]["keep_views"]), cfg["infer"]["tta_space"]
+    if keep_views and space != "logit":
+        # The store averages kept views itself, in logit space.
+        raise HerbensError("infer.keep_views needs infer.tta_space: logit")
+    scores = predict(accelerator, model, loader, levels, desc=f"logits {split}",
+                     space="none" if keep_views else space)
     if accelerator.is_main_process:
         write_logits(
             run_dir, split, frame["image_id"].astype(str).tolist(),
-            {level: scores[level].astype(np.float16) for level in levels},
-            {"taxonomy_hash": data.taxonomy.hash, "views": views, "model": cfg["model"]["backbone"],
-             "split": split},
-            labels=scores["labels"].astype(np.int64) if labelled else None)
+            {level: scores[level] for level in levels},
+            {"taxonomy_hash": data.taxonomy.hash, "tta_space": space,
+             "views": view_row_names(views) if keep_views else views,
+             "model": cfg["model"]["backbone"], "split": split},
+            labels=scores["labels"].astype(np.int64) if labelled else None, keep_views=keep_views)
     accelerator.wait_for_everyone()
 
 
@@ -66,7 +72,8 @@ def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
 
 
 def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
-              data_root: str | None = None, batch_size: int | None = None) -> None:
+              data_root: str | None = None, batch_size: int | None = None,
+              tta_space: str | None = None, keep_views: bool | None = None) -> None:
     """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views)."""
     from accelerate import Accelerator
 
@@ -81,6 +88,10 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
         cfg["data"]["root"] = data_root
     if batch_size:
         cfg["infer"]["batch_size"] = batch_size
+    if tta_space is not None:
+        cfg["infer"]["tta_space"] = tta_space
+    if keep_views is not None:
+        cfg["infer"]["keep_views"] = keep_views
     accelerator = Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only())
     data = load_run_data(cfg, run_dir, reuse_split=True)
     model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
@@ -100,9 +111,13 @@ def register(subparsers) -> None:
                         help="test-time views to average (default: the recipe's infer.tta)")
     parser.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--tta-space", choices=["logit", "prob"], default=None,
+                        help="average views' logits or probabilities (default: the recipe's)")
+    parser.add_argument("--keep-views", action=argparse.BooleanOptionalAction, default=None,
+                        help="also store per-view logits (default: the recipe's infer.keep_views)")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    infer_run(args.run, args.split, args.tta, args.data_root, args.batch_size)
+    infer_run(args.run, args.split, args.tta, args.data_root, args.batch_size, args.tta_space, args.keep_views)
     return 0

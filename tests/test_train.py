@@ -94,3 +94,24 @@ def test_final_weights_reload_into_the_model(tiny_run):
     model = load_run_model(tiny_run, cfg, Taxonomy.load(tiny_run / "taxonomy.json"))
     out = model.eval()(torch.zeros(1, 3, 48, 32))
     assert out["species"].shape[-1] == Taxonomy.load(tiny_run / "taxonomy.json").num_classes("species")
+
+
+def test_infer_keeps_per_view_logits_and_averages_them(tiny_run):
+    assert cli_main(["infer", str(tiny_run), "--split", "val", "--tta", "center", "hflip", "fivecrop",
+                     "--keep-views"]) == 0
+    val = read_logits(tiny_run, "val")
+    views = np.asarray(val.views("species"), dtype=np.float32)
+    assert views.shape[1] == 7  # centre + flip + five crops, one row each
+    mean = np.asarray(val.level("species"), dtype=np.float32)
+    np.testing.assert_allclose(mean, views.mean(axis=1), atol=2e-2)
+
+
+def test_infer_in_probability_space(tiny_run):
+    assert cli_main(["infer", str(tiny_run), "--split", "test", "--tta", "center", "hflip",
+                     "--tta-space", "prob", "--no-keep-views"]) == 0
+    test = read_logits(tiny_run, "test")
+    assert test.meta["tta_space"] == "prob"
+    # log of averaged probabilities: each row's exponentials sum to one.
+    sums = np.exp(np.asarray(test.level("species"), dtype=np.float64)).sum(axis=1)
+    np.testing.assert_allclose(sums, 1.0, atol=1e-2)
+    assert cli_main(["infer", str(tiny_run), "--split", "test", "--tta-space", "prob", "--keep-views"]) == 2

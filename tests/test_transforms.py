@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from herbens.data.transforms import build_train_transform, build_tta_views, model_data_config
+from herbens.data.transforms import build_train_transform, build_tta_views, model_data_config, view_row_names
 from herbens.errors import HerbensError
 
 CONFIG = {"input_size": (3, 32, 24), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
@@ -76,3 +76,11 @@ def test_train_transform_with_rotation_and_non_square_size():
     assert tuple(out.shape) == (3, 40, 28) and torch.isfinite(out).all()
     with pytest.raises(HerbensError, match="input.size"):
         model_data_config(CONFIG, {"size": [40], "crop_pct": None})
+
+
+def test_view_row_names_match_the_rows_each_view_gives():
+    names = ["center", "fivecrop", "rrc3", "tencrop@1.2"]
+    rows = view_row_names(names)
+    assert len(rows) == sum(v(gradient_sheet()).reshape(-1, 3, 32, 24).shape[0]
+                            for _, v in build_tta_views(names, CONFIG))
+    assert rows[:3] == ["center", "fivecrop/0", "fivecrop/1"]

@@ -159,6 +159,19 @@ def _parse_view(name: str) -> tuple[str, float | None, int | None]:
         raise HerbensError(f"test-time view {name!r}: scale after '@' must be a number") from None
 
 
+_MULTI_CROP_ROWS = {"fivecrop": 5, "tencrop": 10}
+
+
+def view_row_names(names: list[str]) -> list[str]:
+    """One name per row the views produce: ``fivecrop`` gives ``fivecrop/0`` .. ``fivecrop/4``."""
+    rows = []
+    for name in names:
+        kind, _, count = _parse_view(name)
+        count = count if kind == "rrc" else _MULTI_CROP_ROWS.get(kind, 1)
+        rows += [name] if count == 1 else [f"{name}/{i}" for i in range(count)]
+    return rows
+
+
 def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Callable]]:
     """Named test-time views; each maps a PIL image to a [C,H,W] or [K,C,H,W] tensor.
 
