@@ -119,11 +119,13 @@ def _ensure_parent(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = True, **open_kwargs) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` keeps its old content.
     Errors from the operating system (read-only directory, disk full) become HerbensError.
+    ``durable=False`` skips the fsyncs, for bulk copies that can simply be remade (a resized
+    dataset): still never half-written, but possibly lost in a power cut.
     """
     path = Path(path)
     _ensure_parent(path)
@@ -132,8 +134,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     try:
         with open(tmp, mode, **open_kwargs) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         _discard(tmp)
@@ -141,7 +144,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     except BaseException:
         _discard(tmp)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,17 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture
+def taxonomy():
+    """6 species in 3 genera and 2 families, with long-tailed counts."""
+    from herbens.data.taxonomy import Taxonomy
+
+    return Taxonomy(category_ids=[3, 8, 10, 12, 20, 21], species_names=list("abcdef"),
+                    genus_names=["g0", "g1", "g2"], family_names=["f0", "f1"],
+                    species_to_genus=[0, 0, 1, 1, 2, 2], species_to_family=[0, 0, 0, 1, 1, 1],
+                    counts=[30, 5, 8, 2, 1, 4])
+
+
 @pytest.fixture(scope="session")
 def tiny_herbarium(tmp_path_factory) -> Path:
     """A Kaggle-2022-format synthetic herbarium: 6 species, 64 px sheets."""

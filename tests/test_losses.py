@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 
-from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
 from herbens.losses import LOSSES, build_criterion, build_level_loss, check_mixup_compatible
 from herbens.losses.class_balanced import class_balanced_weights
@@ -18,13 +17,6 @@ from herbens.models.heads import SubCenterArcFaceHead
 C = 5
 COUNTS = np.array([40, 10, 3, 1, 0])
 
-
-@pytest.fixture
-def taxonomy():
-    return Taxonomy(category_ids=[3, 8, 10, 12, 20, 21], species_names=list("abcdef"),
-                    genus_names=["g0", "g1", "g2"], family_names=["f0", "f1"],
-                    species_to_genus=[0, 0, 1, 1, 2, 2], species_to_family=[0, 0, 0, 1, 1, 1],
-                    counts=[30, 5, 8, 2, 1, 4])
 
 
 def _inputs(seed=0, batch=6, classes=C):

@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 
-from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
 from herbens.losses import build_criterion
 from herbens.models.heads import CosineHead, LinearHead, SubCenterArcFaceHead, build_head
@@ -21,13 +20,6 @@ LEVELS_CFG = {
     "family": {"head": "linear", "head_params": {}, "loss": "ce", "loss_params": {}, "weight": 0.25},
 }
 
-
-@pytest.fixture
-def taxonomy():
-    return Taxonomy(category_ids=[3, 8, 10, 12, 20, 21], species_names=list("abcdef"),
-                    genus_names=["g0", "g1", "g2"], family_names=["f0", "f1"],
-                    species_to_genus=[0, 0, 1, 1, 2, 2], species_to_family=[0, 0, 0, 1, 1, 1],
-                    counts=[30, 5, 8, 2, 1, 4])
 
 
 def make_cfg(backbone="test_efficientnet", levels=None, **model):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from herbens.data.dataset import allow_large_images, load_rgb
 from herbens.data.metadata import find_dataset, load_test_metadata, load_train_metadata
 from herbens.errors import HerbensError
+from herbens.fileio import atomic_write
 
 JPEG_QUALITY = 90
 _ORIENTATION_TAG = 0x0112
@@ -197,40 +198,16 @@ def _resized(src: Path, upright: tuple[int, int], size: int) -> Image.Image:
 
 
 def _save_atomic(image: Image.Image, dst: Path, fmt: str, quality: int) -> None:
-    tmp = _temporary(dst)
-    try:
-        if fmt == "JPEG":
-            image.save(tmp, format="JPEG", quality=quality)
-        else:
-            image.save(tmp, format=fmt)
-        os.replace(tmp, dst)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise HerbensError(f"prepare: cannot write {dst}: {exc.strerror or exc}") from exc
+    options = {"quality": quality} if fmt == "JPEG" else {}
+    with atomic_write(dst, "wb", durable=False) as handle:
+        image.save(handle, format=fmt, **options)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = _temporary(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except FileNotFoundError:
-        tmp.unlink(missing_ok=True)
-        if not src.exists():
-            return
-        raise
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise HerbensError(f"prepare: cannot write {dst}: {exc.strerror or exc}") from exc
-
-
-def _temporary(dst: Path) -> Path:
-    """A hidden sibling of ``dst``; creates the folder. No fsync: the copy can be remade."""
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HerbensError(f"prepare: cannot create {dst.parent}: {exc.strerror or exc}") from exc
-    return dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if not src.exists():
+        return  # a missing source stays missing in the copy, where check/training report it
+    with open(src, "rb") as source, atomic_write(dst, "wb", durable=False) as handle:
+        shutil.copyfileobj(source, handle)
 
 
 # ----- command line ---------------------------------------------------------------------------
