@@ -19,7 +19,7 @@ from herbens.data.taxonomy import Taxonomy
 from herbens.fileio import read_json, write_json
 from herbens.metrics import level_scores
 
-DEMO_RECIPES = ("demo_ce", "demo_arcface", "demo_seesaw")
+DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
 DEMO_DATA = {"species": 30, "seed": 0, "long_edge": 256, "min_images": 6, "max_images": 60,
              "test_per_species": 4, "difficulty": 0.7}
 
