@@ -43,7 +43,7 @@ def load_run_data(cfg: dict, run_dir: Path, reuse_split: bool) -> RunData:
         is_val = images["image_id"].isin(val_ids)
         train, val = images[~is_val], images[is_val]
     else:
-        train, val = stratified_split(images, cfg["data"]["val_fraction"], cfg["seed"],
+        train, val = stratified_split(images, cfg["data"]["val_fraction"], cfg["data"]["split_seed"],
                                       cfg["data"]["val_min_images"])
     test = test_dir = None
     if test_file is not None:
