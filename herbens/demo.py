@@ -70,7 +70,7 @@ def print_table(rows: list[tuple[str, dict, float | None]]) -> None:
     print("\n" + header)
     print("-" * len(header))
     for name, scores, seconds in rows:
-        wall = f"{seconds:>10.0f}" if seconds is not None else f"{'':>10}"
+        wall = f"{seconds:>10.1f}" if seconds is not None else f"{'':>10}"
         print(f"{name:<22}{scores['species_macro_f1']:>11.3f}{scores['genus_macro_f1']:>10.3f}"
               f"{scores['family_macro_f1']:>11.3f}{wall}")
 
