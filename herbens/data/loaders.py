@@ -21,11 +21,8 @@ from torch.utils.data import DataLoader
 from herbens.data.dataset import HerbariumDataset
 from herbens.data.samplers import build_sampler
 from herbens.data.taxonomy import Taxonomy
+from herbens.data.transforms import eval_decode_size
 from herbens.errors import HerbensError
-
-# The eval transforms use this crop_pct when the model's data config has none (as timm).
-DEFAULT_CROP_PCT = 0.875
-
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int):
@@ -142,31 +139,6 @@ def train_decode_size(cfg: dict) -> tuple[int, int] | None:
     k = math.sqrt(max(width / (height * ratio_min), height * ratio_max / width) / scale_min)
     k = max(k, 1.0)
     return math.ceil(k * height), math.ceil(k * width)
-
-
-def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | None:
-    """Smallest decoded ``(height, width)`` for the test-time views (:func:`build_tta_views`).
-
-    The centre, flip and five/ten-crop views resize the shorter side to ``S x min(H, W)`` (``S``
-    from ``@S``, else ``1 / crop_pct``) before cropping, so an image whose shorter side is at
-    least that is only ever downscaled, exactly as at full size; ``full`` and ``letterbox``
-    resize the whole sheet to at most ``H x W``. Seeded random crops (``rrcN``) and views this
-    rule does not know are decoded at full size (None).
-    """
-    _, height, width = data_config["input_size"]
-    default = 1.0 / float(data_config.get("crop_pct") or DEFAULT_CROP_PCT)
-    need = (1, 1)
-    for name in views:
-        kind, _, scale = name.partition("@")
-        if kind in ("center", "hflip", "vflip", "fivecrop", "tencrop"):
-            side = math.ceil(min(height, width) * (float(scale) if scale else default))
-            size = (side, side)
-        elif kind in ("full", "letterbox"):
-            size = (height, width)
-        else:
-            return None
-        need = (max(need[0], size[0]), max(need[1], size[1]))
-    return need
 
 
 def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: dict):

@@ -6,6 +6,7 @@ ImageNet statistics); the input size comes from the recipe and may be non-square
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -170,6 +171,30 @@ def view_row_names(names: list[str]) -> list[str]:
         count = count if kind == "rrc" else _MULTI_CROP_ROWS.get(kind, 1)
         rows += [name] if count == 1 else [f"{name}/{i}" for i in range(count)]
     return rows
+
+
+def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | None:
+    """Smallest decoded ``(height, width)`` for the test-time views (:func:`build_tta_views`).
+
+    The centre, flip and five/ten-crop views resize the shorter side to ``S x min(H, W)`` (``S``
+    from ``@S``, else ``1 / crop_pct``) before cropping, so an image whose shorter side is at
+    least that is only ever downscaled, exactly as at full size; ``full`` and ``letterbox``
+    resize the whole sheet to at most ``H x W``. Seeded random crops (``rrcN``) and views this
+    rule does not know are decoded at full size (None).
+    """
+    _, height, width = data_config["input_size"]
+    need = (1, 1)
+    for name in views:
+        kind, scale, _ = _parse_view(name)
+        if kind in ("center", "hflip", "vflip", "fivecrop", "tencrop"):
+            side = math.ceil(min(height, width) * (scale or _default_scale(data_config)))
+            size = (side, side)
+        elif kind in ("full", "letterbox"):
+            size = (height, width)
+        else:
+            return None
+        need = (max(need[0], size[0]), max(need[1], size[1]))
+    return need
 
 
 def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Callable]]:
