@@ -143,22 +143,19 @@ def combine_views(logits: torch.Tensor, space: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(accelerator, model, loader, levels, desc: str = "predict", space: str = "logit") -> dict[str, np.ndarray]:
-    """Per-level logits for every row of the loader's dataset, in dataset order.
+def predict_batches(accelerator, model, loader, levels, desc: str = "predict", space: str = "logit",
+                    keep_views: bool = False):
+    """Yield ``(index, record)`` per gathered batch, on every process.
 
     Test-time views arrive as images of shape [B, V, C, H, W]; their logits are combined per
     image (:func:`combine_views` with ``space``). The dataset index travels with the logits
     through ``gather_for_metrics`` (which drops the padding duplicates of the last distributed
     batch), so rows land where they belong whatever the process count.
 
-    Returns:
-        ``{level: float16 array [N, C]}`` (``[N, V, C]`` with ``space="none"``) plus
-        ``"labels"`` (species index, -1 unknown), on every process.
+    ``record`` holds float32 numpy arrays: ``{level: [n, C]}``, ``"labels"`` (species index, -1
+    unknown) and, with ``keep_views``, ``"<level>.views": [n, V, C]``.
     """
     model.eval()
-    n = len(loader.dataset)
-    out: dict[str, np.ndarray] = {}
-    seen = np.zeros(n, dtype=bool)
     bar = tqdm(total=len(loader), desc=desc, disable=not accelerator.is_main_process, leave=False)
     for batch in loader:
         images = batch["image"]
@@ -169,22 +166,34 @@ def predict(accelerator, model, loader, levels, desc: str = "predict", space: st
         record = {"index": batch["index"], "labels": batch["species"]}
         for level in levels:
             logits = outputs[level].float()
-            record[level] = combine_views(logits.view(-1, views, logits.shape[-1]), space)
-        record = accelerator.gather_for_metrics(record)
-        index = record["index"].cpu().numpy()
+            per_view = logits.view(-1, views, logits.shape[-1])
+            record[level] = combine_views(per_view, space)
+            if keep_views:
+                record[f"{level}.views"] = per_view
+        record = {key: value.cpu().numpy() for key, value in accelerator.gather_for_metrics(record).items()}
+        bar.update(1)
+        yield record.pop("index"), record
+    bar.close()
+
+
+def predict(accelerator, model, loader, levels, desc: str = "predict", space: str = "logit") -> dict[str, np.ndarray]:
+    """Per-level logits for every row of the loader's dataset, in dataset order (in memory).
+
+    Returns:
+        ``{level: float16 array [N, C]}`` (float16 as in the logits store: half the memory)
+        plus ``"labels"``, on every process. For whole test splits, stream
+        :func:`predict_batches` into the logits store instead.
+    """
+    n = len(loader.dataset)
+    out: dict[str, np.ndarray] = {}
+    seen = np.zeros(n, dtype=bool)
+    for index, record in predict_batches(accelerator, model, loader, levels, desc, space):
         for key, value in record.items():
-            if key == "index":
-                continue
-            value = value.cpu().numpy()
             if key not in out:
-                # Scores are kept in float16, as the logits store keeps them: half the memory
-                # of a full test split (210,407 x 15,501 per level) at no loss the store keeps.
                 dtype = np.float16 if np.issubdtype(value.dtype, np.floating) else value.dtype
                 out[key] = np.zeros((n,) + value.shape[1:], dtype=dtype)
             out[key][index] = value
         seen[index] = True
-        bar.update(1)
-    bar.close()
     if not seen.all():
         missing = np.flatnonzero(~seen)[:5].tolist()
         raise RuntimeError(f"prediction missed {int((~seen).sum())} rows (first: {missing})")

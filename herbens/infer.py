@@ -16,9 +16,9 @@ import yaml
 from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.transforms import build_tta_views, model_data_config, view_row_names
-from herbens.engine import predict
+from herbens.engine import predict_batches
 from herbens.errors import HerbensError
-from herbens.logits import write_logits
+from herbens.logits import open_logits_writer
 
 
 def _split_frame(data: RunData, split: str):
@@ -33,7 +33,11 @@ def _split_frame(data: RunData, split: str):
 
 def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
                        run_dir: Path, split: str, views: list[str] | None = None) -> None:
-    """Predict every image of ``split`` with test-time views averaged and store the logits."""
+    """Predict every image of ``split`` with test-time views combined and store the logits.
+
+    Batches stream straight into the logits store, so a full test split (210,407 x 15,501
+    per level) never sits in memory; the split appears only once every row is written.
+    """
     views = list(views or cfg["infer"]["tta"])
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
@@ -41,20 +45,41 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
                        build_tta_views(views, data_config), cfg, data_config=data_config))
     levels = tuple(cfg["levels"])
     keep_views, space = bool(cfg["infer"]["keep_views"]), cfg["infer"]["tta_space"]
-    if keep_views and space != "logit":
-        # The store averages kept views itself, in logit space.
-        raise HerbensError("infer.keep_views needs infer.tta_space: logit")
-    scores = predict(accelerator, model, loader, levels, desc=f"logits {split}",
-                     space="none" if keep_views else space)
-    if accelerator.is_main_process:
-        write_logits(
+    rows = view_row_names(views)
+    batches = predict_batches(accelerator, model, loader, levels, desc=f"logits {split}", space=space,
+                              keep_views=keep_views)
+    if not accelerator.is_main_process:
+        for _ in batches:  # the other processes only compute and gather
+            pass
+        accelerator.wait_for_everyone()
+        return
+    with open_logits_writer(
             run_dir, split, frame["image_id"].astype(str).tolist(),
-            {level: scores[level] for level in levels},
-            {"taxonomy_hash": data.taxonomy.hash, "tta_space": space,
-             "views": view_row_names(views) if keep_views else views,
+            {level: data.taxonomy.num_classes(level) for level in levels},
+            {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views,
              "model": cfg["model"]["backbone"], "split": split},
-            labels=scores["labels"].astype(np.int64) if labelled else None, keep_views=keep_views)
+            labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
+            num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:
+        for index, record in batches:
+            order = np.argsort(index, kind="stable")
+            for start, stop in _consecutive_runs(index[order]):
+                rows_here, first = order[start:stop], int(index[order[start]])
+                for level in levels:
+                    writer.write(level, first, record[level][rows_here])
+                    if keep_views:
+                        writer.write_views(level, first, record[f"{level}.views"][rows_here])
     accelerator.wait_for_everyone()
+
+
+def _consecutive_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
+    """Positions ``[start, stop)`` of each run of consecutive row numbers in sorted ``ordered``.
+
+    Gathered batches are consecutive in practice; this keeps the writer's contiguous blocks
+    correct whatever order the processes deliver.
+    """
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    edges = [0, *breaks.tolist(), len(ordered)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):

@@ -115,4 +115,17 @@ def test_infer_in_probability_space(tiny_run):
     # log of averaged probabilities: each row's exponentials sum to one.
     sums = np.exp(np.asarray(test.level("species"), dtype=np.float64)).sum(axis=1)
     np.testing.assert_allclose(sums, 1.0, atol=1e-2)
-    assert cli_main(["infer", str(tiny_run), "--split", "test", "--tta-space", "prob", "--keep-views"]) == 2
+    # Kept views are the raw per-view logits; the stored average follows tta_space.
+    assert cli_main(["infer", str(tiny_run), "--split", "test", "--tta", "center", "hflip",
+                     "--tta-space", "prob", "--keep-views"]) == 0
+    kept = read_logits(tiny_run, "test")
+    views = torch.as_tensor(np.asarray(kept.views("species"), dtype=np.float32))
+    expected = torch.logsumexp(torch.log_softmax(views, -1), dim=1) - np.log(2)
+    np.testing.assert_allclose(np.asarray(kept.level("species"), dtype=np.float32), expected.numpy(), atol=2e-2)
+
+
+def test_consecutive_runs_split_shuffled_gathers_into_contiguous_blocks():
+    from herbens.infer import _consecutive_runs
+
+    assert _consecutive_runs(np.array([0, 1, 2, 5, 6, 9])) == [(0, 3), (3, 5), (5, 6)]
+    assert _consecutive_runs(np.array([4])) == [(0, 1)]
