@@ -39,14 +39,10 @@ def synthesize_once(root: Path, params: dict) -> None:
 
 def solution_labels(root: Path, taxonomy: Taxonomy) -> pd.Series:
     """True species index per test image id, from the synthetic ``test_solution.csv``."""
-    solution = pd.read_csv(root / "test_solution.csv", dtype={"Id": str})
-    return pd.Series(taxonomy.index_of(solution["Predicted"].to_numpy()), index=solution["Id"])
+    from herbens.evaluate import load_solution
 
-
-def score_predictions(ids, predicted_category_ids, truth: pd.Series, taxonomy: Taxonomy) -> dict:
-    """Species/genus/family macro-F1 of predicted category_ids against the solution."""
-    true = truth.loc[[str(i) for i in ids]].to_numpy()
-    return level_scores(true, taxonomy.index_of(np.asarray(predicted_category_ids)), taxonomy)
+    solution = load_solution(root / "test_solution.csv")
+    return pd.Series(taxonomy.index_of(solution["category_id"].to_numpy()), index=solution["Id"])
 
 
 def score_run(run_dir: Path, truth: pd.Series, taxonomy: Taxonomy) -> dict:
@@ -54,8 +50,16 @@ def score_run(run_dir: Path, truth: pd.Series, taxonomy: Taxonomy) -> dict:
     from herbens.logits import read_logits
 
     test = read_logits(run_dir, "test")
-    predicted = taxonomy.category_of(np.asarray(test.level("species")).argmax(axis=1))
-    return score_predictions(test.image_ids, predicted, truth, taxonomy)
+    predicted = np.asarray(test.level("species")).argmax(axis=1)
+    return level_scores(truth.loc[test.image_ids].to_numpy(), predicted, taxonomy)
+
+
+def score_submission(csv: Path, root: Path, taxonomy: Taxonomy) -> dict:
+    """Test scores of a submission CSV, after the checks Kaggle applies to it."""
+    from herbens.evaluate import load_solution, submission_predictions
+
+    true, predicted = submission_predictions(csv, load_solution(root / "test_solution.csv"), taxonomy)
+    return level_scores(true, predicted, taxonomy)
 
 
 def chance_scores(truth: pd.Series, taxonomy: Taxonomy, seed: int = 0) -> dict:
@@ -103,8 +107,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     rows = [("chance (uniform)", chance_scores(truth, taxonomy), None)]
     for run_dir in run_dirs:
         rows.append((run_dir.name, score_run(run_dir, truth, taxonomy), times[run_dir.name]))
-    sub = pd.read_csv(submission, dtype={"Id": str})
-    rows.append(("ensemble", score_predictions(sub["Id"], sub["Predicted"], truth, taxonomy), ensemble_time))
+    rows.append(("ensemble", score_submission(submission, root, taxonomy), ensemble_time))
 
     _write_report(workdir, run_dirs, submission, root)
     print_table(rows)
