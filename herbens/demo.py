@@ -16,7 +16,7 @@ import pandas as pd
 
 from herbens.config import load_config
 from herbens.data.taxonomy import Taxonomy
-from herbens.fileio import read_json, write_json
+from herbens.fileio import atomic_write, read_json, write_json
 from herbens.metrics import level_scores
 
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
@@ -110,6 +110,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     rows.append(("ensemble", score_submission(submission, root, taxonomy), ensemble_time))
 
     _write_report(workdir, run_dirs, submission, root)
+    _bundle_and_predict(workdir, submission, root)
     print_table(rows)
     total = time.perf_counter() - start
     print(f"\nsubmission: {submission}    total wall time: {total:.0f} s")
@@ -124,6 +125,25 @@ def _write_report(workdir: Path, run_dirs: list[Path], submission: Path, root: P
     out = write_report(run_dirs + [submission], workdir / "reports" / "demo",
                        solution=root / "test_solution.csv", metadata=root / "train_metadata.json")
     print(f"report: {out}")
+
+
+def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int = 6) -> None:
+    """Export the ensemble into ``bundles/demo`` and name a few test sheets from the bundle alone."""
+    from herbens.bundle.export import export_bundle
+    from herbens.data.metadata import load_test_metadata
+    from herbens.predict import predict_command
+
+    print("\n== exporting the ensemble into a bundle and predicting from it ==")
+    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo")
+    test = load_test_metadata(root / "test_metadata.json").head(sheets)
+    listing = workdir / "bundles" / "demo_sheets.txt"
+    with atomic_write(listing) as handle:
+        handle.writelines(f"{Path(test.attrs['images_dir']).resolve() / f}\n" for f in test["file_name"])
+    out = workdir / "submissions" / "demo_bundle_predictions.csv"
+    predict_command(bundle, listing, out, html=out.with_suffix(".html"), top_k=3, progress=False)
+    frame = pd.read_csv(out)
+    print(frame[["path", "decision", "scientific_name_1", "probability_1"]]
+          .assign(path=frame["path"].map(lambda p: Path(p).name)).to_string(index=False))
 
 
 def register(subparsers) -> None:

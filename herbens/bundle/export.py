@@ -64,31 +64,38 @@ def _run_path(path: str, record_file: Path) -> Path:
 # ----------------------------------------------------------------------------------------
 # Validation rows: scores, thresholds
 # ----------------------------------------------------------------------------------------
-def validation_rows(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str):
-    """Labelled validation rows common to the members, combined as a bundle combines them.
+def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val", *, labelled_only: bool = True):
+    """A split's rows common to the members, combined as a bundle combines them, chunk by chunk.
 
     Returns:
-        ``(RowSummary, truth per level, species labels)``, streamed chunk by chunk.
+        ``(RowSummary, species labels or None)``; with ``labelled_only`` only labelled rows
+        (an error when there are none).
     """
     from herbens.ensemble.combine import align_split, auto_chunk_rows, class_space, labelled, load_runs
 
-    runs = load_runs(run_dirs, splits=("val",))
-    missing = [run for run in runs if "val" not in run.splits]
+    runs = load_runs(run_dirs, splits=(split,))
+    missing = [run for run in runs if split not in run.splits]
     if missing:
-        raise HerbensError(f"run '{missing[0].path}': no logits/val, needed to fit the bundle's thresholds")
+        raise HerbensError(f"run '{missing[0].path}': no logits/{split}, needed to fit the bundle's thresholds")
     space = class_space(runs)
-    val = align_split(runs, "val", space, exact=False, log=lambda _: None)
-    if val.labels is None or not (val.labels >= 0).any():
-        raise HerbensError(f"run '{runs[0].path}': logits/val carry no labels, needed to fit thresholds")
-    val = labelled(val)
+    rows = align_split(runs, split, space, exact=False, log=lambda _: None)
+    if labelled_only:
+        if rows.labels is None or not (rows.labels >= 0).any():
+            raise HerbensError(f"run '{runs[0].path}': logits/{split} carry no labels, needed to fit thresholds")
+        rows = labelled(rows)
     levels = needed_levels(params)
     parts = []
-    for chunk in val.chunks(auto_chunk_rows(space.num_classes), levels=levels):
+    for chunk in rows.chunks(auto_chunk_rows(space.num_classes), levels=levels):
         members = [{lv: chunk.get(r, lv) for lv in levels} for r in range(len(runs))]
         parts.append(th.summarize(combine_members(members, params, space), ood_score))
-    labels = np.asarray(val.labels)
+    return th.RowSummary.concat(parts), (None if rows.labels is None else np.asarray(rows.labels))
+
+
+def validation_rows(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str):
+    """Labelled validation rows: ``(RowSummary, truth per level, species labels)``."""
+    rows, labels = split_rows(run_dirs, params, ood_score, "val")
     truth = {lv: np.asarray(taxonomy.level_indices(lv, labels)) for lv in LEVELS}
-    return th.RowSummary.concat(parts), truth, labels
+    return rows, truth, labels
 
 
 def _json_thresholds(values: dict) -> dict:
