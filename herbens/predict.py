@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from herbens.bundle import thresholds as th
-from herbens.data.taxonomy import LEVELS
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
 

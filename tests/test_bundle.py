@@ -39,7 +39,7 @@ def exported(tiny_herbarium, tiny_run, tmp_path_factory):
     submission = work / "out" / "ens.csv"
     ensemble_runs([runs / "tiny", runs / "tiny2"], submission, top_k=3, progress=False, log=lambda _: None)
     export_bundle(submission.with_suffix(".json"), work / "bundles" / "ens", log=lambda _: None)
-    export_bundle(runs / "tiny", work / "bundles" / "single", log=lambda _: None)
+    export_bundle(runs / "tiny", work / "bundles" / "single", onnx=True, log=lambda _: None)
     single_logits = np.asarray(read_logits(runs / "tiny", "test").level("species"), dtype=np.float32)
     single_ids = read_logits(runs / "tiny", "test").image_ids
     moved = tmp_path_factory.mktemp("elsewhere")
@@ -91,6 +91,13 @@ def test_single_run_bundle_predicts_the_runs_own_logits(exported, tiny_herbarium
         assert best["category_id"] == int(tax.category_ids[logits[row].argmax()])
         assert abs(best["probability"] - probs[row].max()) < FP16_TOL
     assert by_id[ids[0]]["species"][0]["authors"]  # authors come from the metadata's categories
+
+
+def test_onnx_member_is_listed_in_the_manifest(exported):
+    single = load_bundle(exported[3])
+    assert single.members[0].onnx_path is not None
+    manifest = json.loads((exported[3] / "manifest.json").read_text())
+    assert "members/m0_tiny/model.onnx" in manifest["files"]
 
 
 def test_bundle_records_what_it_needs(exported):
@@ -184,3 +191,27 @@ def test_html_page_is_self_contained_and_renders_one_card_per_image(exported, ti
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           out.with_suffix(".html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="card"') == count and 'id="f-unknown"' in dom and 'id="f-genus"' in dom
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit"])
+def test_onnx_graph_matches_pytorch(backbone, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from herbens.bundle.onnx_export import check_inputs, export_onnx, run_onnx
+    from herbens.data.transforms import model_data_config
+    from herbens.models.net import HierarchicalNet
+
+    torch.manual_seed(0)
+    model = HierarchicalNet(backbone, {"species": 7, "genus": 3}, {}).eval()
+    size = [64, 64] if backbone == "test_vit" else [48, 32]
+    data_config = model_data_config(model.data_config, {"size": size})
+    exporter = export_onnx(model, ["species", "genus"], data_config, tmp_path / "m.onnx")
+    assert exporter in ("dynamo", "torchscript")
+    images = check_inputs(data_config, count=5, seed=7)  # other inputs, another batch size than the export's
+    with torch.no_grad():
+        expected = model(images)
+    species, genus = run_onnx(tmp_path / "m.onnx", images.numpy())
+    np.testing.assert_allclose(species, expected["species"].numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(genus, expected["genus"].numpy(), atol=1e-4, rtol=1e-4)

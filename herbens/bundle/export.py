@@ -23,7 +23,7 @@ import yaml
 from herbens.bundle import thresholds as th
 from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, MANIFEST, ONNX, RECIPE, WEIGHTS, file_hash,
                                  load_bundle)
-from herbens.bundle.scoring import (class_space_of, combine_members, fitted_params, needed_levels,
+from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
                                     params_record, single_run_params)
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
