@@ -58,7 +58,7 @@ def write_open_set_data(cfg: dict, out: Path, share: float, seed: int) -> dict:
         images.loc[is_held, ["image_id", "file_name", "category_id"]].to_csv(handle, index=False)
     return {"held_out_category_ids": held.tolist(), "held_out_images": int(is_held.sum()),
             "known_species": int(meta.categories["category_id"].nunique() - len(held)),
-            "known_images": int((~is_held).sum())}
+            "known_metadata_images": int((~is_held).sum())}
 
 
 def open_set_report(known, known_truth: dict, unknown, target: float, keep: float, folds: int = 2,

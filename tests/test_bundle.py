@@ -100,7 +100,13 @@ def test_onnx_member_is_listed_in_the_manifest(exported):
     assert "members/m0_tiny/model.onnx" in manifest["files"]
 
 
-def test_bundle_records_what_it_needs(exported):
+def test_bundle_records_what_it_needs(exported, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("loading a bundle tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     bundle = load_bundle(exported[0])
     assert len(bundle.members) == 2
     assert bundle.params.alpha == bundle.record["ensemble"]["alpha"]

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import TINY_OVERRIDES
 from herbens.data.taxonomy import Taxonomy
+from herbens.logits import read_logits
 from herbens.openset import auroc, held_out_species, run_open_set
 
 
@@ -35,6 +36,7 @@ def test_open_set_trains_without_held_out_species(tiny_herbarium, tmp_path, caps
     assert not set(report["held_out_category_ids"]) & set(taxonomy.category_ids.tolist())
     assert taxonomy.num_classes("species") == 4 and report["held_out_images"] > 0
     assert 0 <= report["auroc"] <= 1
+    assert report["known_images"] == len(read_logits(tmp_path / "runs" / "demo_ce", "val").image_ids)
     for key in ("known_ood_flagged", "held_out_ood_flagged", "known_decided_unknown", "held_out_decided_unknown"):
         assert 0 <= report[key] <= 1
     out = capsys.readouterr().out
