@@ -101,10 +101,10 @@ def format_open_set(report: dict, score: str) -> str:
 def run_open_set(recipe: str, overrides: list[str], workdir: Path, *, share: float = 0.1, seed: int = 0,
                  ood_score: str = "msp", target: float = 0.95, keep: float = 0.95, log=print) -> dict:
     """Hold species out, train, score; writes ``<run>/openset.json`` and returns the report."""
-    from herbens.bundle.export import split_rows
+    from herbens.bundle.export import split_rows, validation_rows
     from herbens.bundle.scoring import single_run_params
     from herbens.config import load_config
-    from herbens.data.taxonomy import LEVELS, Taxonomy
+    from herbens.data.taxonomy import Taxonomy
     from herbens.training import fit
 
     if not 0 < share < 1:
@@ -119,9 +119,8 @@ def run_open_set(recipe: str, overrides: list[str], workdir: Path, *, share: flo
     run_dir = fit(cfg, overwrite=True)
     taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
     params = single_run_params()
-    known, labels = split_rows([run_dir], params, ood_score, "val")
+    known, truth, _ = validation_rows([run_dir], params, taxonomy, ood_score)
     unknown, _ = split_rows([run_dir], params, ood_score, "test", labelled_only=False)
-    truth = {lv: np.asarray(taxonomy.level_indices(lv, labels)) for lv in LEVELS}
     report = {**open_set_report(known, truth, unknown, target, keep, seed=seed), "ood_score": ood_score,
               "run": str(run_dir), **split}
     write_json(run_dir / "openset.json", report)

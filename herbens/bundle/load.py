@@ -19,7 +19,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -117,10 +116,14 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     names = pd.read_csv(root / "names.csv", keep_default_na=False)
     if names["category_id"].tolist() != taxonomy.category_ids.tolist():
         raise HerbensError(f"{root / 'names.csv'}: category_ids do not match taxonomy.json")
-    members = [_load_member(root / "members" / name, name, taxonomy, device) for name in record["members"]]
-    params = fitted_params(record["ensemble"], len(members))
+    try:
+        members = [_load_member(root / "members" / name, name, taxonomy, device) for name in record["members"]]
+        params = fitted_params(record["ensemble"], len(members))
+        thresholds, ood_score = thresholds_from_json(record["thresholds"]["thresholds"]), record["thresholds"]["ood_score"]
+    except KeyError as exc:
+        raise HerbensError(f"{root}: bundle.json or a member's {DATA_CONFIG} lacks the key {exc}") from None
     return Bundle(root, record, taxonomy, names, members, params, class_space_of(taxonomy, len(members)),
-                  thresholds_from_json(record["thresholds"]["thresholds"]), record["thresholds"]["ood_score"])
+                  thresholds, ood_score)
 
 
 def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Member:
@@ -144,7 +147,3 @@ def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Me
     return Member(name, model, data_config, list(data["views"]), data["tta_space"], data["precision"],
                   tuple(data["levels"]), onnx_path if onnx_path.is_file() else None)
 
-
-def category_table(bundle: Bundle, species: np.ndarray) -> pd.DataFrame:
-    """Rows of the names table for species indices (category_id, scientific_name, authors, ...)."""
-    return bundle.names.iloc[np.asarray(species)].reset_index(drop=True)
