@@ -113,6 +113,10 @@ def test_bundle_records_what_it_needs(exported, monkeypatch):
     member = bundle.members[0]
     assert member.views == ["center", "hflip"] and member.data_config["input_size"] == (3, 48, 32)
     assert {"mean", "std", "interpolation", "crop_pct"} <= set(member.data_config)
+    def refuse(constant):
+        raise AssertionError(f"bundle.json holds {constant}: not strict JSON")
+
+    json.loads((exported[0] / "bundle.json").read_text(), parse_constant=refuse)
     card = (exported[0] / "README.md").read_text()
     assert "Intended use" in card and "Limits" in card and "macro-F1" in card
     prov = bundle.record["provenance"]["members"][0]
@@ -221,3 +225,19 @@ def test_onnx_graph_matches_pytorch(backbone, tmp_path):
     species, genus = run_onnx(tmp_path / "m.onnx", images.numpy())
     np.testing.assert_allclose(species, expected["species"].numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(genus, expected["genus"].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_what_it_cannot_bundle(tmp_path, capsys):
+    from herbens.bundle.scoring import fitted_params
+
+    (tmp_path / "not_a_run").mkdir()
+    assert main(["export", str(tmp_path / "not_a_run"), "-o", str(tmp_path / "b")]) == 2
+    assert "not a run directory (no config.yaml)" in capsys.readouterr().err
+    record = {"weights": [1.0], "temperatures": [1.0], "tau": 0, "alpha": 0, "beta": 0}
+    with pytest.raises(HerbensError, match="mode 'vote' cannot be exported"):
+        fitted_params({**record, "mode": "vote"}, 1)
+    with pytest.raises(HerbensError, match="1 weights for 2 members"):
+        fitted_params(record, 2)
+    with pytest.raises(HerbensError, match="malformed fitted value 'tau'"):
+        fitted_params({k: v for k, v in record.items() if k != "tau"}, 1)
+    assert not (tmp_path / "b").exists()

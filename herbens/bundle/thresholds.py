@@ -115,7 +115,7 @@ def level_report(rows: RowSummary, truth: dict[str, np.ndarray], thresholds: dic
     for level in LEVELS:
         accepted = rows.confidence[level] >= thresholds[level]
         correct = rows.top[level] == truth[level]
-        report[level] = {"threshold": thresholds[level], "coverage": float(accepted.mean()) if len(rows) else 0.0,
+        report[level] = {"coverage": float(accepted.mean()) if len(rows) else 0.0,
                          "precision": float(correct[accepted].mean()) if accepted.any() else None}
     decisions = decide(rows, thresholds)
     report["decisions"] = {d: float((decisions == d).mean()) if len(rows) else 0.0 for d in DECISIONS}
@@ -191,7 +191,8 @@ def format_report(result: dict) -> str:
     oof = result["out_of_fold"] or {}
     for lv in LEVELS:
         ins, out = result["in_sample"][lv], oof.get(lv, {})
-        shown = f"{ins['threshold']:.4f}" if np.isfinite(ins["threshold"]) else "never"
+        threshold = result["thresholds"][lv]
+        shown = f"{threshold:.4f}" if np.isfinite(threshold) else "never"
         lines.append(f"{lv:<8}{shown:>10}{pct(ins['precision']):>10}{pct(ins['coverage']):>9}"
                      f"{pct(out.get('precision')):>11}{pct(out.get('coverage')):>10}")
     lines.append(f"OOD threshold {result['thresholds']['ood']:.4f} (keeps {result['ood_keep']:.0%} of known "
