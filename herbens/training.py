@@ -36,7 +36,7 @@ from herbens.losses import build_criterion
 from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
 from herbens.models.net import build_model
-from herbens.optim import build_optimizer, build_schedule, scaled_lr
+from herbens.optim import build_optimizer, build_schedule, scaled_lr, epoch_updates
 
 
 def prepare_run_dir(cfg: dict, resume: bool, overwrite: bool) -> Path:
@@ -164,12 +164,15 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
     lr = scaled_lr(cfg["optimizer"], global_batch)
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
+    # The plain module is what gets saved and averaged: a compiled wrapper's state_dict keys
+    # carry an `_orig_mod.` prefix that a freshly built model (herbens infer) does not know.
+    plain_model = model
     if cfg["model"]["compile"]:
         model = torch.compile(model)
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
-    updates_per_epoch = max(1, len(loader) // int(cfg["train"]["grad_accum"]))
-    schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates_per_epoch, lr)
-    ema = build_ema(cfg, accelerator.unwrap_model(model))
+    schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]),
+                              epoch_updates(len(loader), int(cfg["train"]["grad_accum"])), lr)
+    ema = build_ema(cfg, plain_model)
     state = TrainState()
     for obj in (schedule, state, criterion) + ((ema,) if ema is not None else ()):
         accelerator.register_for_checkpointing(obj)
@@ -182,7 +185,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     _train_epochs(cfg, parts, loader, sampler, val_loader, state, run_dir, data.taxonomy)
 
     eval_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-    _save_weights(accelerator, run_dir, model, ema)
+    _save_weights(accelerator, run_dir, plain_model, ema)
     for split in cfg["infer"]["splits"]:
         write_split_logits(accelerator, eval_model, cfg, data, data_config, run_dir, split)
     if accelerator.is_main_process:
@@ -247,11 +250,12 @@ def _report_unreadable(acc, dataset, found: list[int], known: set[int], epoch: i
 
 
 def _save_weights(accelerator, run_dir: Path, model, ema) -> None:
-    """Final weights (and EMA weights), written atomically by the main process."""
+    """Final weights of the plain (unwrapped, uncompiled) ``model`` and of the EMA, written
+    atomically by the main process."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    weights = {"model.pt": accelerator.unwrap_model(model).state_dict()}
+    weights = {"model.pt": model.state_dict()}
     if ema is not None:
         weights["model_ema.pt"] = ema.module.state_dict()
     for name, state_dict in weights.items():

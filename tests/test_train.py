@@ -129,3 +129,78 @@ def test_consecutive_runs_split_shuffled_gathers_into_contiguous_blocks():
 
     assert _consecutive_runs(np.array([0, 1, 2, 5, 6, 9])) == [(0, 3), (3, 5), (5, 6)]
     assert _consecutive_runs(np.array([4])) == [(0, 1)]
+
+
+# ----- end-of-run fixes: schedule length, partial windows, compiled weights, layer decay -----
+
+class _ToyNet(torch.nn.Module):
+    """One linear layer with the trainer's model interface (``targets=`` and a dict out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, images, targets=None):
+        return {"species": self.fc(images)}
+
+
+class _ToyLoss(torch.nn.Module):
+    def forward(self, outputs, targets):
+        return {"loss": torch.nn.functional.cross_entropy(outputs["species"], targets["species"])}
+
+
+def test_each_accumulation_window_averages_its_own_micro_batches():
+    # 7 micro-batches with grad_accum=3: windows of 3, 3 and a last partial window of 1, which
+    # Accelerate also steps. Plain SGD with lr=1 moves the weights by minus the window's gradient.
+    from accelerate import Accelerator
+
+    from herbens.engine import TrainParts, TrainState, train_one_epoch
+    from herbens.optim import epoch_updates
+
+    torch.manual_seed(0)
+    batches = [{"image": torch.randn(4, 3), "species": torch.randint(0, 2, (4,))} for _ in range(7)]
+    model, reference = _ToyNet(), _ToyNet()
+    reference.load_state_dict(model.state_dict())
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer, loader = acc.prepare(model, optimizer, torch.utils.data.DataLoader(batches, batch_size=None))
+    steps = []
+
+    class Recorder:
+        def step(self, num_updates):
+            steps.append([p.detach().clone() for p in model.parameters()])
+
+    parts = TrainParts(acc, model, _ToyLoss(), optimizer, Recorder(), ("species",))
+    state = TrainState()
+    train_one_epoch(parts, loader, state, len(loader))
+    assert state.step == len(steps) == epoch_updates(7, 3) == 3
+
+    for window, after in zip(([0, 1, 2], [3, 4, 5], [6]), steps):
+        grads = []
+        for i in window:  # the obviously correct reference: the mean loss over the window
+            reference.zero_grad()
+            torch.nn.functional.cross_entropy(reference(batches[i]["image"])["species"], batches[i]["species"]).backward()
+            grads.append([p.grad.clone() for p in reference.parameters()])
+        with torch.no_grad():
+            for p, *g in zip(reference.parameters(), *grads):
+                p -= torch.stack(g).mean(0)
+        for mine, ref in zip(after, reference.parameters()):
+            torch.testing.assert_close(mine, ref.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_grad_accum_run_completes_with_the_schedule_at_its_end(tiny_herbarium, tmp_path, scheduler):
+    extra = ["name=acc", "train.epochs=3", "train.grad_accum=3", "train.batch_size=4", f"scheduler.name={scheduler}",
+             "scheduler.warmup_epochs=0", "infer.splits=[val]"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra) == 0
+    run = tmp_path / "acc"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    images = len(json.loads((tiny_herbarium / "train_metadata.json").read_text())["images"])
+    batches = (images - len(pd.read_csv(run / "split.csv"))) // 4
+    assert batches % 3 != 0  # the case under test: a last, partial window every epoch
+    peak = cfg["optimizer"]["lr"]
+    final = peak / cfg["scheduler"]["div_factor"] ** 2 if scheduler == "onecycle" else cfg["scheduler"]["min_lr"]
+    assert history[-1]["step"] == 3 * -(-batches // 3)  # ceil(batches / 3) updates per epoch
+    assert history[-1]["lr"] == pytest.approx(final, rel=1e-6)
