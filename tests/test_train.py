@@ -204,3 +204,38 @@ def test_grad_accum_run_completes_with_the_schedule_at_its_end(tiny_herbarium, t
     final = peak / cfg["scheduler"]["div_factor"] ** 2 if scheduler == "onecycle" else cfg["scheduler"]["min_lr"]
     assert history[-1]["step"] == 3 * -(-batches // 3)  # ceil(batches / 3) updates per epoch
     assert history[-1]["lr"] == pytest.approx(final, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
+def test_layer_decay_scales_every_groups_learning_rate(taxonomy, scheduler):
+    from herbens.config import load_config
+    from herbens.models.net import build_model
+    from herbens.optim import build_optimizer, build_schedule
+
+    cfg = load_config("demo_ce", ["optimizer.layer_decay=0.5", f"scheduler.name={scheduler}"])
+    model = build_model(cfg, taxonomy)
+    optimizer = build_optimizer(model, [], cfg["optimizer"], lr=0.01)
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    assert len(set(scales)) > 2 and max(scales) == 1.0  # several trunk depths, heads at full LR
+    schedule = build_schedule(optimizer, cfg["scheduler"], epochs=2, updates_per_epoch=5, lr=0.01)
+    for step in range(1, 11):
+        full = [g["lr"] for g, s in zip(optimizer.param_groups, scales) if s == 1.0]
+        assert len(set(full)) == 1
+        if scheduler == "none":
+            assert full[0] == 0.01
+        for group, scale in zip(optimizer.param_groups, scales):
+            assert group["lr"] == pytest.approx(full[0] * scale, rel=1e-9)
+        schedule.step(step)
+
+
+@pytest.mark.slow
+def test_compiled_run_writes_weights_that_infer_loads(tiny_herbarium, tmp_path):
+    extra = ["name=compiled", "train.epochs=1", "model.compile=true", "train.ema=true", "infer.splits=[val]"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra) == 0
+    run = tmp_path / "compiled"
+    for name in ("model.pt", "model_ema.pt"):
+        keys = torch.load(run / name, weights_only=True).keys()
+        assert not [k for k in keys if "_orig_mod" in k], name
+    assert cli_main(["infer", str(run), "--split", "val", "test", "--tta", "center"]) == 0
+    assert read_logits(run, "test").meta["views"] == ["center"]
