@@ -206,7 +206,7 @@ def test_grad_accum_run_completes_with_the_schedule_at_its_end(tiny_herbarium, t
     assert history[-1]["lr"] == pytest.approx(final, rel=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
 def test_layer_decay_scales_every_groups_learning_rate(taxonomy, scheduler):
     from herbens.config import load_config
