@@ -239,3 +239,91 @@ def test_compiled_run_writes_weights_that_infer_loads(tiny_herbarium, tmp_path):
         assert not [k for k in keys if "_orig_mod" in k], name
     assert cli_main(["infer", str(run), "--split", "val", "test", "--tta", "center"]) == 0
     assert read_logits(run, "test").meta["views"] == ["center"]
+
+
+# ----- failed starts and failed endings --------------------------------------------------------
+
+def test_a_run_failing_before_its_first_checkpoint_removes_what_it_wrote(tiny_herbarium, tmp_path, monkeypatch):
+    import herbens.training
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(herbens.training, "_train_epochs", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"])
+    assert not (tmp_path / "r").exists()
+    monkeypatch.undo()
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 0  # no flag needed
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"]])
+def test_a_retry_clears_a_start_killed_before_its_first_checkpoint(tiny_herbarium, tmp_path, flags, capsys):
+    # What a SIGKILL during epoch 1 leaves: the run header and a partial checkpoint folder.
+    run = tmp_path / "r"
+    (run / "checkpoints" / "epoch0000-step00000001").mkdir(parents=True)
+    for name in ("config.yaml", "taxonomy.json", "split.csv"):
+        (run / name).write_text("from a start that died\n")
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"], flags=flags) == 0
+    assert "failed before its first checkpoint" in capsys.readouterr().out
+    assert (run / "model.pt").exists() and yaml.safe_load((run / "config.yaml").read_text())["name"] == "r"
+
+
+def test_a_folder_with_other_files_is_not_taken_for_a_failed_start(tiny_herbarium, tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("x\n")
+    (run / "notes.txt").write_text("mine\n")
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_logits_failure_after_training_says_how_to_finish(tiny_herbarium, tmp_path, monkeypatch, capsys):
+    import herbens.training
+
+    real = herbens.training.write_split_logits
+
+    def fail_on_test(accelerator, model, cfg, data, data_config, run_dir, split, views=None):
+        if split == "test":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(accelerator, model, cfg, data, data_config, run_dir, split, views)
+
+    monkeypatch.setattr(herbens.training, "write_split_logits", fail_on_test)
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 2
+    message = capsys.readouterr().err.strip()
+    run = tmp_path / "r"
+    command = f"herbens infer {run} --split test"
+    assert "weights are saved (model.pt" in message and "simulated" in message and message.endswith(command)
+    monkeypatch.undo()
+    assert cli_main(command.split()[1:]) == 0
+    assert len(read_logits(run, "test").image_ids) == len(load_test_metadata(tiny_herbarium / "test_metadata.json"))
+
+
+# ----- trackers ----------------------------------------------------------------------------------
+
+def test_tensorboard_receives_the_history_numbers(tiny_herbarium, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ["name=tb", "train.epochs=2", "train.trackers=[tensorboard]", "infer.splits=[val]"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra) == 0
+    run = tmp_path / "tb"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "trackers" / "tb")).Reload()
+    for key in ("train_loss", "loss_species", "loss_family", "lr", "images_per_second", "val_species_macro_f1"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [h["step"] for h in history]
+        np.testing.assert_allclose([e.value for e in logged], [h[key] for h in history], rtol=1e-6)
+
+
+def test_unknown_or_missing_tracker_is_a_clear_error(tiny_herbarium, tmp_path, capsys):
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["train.trackers=[tensorbored]"]) == 2
+    assert "train.trackers: unknown tracker 'tensorbored'" in capsys.readouterr().err
+    missing = [n for n in LoggerType.list() if n != "all" and LoggerType(n) not in get_available_trackers()]
+    if missing:
+        assert train_tiny(tiny_herbarium, tmp_path, extra=[f"train.trackers=[{missing[0]}]"]) == 2
+        assert f"train.trackers: {missing[0]} is not installed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
