@@ -154,3 +154,14 @@ def test_preflight_leaves_the_run_state_untouched(tiny_herbarium, tmp_path):
             assert (one == two).all()
         else:
             assert one == two
+
+
+def test_check_through_the_herbens_command(tiny_herbarium, tmp_path, capsys):
+    from herbens.cli import main as cli_main
+
+    argv = ["train", "demo_ce", f"data.root={tiny_herbarium}", f"output_dir={tmp_path / 'runs'}", *TINY_OVERRIDES,
+            "train.grad_accum=3", "train.epochs=3", "--check"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "updates in 3 epochs" in printed and "global batch: 24" in printed
+    assert not (tmp_path / "runs").exists()
