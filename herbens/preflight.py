@@ -176,7 +176,8 @@ def check_prediction(model, cfg: dict, frame, images_dir: Path, taxonomy, classe
     if len(frame) == 0:
         return
     views = build_tta_views(list(cfg["infer"]["tta"]), data_config)
-    loader = predict_loader(frame.head(FEW), images_dir, taxonomy, views, cfg, batch_size=FEW,
+    in_process = {**cfg, "data": {**cfg["data"], "num_workers": 0}}  # two images: no worker processes
+    loader = predict_loader(frame.head(FEW), images_dir, taxonomy, views, in_process, batch_size=FEW,
                             data_config=data_config)
     batch = next(iter(loader))
     images = batch["image"].to(accelerator.device)
