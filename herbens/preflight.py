@@ -101,10 +101,14 @@ def check_files(frame, images_dir: Path, split: str) -> None:
             raise HerbensError(f"{split} image {path}: empty file")
 
 
-def check_full_batch(batches: int, train_images: int, batch: int) -> None:
-    """Training needs at least one full batch per process (the loader drops a partial one)."""
+def check_full_batch(batches: int, train_images: int, batch: int, key: str = "train.batch_size") -> None:
+    """Training needs at least one full batch per process (the loader drops a partial one).
+
+    Args:
+        key: the recipe key that sets the batch (a P x K sampler sets it itself).
+    """
     if batches < 1:
-        raise HerbensError(f"train.batch_size={batch}: the training split has only {train_images} image(s) "
+        raise HerbensError(f"{key}={batch}: the training split has only {train_images} image(s) "
                            f"per process, less than one batch (data.limit_train, data.val_fraction)")
 
 
@@ -246,7 +250,8 @@ def run_preflight(cfg: dict, setup, run_dir: Path) -> Plan:
     data, acc = setup.data, setup.accelerator
     levels = tuple(cfg["levels"])
     batches = len(setup.loader)
-    check_full_batch(batches, len(setup.loader.dataset) // acc.num_processes, setup.batch)
+    key = "sampler.classes_per_batch x images_per_class" if cfg["sampler"]["name"] == "pk" else "train.batch_size"
+    check_full_batch(batches, len(setup.loader.dataset) // acc.num_processes, setup.batch, key)
     check_splits_present(cfg, data)
     splits = {"val": (data.val, data.images_dir, data.taxonomy)}
     if data.test is not None:
