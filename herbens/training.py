@@ -31,7 +31,7 @@ from herbens.data.transforms import build_train_transform, build_tta_views, mode
 from herbens.engine import TrainParts, TrainState, current_lr, predict, train_one_epoch
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
-from herbens.infer import write_split_logits
+from herbens.infer import embedding_splits, write_split_embeddings, write_split_logits
 from herbens.losses import build_criterion
 from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
@@ -185,6 +185,9 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     _save_weights(accelerator, run_dir, model, ema)
     for split in cfg["infer"]["splits"]:
         write_split_logits(accelerator, eval_model, cfg, data, data_config, run_dir, split)
+    if cfg["infer"].get("embeddings", False):
+        for split in embedding_splits(data):
+            write_split_embeddings(accelerator, eval_model, cfg, data, data_config, run_dir, split)
     if accelerator.is_main_process:
         _write_metrics(cfg, run_dir, state, data, accelerator, time.perf_counter() - wall_start,
                        sum(p.numel() for p in eval_model.parameters()))
