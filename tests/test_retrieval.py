@@ -231,3 +231,18 @@ def test_verb_refusals(planted, tmp_path):
     shutil.rmtree(copy / "embeddings" / "train")
     with pytest.raises(HerbensError, match="embeddings split 'train'.*herbens infer RUN --embeddings"):
         retrieval_run(copy, tmp_path / "x", progress=False, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_retrieval_bench_runs_and_agrees_with_naive(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "retrieval_bench.py"
+    spec = importlib.util.spec_from_file_location("retrieval_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--index", "3000", "--queries", "50", "--dim", "32", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("same neighbours as naive 50/50") >= 2, out
+    assert "ratio streaming / naive: peak RSS" in out

@@ -65,8 +65,8 @@ def merge_topk(best_sims: np.ndarray, best_rows: np.ndarray, sims: np.ndarray, r
     return np.take_along_axis(all_sims, order, axis=1), np.take_along_axis(all_rows, order, axis=1)
 
 
-def exact_topk(queries: np.ndarray, index, k: int, *, query_rows: int = 1024,
-               index_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(queries: np.ndarray, index, k: int, *, query_rows: int = 256,
+               index_rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar index rows of every query, by streaming exact search.
 
     Args:
