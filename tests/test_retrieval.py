@@ -246,3 +246,31 @@ def test_retrieval_bench_runs_and_agrees_with_naive(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("same neighbours as naive 50/50") >= 2, out
     assert "ratio streaming / naive: peak RSS" in out
+
+
+def test_fewshot_enrols_planted_new_species_without_hurting_known_ones():
+    from herbens.retrieval.fewshot import evaluate_fewshot, topk_hits
+
+    rng = np.random.default_rng(8)
+    means = unit(rng.standard_normal((10, 32)))  # 8 known species, 2 held out
+
+    def images(species, n):
+        y = np.repeat(species, n)
+        return unit(means[y] + 0.12 * rng.standard_normal((len(y), 32))), y
+
+    train_emb, train_y = images(np.arange(8), 20)
+    val_emb, val_y = images(np.arange(8), 10)
+    new_emb, new_y = images(np.array([8, 9]), 15)
+    val_head = 4.0 * np.eye(8)[val_y] + rng.standard_normal((len(val_y), 8))
+    new_head = rng.standard_normal((len(new_y), 8)) + 2.0  # the head has never seen them
+    known = class_prototypes(train_emb, train_y, 8)
+    rows = evaluate_fewshot(known, 0.05, val_head, val_emb, val_y, new_head, new_emb, new_y - 8, draws=3)
+    assert [r["k"] for r in rows] == [1, 3, 5] and rows[0]["eval_images"] == 20
+    assert rows[2]["enrolled_top1"] > 0.9 and rows[2]["prototype_top5"] == 1.0
+    assert rows[2]["enrolled_top1"] >= rows[0]["enrolled_top1"] - 0.05
+    assert abs(rows[2]["known_f1_change"]) < 0.05 and rows[0]["known_f1_head"] > 0.9
+    scores = np.array([[0.1, 0.5, 0.5], [0.9, 0.0, 0.2]])
+    assert topk_hits(scores, np.array([2, 0]), 1).tolist() == [True, True]
+    assert topk_hits(scores, np.array([0, 1]), 2).tolist() == [False, False]
+    with pytest.raises(HerbensError, match="more than 5 images"):
+        evaluate_fewshot(known, 0.05, val_head, val_emb, val_y, new_head[:5], new_emb[:5], np.zeros(5, int))

@@ -27,8 +27,13 @@ METHODS = ("prototype", "knn")
 PROTOTYPE_TEMPERATURES = tuple(np.geomspace(0.005, 1.0, 24).round(5).tolist())
 
 
-def _fit_prototypes(train, val, taxonomy: Taxonomy, sub_centers: int, temperature: float | None, seed: int,
-                    chunk_rows: int) -> tuple[PrototypeClassifier, dict, np.ndarray]:
+def fit_prototypes(train, val, taxonomy: Taxonomy, sub_centers: int, temperature: float | None, seed: int,
+                   chunk_rows: int = 2048) -> tuple[PrototypeClassifier, dict, np.ndarray]:
+    """Prototypes of ``train``'s species, temperature fitted on ``val`` by log-loss.
+
+    Returns:
+        The classifier, the fitted values, and its top species per validation row.
+    """
     protos = class_prototypes(train, train.labels, taxonomy.num_classes("species"), sub_centers, seed)
     temps = PROTOTYPE_TEMPERATURES if temperature is None else (float(temperature),)
     losses, preds = np.zeros(len(temps)), []
@@ -86,7 +91,7 @@ def retrieval_run(run_dir, output, method: str = "prototype", *, sub_centers: in
             raise HerbensError(f"{split.where}: every row needs a species label (labels.npy) to build and fit "
                                "the retrieval classifier")
     if method == "prototype":
-        clf, fitted, pred = _fit_prototypes(train, val, taxonomy, sub_centers, temperature, seed, chunk_rows)
+        clf, fitted, pred = fit_prototypes(train, val, taxonomy, sub_centers, temperature, seed, chunk_rows)
     else:
         clf, fitted, pred = _fit_knn(train, val, taxonomy, k, temperature, backend)
     scores = level_scores(val.labels, pred, taxonomy)
