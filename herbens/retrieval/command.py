@@ -24,7 +24,7 @@ from herbens.retrieval.pseudorun import write_pseudo_run
 from herbens.retrieval.search import BACKENDS
 
 METHODS = ("prototype", "knn")
-PROTOTYPE_TEMPERATURES = tuple(np.geomspace(0.005, 1.0, 24).round(5).tolist())
+PROTOTYPE_TEMPERATURES = tuple(np.geomspace(0.001, 1.0, 31).round(6).tolist())
 
 
 def fit_prototypes(train, val, taxonomy: Taxonomy, sub_centers: int, temperature: float | None, seed: int,
