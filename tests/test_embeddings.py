@@ -128,3 +128,40 @@ def test_infer_embeddings_on_a_trained_run(tiny_run, tmp_path):
     assert set(read_embeddings(run, "val").image_ids) == split_ids
     assert sizes["train"] + sizes["val"] == int(taxonomy.counts.sum())
     assert main(["infer", str(run), "--no-logits"]) == 2  # nothing to do
+
+
+@pytest.mark.slow
+def test_training_writes_embeddings_and_retrieval_joins_the_ensemble(tiny_herbarium, tmp_path):
+    from conftest import train_tiny
+
+    from herbens.ensemble.combine import ensemble_runs
+
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=emb", "infer.embeddings=true"]) == 0
+    run = tmp_path / "emb"
+    for split in ("train", "val", "test"):
+        assert read_embeddings(run, split, taxonomy_hash=Taxonomy.load(run / "taxonomy.json").hash).dim > 0
+    assert main(["retrieval", str(run), "--method", "prototype", "--quiet"]) == 0
+    summary = ensemble_runs([run, tmp_path / "emb_prototype"], tmp_path / "both.csv", progress=False,
+                            log=lambda *_: None)
+    assert [r["name"] for r in summary["runs"]] == ["emb", "emb_prototype"]
+
+
+def test_fewshot_hold_out_removes_species_from_training(tiny_herbarium, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from herbens.data.metadata import load_test_metadata, load_train_metadata
+
+    spec = importlib.util.spec_from_file_location(
+        "fewshot_eval", Path(__file__).resolve().parents[1] / "bench" / "fewshot_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    held = bench.hold_out(tiny_herbarium, tmp_path / "known", 0.1, seed=0)
+    full = load_train_metadata(tiny_herbarium / "train_metadata.json")
+    known = load_train_metadata(tmp_path / "known" / "train_metadata.json")
+    test = load_test_metadata(tmp_path / "known" / "test_metadata.json")
+    gone = set(full.categories["category_id"]) - set(known.categories["category_id"])
+    assert len(gone) == 2 and not known.images["category_id"].isin(gone).any()  # max(2, 10 % of 6)
+    assert len(test) == int(full.images["category_id"].isin(gone).sum()) == len(held)
+    assert sorted(set(held.values())) == [0, 1]
+    assert all((Path(test.attrs["images_dir"]) / f).exists() for f in test["file_name"])
