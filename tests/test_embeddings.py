@@ -134,7 +134,7 @@ def test_infer_embeddings_on_a_trained_run(tiny_run, tmp_path):
 def test_training_writes_embeddings_and_retrieval_joins_the_ensemble(tiny_herbarium, tmp_path):
     from conftest import train_tiny
 
-    from herbens.ensemble.combine import ensemble_runs
+    from herbens.ensemble.command import ensemble_runs
 
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=emb", "infer.embeddings=true"]) == 0
     run = tmp_path / "emb"
