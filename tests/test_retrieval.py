@@ -76,6 +76,11 @@ def test_sub_centres_score_the_best_centre_and_find_planted_modes():
     # Enrolment appends a class (index == num_classes) beside the others.
     grown = protos.with_species(species_prototype(x[:3]), 2)
     assert grown.num_classes == 3 and grown.owners.tolist() == [0, 0, 1, 1, 2]
+    back = grown.without_species(2)  # unenrolment restores the prototypes exactly
+    assert back.num_classes == 2 and back.vectors.tobytes() == protos.vectors.tobytes()
+    assert back.owners.tolist() == protos.owners.tolist()
+    shifted = grown.without_species(0)
+    assert shifted.owners.tolist() == [0, 0, 1] and shifted.num_classes == 2
 
 
 def brute_force_knn(q, index, labels, classes, k, t, alpha):

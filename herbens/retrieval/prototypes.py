@@ -51,6 +51,15 @@ class Prototypes:
                           np.insert(self.owners, at, np.full(len(vectors), species)),
                           max(self.num_classes, species + 1))
 
+    def without_species(self, species: int) -> "Prototypes":
+        """A copy without ``species``: its vectors dropped, later classes renumbered down by one
+        (the inverse of :meth:`with_species` appending a class; unenrolment)."""
+        if not 0 <= species < self.num_classes:
+            raise HerbensError(f"prototypes: species index {species} outside 0..{self.num_classes - 1}")
+        keep = self.owners != species
+        owners = self.owners[keep]
+        return Prototypes(self.vectors[keep], owners - (owners > species), self.num_classes - 1)
+
 
 def species_prototype(embeddings: np.ndarray, sub_centers: int = 1, seed: int = 0) -> np.ndarray:
     """Prototype vector(s) ``[m, D]`` of one species from its unit embeddings ``[n, D]``.
