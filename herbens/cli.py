@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "train": "herbens.train",
     "infer": "herbens.infer",
     "ensemble": "herbens.ensemble.command",
+    "retrieval": "herbens.retrieval.command",
     "evaluate": "herbens.evaluate",
     "report": "herbens.report",
     "recipes": "herbens.recipes",

@@ -160,9 +160,19 @@ def combine_views(logits: torch.Tensor, space: str) -> torch.Tensor:
     raise HerbensError(f"infer.tta_space must be logit or prob, got {space!r}")
 
 
+def combine_embedding_views(embeddings: torch.Tensor) -> torch.Tensor:
+    """Unit embedding per image from per-view embeddings ``[B, V, D]``.
+
+    Each view is L2-normalised before the mean (views' norms differ; cosine retrieval only sees
+    directions), and the mean is normalised again.
+    """
+    unit = torch.nn.functional.normalize(embeddings, dim=-1)
+    return torch.nn.functional.normalize(unit.mean(dim=1), dim=-1)
+
+
 @torch.no_grad()
 def predict_batches(accelerator, model, loader, levels, desc: str = "predict", space: str = "logit",
-                    keep_views: bool = False):
+                    keep_views: bool = False, embedding: bool = False):
     """Yield ``(index, record)`` per gathered batch, on every process.
 
     Test-time views arrive as images of shape [B, V, C, H, W]; their logits are combined per
@@ -171,7 +181,8 @@ def predict_batches(accelerator, model, loader, levels, desc: str = "predict", s
     batch), so rows land where they belong whatever the process count.
 
     ``record`` holds float32 numpy arrays: ``{level: [n, C]}``, ``"labels"`` (species index, -1
-    unknown) and, with ``keep_views``, ``"<level>.views": [n, V, C]``.
+    unknown), with ``keep_views`` ``"<level>.views": [n, V, C]`` and, with ``embedding``,
+    ``"embedding": [n, D]`` (:func:`combine_embedding_views`).
     """
     model.eval()
     bar = tqdm(total=len(loader), desc=desc, disable=not accelerator.is_main_process, leave=False)
@@ -188,6 +199,9 @@ def predict_batches(accelerator, model, loader, levels, desc: str = "predict", s
             record[level] = combine_views(per_view, space)
             if keep_views:
                 record[f"{level}.views"] = per_view
+        if embedding:
+            emb = outputs["embedding"].float()
+            record["embedding"] = combine_embedding_views(emb.view(-1, views, emb.shape[-1]))
         record = {key: value.cpu().numpy() for key, value in accelerator.gather_for_metrics(record).items()}
         bar.update(1)
         yield record.pop("index"), record

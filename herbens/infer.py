@@ -18,18 +18,21 @@ from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.transforms import build_tta_views, model_data_config, view_row_names
 from herbens.engine import predict_batches
+from herbens.embeddings import open_embeddings_writer
 from herbens.errors import HerbensError
 from herbens.logits import open_logits_writer
 
 
 def _split_frame(data: RunData, split: str):
+    if split == "train":
+        return data.train, data.images_dir, True
     if split == "val":
         return data.val, data.images_dir, True
     if split == "test":
         if data.test is None:
             raise HerbensError("no test metadata found next to the training metadata; cannot infer 'test'")
         return data.test, data.test_images_dir, False
-    raise HerbensError(f"unknown split {split!r}; expected val or test")
+    raise HerbensError(f"unknown split {split!r}; expected train, val or test")
 
 
 def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
@@ -82,6 +85,35 @@ def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException)
     command = f"herbens infer {shlex.quote(str(run_dir))} --split {' '.join(splits)}"
     return (f"training finished and its weights are saved ({weights} in {run_dir}), but writing the "
             f"{splits[0]} logits failed: {exc}. Finish the run without retraining: {command}")
+def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_config: dict,
+                           run_dir: Path, split: str, views: list[str] | None = None) -> None:
+    """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``."""
+    views = list(views or cfg["infer"]["tta"])
+    frame, images_dir, labelled = _split_frame(data, split)
+    loader = accelerator.prepare(
+        predict_loader(frame, images_dir, data.taxonomy if labelled else None,
+                       build_tta_views(views, data_config), cfg, data_config=data_config))
+    batches = predict_batches(accelerator, model, loader, (), desc=f"embeddings {split}", embedding=True)
+    if not accelerator.is_main_process:
+        for _ in batches:
+            pass
+        accelerator.wait_for_everyone()
+        return
+    with open_embeddings_writer(
+            run_dir, split, frame["image_id"].astype(str).tolist(), accelerator.unwrap_model(model).embedding_dim,
+            {"taxonomy_hash": data.taxonomy.hash, "views": views, "model": cfg["model"]["backbone"]},
+            labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
+            num_species=data.taxonomy.num_classes("species")) as writer:
+        for index, record in batches:
+            order = np.argsort(index, kind="stable")
+            for start, stop in _consecutive_runs(index[order]):
+                writer.write(int(index[order[start]]), record["embedding"][order[start:stop]])
+    accelerator.wait_for_everyone()
+
+
+def embedding_splits(data: RunData) -> list[str]:
+    """The splits a run can embed: train and val, and test when test metadata exists."""
+    return ["train", "val"] + (["test"] if data.test is not None else [])
 
 
 def _consecutive_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
@@ -111,8 +143,13 @@ def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
 
 def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
               data_root: str | None = None, batch_size: int | None = None,
-              tta_space: str | None = None, keep_views: bool | None = None) -> None:
-    """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views)."""
+              tta_space: str | None = None, keep_views: bool | None = None,
+              embeddings: bool = False) -> None:
+    """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views).
+
+    With ``embeddings`` (or the recipe's ``infer.embeddings``) also write its embeddings of the
+    train, val and test images.
+    """
     from accelerate import Accelerator
 
     from herbens.training import launched_on_cpus_only
@@ -136,6 +173,9 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
     data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])
     for split in splits:
         write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, views)
+    if embeddings or cfg["infer"].get("embeddings", False):
+        for split in embedding_splits(data):
+            write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, views)
 
 
 def register(subparsers) -> None:
@@ -153,9 +193,16 @@ def register(subparsers) -> None:
                         help="average views' logits or probabilities (default: the recipe's)")
     parser.add_argument("--keep-views", action=argparse.BooleanOptionalAction, default=None,
                         help="also store per-view logits (default: the recipe's infer.keep_views)")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also write L2-normalised embeddings of the train, val and test images to "
+                             "runs/NAME/embeddings/<split>/ (for herbens retrieval)")
+    parser.add_argument("--no-logits", action="store_true", help="write no logits (with --embeddings)")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    infer_run(args.run, args.split, args.tta, args.data_root, args.batch_size, args.tta_space, args.keep_views)
+    if args.no_logits and not args.embeddings:
+        raise HerbensError("--no-logits leaves nothing to do without --embeddings")
+    infer_run(args.run, [] if args.no_logits else args.split, args.tta, args.data_root, args.batch_size,
+              args.tta_space, args.keep_views, embeddings=args.embeddings)
     return 0

@@ -33,7 +33,7 @@ from herbens.data.transforms import build_train_transform, build_tta_views, mode
 from herbens.engine import TrainParts, TrainState, current_lr, predict, train_one_epoch
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
-from herbens.infer import logits_failure_message, write_split_logits
+from herbens.infer import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
 from herbens.losses import build_criterion
 from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
@@ -344,6 +344,9 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     eval_model = ema.module if ema is not None else accelerator.unwrap_model(setup.model)
     _save_weights(accelerator, run_dir, setup.plain_model, ema)
     _write_all_logits(accelerator, eval_model, cfg, setup, run_dir)
+    if cfg["infer"]["embeddings"]:
+        for split in embedding_splits(setup.data):
+            write_split_embeddings(accelerator, eval_model, cfg, setup.data, setup.data_config, run_dir, split)
     if accelerator.is_main_process:
         _write_metrics(cfg, run_dir, state, setup.data, accelerator, time.perf_counter() - wall_start,
                        sum(p.numel() for p in eval_model.parameters()))
