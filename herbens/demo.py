@@ -81,7 +81,7 @@ def print_table(rows: list[tuple[str, dict, float | None]]) -> None:
 
 def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = None) -> dict:
     """Run the whole demo under ``workdir``; returns the scores table as a dict."""
-    from herbens.ensemble.combine import ensemble_runs
+    from herbens.ensemble.pipeline import ensemble_runs
     from herbens.training import fit
 
     start = time.perf_counter()

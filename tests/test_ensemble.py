@@ -11,7 +11,7 @@ import pytest
 
 from herbens.cli import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.ensemble.combine import ensemble_runs
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.ensemble.submission import read_submission
 from herbens.errors import HerbensError
 from herbens.logits import logits_dir, write_logits
@@ -88,10 +88,11 @@ def log_softmax64(x):
 
 def naive_scores(arrays, summary, tax, split="test"):
     """Load-everything numpy reference of the mean-mode scores, from the fitted parameters."""
-    w, t, scale = (np.asarray(summary[k]) for k in ("weights", "temperatures", "ensemble_scale"))
+    w, scale = np.asarray(summary["weights"]), summary["ensemble_scale"]
+    t = {lv: np.asarray(ts) for lv, ts in summary["temperatures"].items()}
 
     def combined(level):
-        return sum(w[r] * scale / t[r] * half(a[split][level]) for r, a in enumerate(arrays))
+        return sum(w[r] * scale / t[level][r] * half(a[split][level]) for r, a in enumerate(arrays))
 
     scores = combined("species")
     counts = np.maximum(tax.counts, 1)
@@ -146,17 +147,18 @@ def test_f1_weights_favour_the_cleaner_runs(noise_runs):
                             hierarchy="none", progress=False, log=lambda m: None)
     w = summary["weights"]
     assert w[0] > w[1] > w[2]
-    plain = _step(summary, "mean of")["species_macro_f1"]
-    assert summary["val"]["scores"]["species_macro_f1"] > plain
+    plain = _step(summary, "mean of")["out_of_fold"]["species_macro_f1"]
+    assert summary["val"]["out_of_fold"]["species_macro_f1"] > plain
 
 
 def test_calibration_recovers_temperatures(noise_runs):
     root, runs, _, _, temperatures = noise_runs
     summary = ensemble_runs(runs, root / "t.csv", weights="equal", tau="none", hierarchy="none",
                             progress=False, log=lambda m: None)
-    np.testing.assert_allclose(_step(summary, "+ calibration")["params"]["temperatures"], temperatures, rtol=0.1)
+    calibrated = _step(summary, "+ calibration")
+    np.testing.assert_allclose(calibrated["params"]["temperatures"]["species"], temperatures, rtol=0.1)
     # Equal weights on calibrated logits is the Bayes combination here: calibration must help.
-    assert summary["temperatures"] == _step(summary, "+ calibration")["params"]["temperatures"]
+    assert calibrated["kept"] and summary["temperatures"] == calibrated["params"]["temperatures"]
 
 
 def test_tau_recovers_planted_prior_bias(tmp_path):
@@ -215,7 +217,7 @@ def test_streaming_equals_in_memory_computation(tmp_path):
     assert (tmp_path / "chunk7.csv").read_bytes() == (tmp_path / "chunk100000.csv").read_bytes()
     assert (tmp_path / "chunk7.topk.csv").read_bytes() == (tmp_path / "chunk100000.topk.csv").read_bytes()
     # The fitted ensemble did something, so the reference below checks more than an argmax.
-    assert small["alpha"] or small["beta"] or small["tau"] or small["temperatures"] != [1.0] * 3
+    assert small["alpha"] or small["beta"] or small["tau"] or small["temperatures"]["species"] != [1.0] * 3
     expected = tax.category_of(naive_scores(arrays, small, tax).argmax(axis=1))
     got = predictions(tmp_path / "chunk7.csv")
     assert got.tolist() == expected.tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from herbens.ensemble.combine import ensemble_runs
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.errors import HerbensError
 
 __all__ = ["ensemble_runs", "register", "run"]
