@@ -24,7 +24,7 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS
 from herbens.ensemble import fit
 from herbens.ensemble.combine import ClassSpace, Params, needs_of, predict_chunk
-from herbens.ensemble.crossfit import Folds, evaluate_fits, scores_of, stratified_folds
+from herbens.ensemble.crossfit import Folds, evaluate_fits, scores_of, species_f1, stratified_folds
 from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.outputs import format_table, summary, write_outputs
 from herbens.ensemble.stores import (AlignedSplit, Run, align_split, auto_chunk_rows, class_space, labelled,
@@ -37,6 +37,10 @@ from herbens.logits import logits_dir
 # out-of-fold score picks the factor; on a tie the stronger shrinkage wins.
 SHRINK = (0.25, 0.5, 0.75, 1.0)
 ROWS_PER_FITTED_VALUE = 10
+# A step is kept only if its out-of-fold gain is consistent across folds: the mean per-fold
+# gain must exceed KEEP_T standard errors of it (a one-sided t-test). Without this, choosing
+# the best of a few alternatives on noise "wins" half the time on a small validation set.
+KEEP_T = 2.0
 
 
 def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit", weight_objective: str = "f1",
@@ -151,6 +155,7 @@ class _Steps:
         self.rows: list[dict] = []
         self.fits: list[Params] = []
         self._current: int | None = None  # row holding self.fits's scores
+        self._oof: dict[int, np.ndarray] = {}  # out-of-fold predictions of scored rows
         self._pending: list[tuple[int, list[Params]]] = []
 
     @property
@@ -182,12 +187,23 @@ class _Steps:
         for g, (index, _) in enumerate(self._pending):
             self.rows[index]["in_sample"] = scores_of(self.split, ins[:, g])
             self.rows[index]["out_of_fold"] = scores_of(self.split, oof[:, g])
+            self._oof[index] = oof[:, g]
         self._pending = []
 
     def current_scores(self) -> dict:
         self.flush()
         row = self.rows[self._current]
         return {"in_sample": row["in_sample"], "out_of_fold": row["out_of_fold"]}
+
+    def _fold_gain_t(self, candidate: np.ndarray) -> float:
+        """t statistic of the per-fold species macro-F1 gains of ``candidate`` over the current predictions."""
+        current = self._oof[self._current]
+        gains = np.array([species_f1(self.split, candidate, m) - species_f1(self.split, current, m)
+                          for m in (self.folds.fold == i for i in range(self.folds.k))])
+        if self.folds.k < 2 or not gains.any():
+            return 0.0
+        se = gains.std(ddof=1) / np.sqrt(self.folds.k)
+        return float(np.sign(gains.mean()) * np.inf if se == 0 else gains.mean() / se)
 
     def too_few_rows(self, name: str, fitted_values: int) -> bool:
         """Whether validation is too small to judge a step fitting ``fitted_values`` values (then it is skipped)."""
@@ -217,10 +233,13 @@ class _Steps:
         ins, oof = evaluate_fits(self.split, self.folds, alternatives, self.chunk_rows)
         f1 = [scores_of(self.split, oof[:, g])["species_macro_f1"] for g in range(len(alternatives))]
         best = int(np.argmax(f1))
-        kept = f1[best] > current
+        gain_t = self._fold_gain_t(oof[:, best])
+        kept = bool(f1[best] > current and gain_t > KEEP_T)
         row = {"step": name + labels[best], "kept": kept, "params": alternatives[best][self.folds.full].to_json(),
-               "in_sample": scores_of(self.split, ins[:, best]), "out_of_fold": scores_of(self.split, oof[:, best])}
+               "in_sample": scores_of(self.split, ins[:, best]), "out_of_fold": scores_of(self.split, oof[:, best]),
+               "fold_gain_t": round(gain_t, 3)}
         self.rows.append(row)
+        self._oof[len(self.rows) - 1] = oof[:, best]
         if kept:
             self.fits, self._current = alternatives[best], len(self.rows) - 1
         return kept
