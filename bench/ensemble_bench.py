@@ -127,7 +127,7 @@ def child_streaming(runs: list[str], out: str, chunk_rows: int | None, fit: bool
     options = {} if fit else dict(weights=tuple(FIXED["weights"][:len(runs)]), calibrate=False,
                                   tau=FIXED["tau"], hierarchy=(FIXED["alpha"], FIXED["beta"]))
     summary = ensemble_runs(runs, out, chunk_rows=chunk_rows, progress=False, log=lambda m: None, **options)
-    return {"val": summary["val"]["scores"] if summary["val"] else None}
+    return {"val": summary["val"]["in_sample"] if summary["val"] else None}
 
 
 def child_naive(runs: list[str], out: str) -> dict:

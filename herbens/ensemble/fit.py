@@ -295,12 +295,24 @@ def fit_hierarchy(split: AlignedSplit, folds: Folds, fits: Sequence[Params], chu
         def moves(chunk, j):
             scores = species_scores(chunk, bases[j], split.space)
             g, f = hierarchy_terms(chunk, bases[j], split.space, genus, family)
-            out = []
-            for a, b in grids[j]:
-                s = scores + np.float32(a) * g if genus else scores
-                s = s + np.float32(b) * f if family else s
-                out.append(s.argmax(axis=1))
-            return np.stack(out, axis=1)
+            with_genus, total = np.empty_like(scores), np.empty_like(scores)  # reused: no temporaries
+            out, last_a = np.empty((len(scores), len(grids[j])), dtype=np.int64), None
+            for k in sorted(range(len(grids[j])), key=lambda k: grids[j][k]):  # by alpha: one genus term each
+                a, b = grids[j][k]
+                if a != last_a:
+                    if genus:
+                        np.multiply(g, np.float32(a), out=with_genus)
+                        with_genus += scores
+                    else:
+                        with_genus[...] = scores
+                    last_a = a
+                if family:
+                    np.multiply(f, np.float32(b), out=total)
+                    total += with_genus
+                else:
+                    total[...] = with_genus
+                out[:, k] = total.argmax(axis=1)
+            return out
 
         best = choose(split, folds, fit_predictions(split, folds, chunk_rows, moves, **needs))
         return [grids[j][best[j]] for j in range(folds.num_fits)]
