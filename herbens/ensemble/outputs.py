@@ -15,6 +15,7 @@ from herbens.ensemble.submission import read_submission, write_submission
 from herbens.fileio import atomic_write
 
 SCORE_LEVELS = ("species", "genus", "family")
+STEP_WIDTH = 64
 
 
 def output_paths(output: Path) -> dict[str, Path]:
@@ -58,13 +59,13 @@ def format_table(steps: list[dict], images: int, folds: int) -> str:
     out-of-fold one (each fold scored by values fitted without it), which decides what is kept.
     """
     title = f"validation ({images} images, {folds}-fold)"
-    head = f"{title:<44}" + "".join(f"{lv + ' F1 in / oof':>22}" for lv in SCORE_LEVELS) + "  kept"
+    head = f"{title:<{STEP_WIDTH}}" + "".join(f"{lv + ' F1 in / oof':>22}" for lv in SCORE_LEVELS) + "  kept"
     lines = [head, "-" * len(head)]
     for step in steps:
         kept = {True: "yes", False: "no", None: ""}.get(step["kept"], str(step["kept"]))
         cells = "".join(f"{step['in_sample'][lv + '_macro_f1']:>13.4f} / {step['out_of_fold'][lv + '_macro_f1']:.4f}"
                         for lv in SCORE_LEVELS)
-        lines.append(f"{step['step'][:43]:<44}{cells}  {kept}")
+        lines.append(f"{step['step'][:STEP_WIDTH - 1]:<{STEP_WIDTH}}{cells}  {kept}")
     return "\n".join(lines)
 
 

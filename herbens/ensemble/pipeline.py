@@ -237,7 +237,8 @@ class _Steps:
         kept = bool(f1[best] > current and gain_t > KEEP_T)
         row = {"step": name + labels[best], "kept": kept, "params": alternatives[best][self.folds.full].to_json(),
                "in_sample": scores_of(self.split, ins[:, best]), "out_of_fold": scores_of(self.split, oof[:, best]),
-               "fold_gain_t": round(gain_t, 3)}
+               # null: every fold gained (or lost) exactly the same, t is infinite (not JSON)
+               "fold_gain_t": round(gain_t, 3) if np.isfinite(gain_t) else None}
         self.rows.append(row)
         self._oof[len(self.rows) - 1] = oof[:, best]
         if kept:
