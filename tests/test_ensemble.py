@@ -12,8 +12,9 @@ import pytest
 from herbens.cli import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.combine import Chunk, ClassSpace, Params, predict_chunk
-from herbens.ensemble.crossfit import stratified_folds
+from herbens.ensemble.crossfit import evaluate_fits, stratified_folds
 from herbens.ensemble.pipeline import ensemble_runs
+from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
 from herbens.ensemble.submission import read_submission
 from herbens.errors import HerbensError
 from herbens.logits import logits_dir, write_logits
@@ -310,6 +311,26 @@ def test_tiny_validation_fits_nothing_and_says_so(tmp_path):
     assert any("9 validation rows for 12 classes" in m and "simpler" in m for m in messages)
     assert summary["weights"] == [0.5, 0.5] and summary["tau"] == 0.0
     assert all(s["kept"] is not True for s in summary["steps"])
+
+
+def test_out_of_fold_predictions_use_the_fit_that_left_each_row_out(tmp_path):
+    runs, arrays, tax, _ = hierarchical_runs(tmp_path, num_runs=1)
+    loaded = load_runs(runs)
+    space = class_space(loaded)
+    val = labelled(align_split(loaded, "val", space, exact=False))
+    folds = stratified_folds(val.labels)
+    fits = [Params.initial(1).replace(tau=float(j)) for j in range(folds.num_fits)]  # fit j: tau = j
+    ins, oof = evaluate_fits(val, folds, [fits, [fits[0]] * folds.num_fits], chunk_rows=7)
+    z = np.asarray(arrays[0]["val"]["species"], dtype=np.float16).astype(np.float32)
+    lp = space.log_prior
+
+    def argmax_at(tau):
+        return (z - np.asarray(tau, dtype=np.float32)[:, None] * lp).argmax(axis=1)
+
+    assert ins[:, 0].tolist() == argmax_at(np.full(len(z), folds.k)).tolist()  # the full fit
+    assert oof[:, 0].tolist() == argmax_at(folds.fold).tolist()  # each row: its own fold's fit
+    assert (oof[:, 0] != ins[:, 0]).any()
+    assert (oof[:, 1] == ins[:, 1]).all()  # nothing fitted: one set of predictions
 
 
 def test_folds_are_stratified_and_fixed():

@@ -95,20 +95,23 @@ def evaluate_fits(split: AlignedSplit, folds: Folds, candidates: Sequence[Sequen
                   chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """In-sample and out-of-fold predictions ``[N, G]`` of G candidates, each one Params per fit.
 
-    In-sample: the full fit on every row. Out-of-fold: each row under the fit of its own fold.
+    In-sample: the full fit on every row. Out-of-fold: each row under the fit of its own fold
+    (the same predictions, computed once, when every fit holds the same Params object).
     """
     needs = needs_of([p for fits in candidates for p in fits])
+    fitted = [g for g, fits in enumerate(candidates) if any(p is not fits[0] for p in fits)]
 
     def both(chunk):
         fold = folds.fold[chunk.start:chunk.stop]
         ins = np.stack([predict_chunk(chunk, fits[folds.full], split.space)[0] for fits in candidates], axis=1)
-        oof = np.empty_like(ins)
-        for i in range(folds.k):
+        oof = ins.copy()
+        for i in range(folds.k) if fitted else ():
             rows = np.flatnonzero(fold == i)
             if len(rows):
                 part = chunk.take(rows)
-                oof[rows] = np.stack([predict_chunk(part, fits[i], split.space)[0] for fits in candidates], axis=1)
-        return np.stack([ins, oof], axis=0).transpose(1, 0, 2)
+                oof[rows[:, None], fitted] = np.stack(
+                    [predict_chunk(part, candidates[g][i], split.space)[0] for g in fitted], axis=1)
+        return np.stack([ins, oof], axis=1)
 
     out = collect(split, chunk_rows, both, **needs)
     return out[:, 0], out[:, 1]
