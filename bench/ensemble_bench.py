@@ -7,7 +7,7 @@ the child's own ``ru_maxrss``) and with the page cache warmed the same way befor
 
 * naive: ``np.load`` every matrix, combine whole matrices with the same fixed parameters
   (weights, tau, alpha, beta), score validation, argmax, write the CSV;
-* streaming: ``herbens.ensemble.combine.ensemble_runs`` with the same fixed parameters;
+* streaming: ``herbens.ensemble.pipeline.ensemble_runs`` with the same fixed parameters;
 * (unless ``--no-fit-run``) streaming with everything fitted on validation, for information.
 
 Prints wall times, peak RSS, their ratios, whether both wrote the same predictions, and a
@@ -122,12 +122,12 @@ def rss_mb(field: str = "VmHWM") -> float:
 
 
 def child_streaming(runs: list[str], out: str, chunk_rows: int | None, fit: bool) -> dict:
-    from herbens.ensemble.combine import ensemble_runs
+    from herbens.ensemble.pipeline import ensemble_runs
 
     options = {} if fit else dict(weights=tuple(FIXED["weights"][:len(runs)]), calibrate=False,
                                   tau=FIXED["tau"], hierarchy=(FIXED["alpha"], FIXED["beta"]))
     summary = ensemble_runs(runs, out, chunk_rows=chunk_rows, progress=False, log=lambda m: None, **options)
-    return {"val": summary["val"]["scores"] if summary["val"] else None}
+    return {"val": summary["val"]["in_sample"] if summary["val"] else None}
 
 
 def child_naive(runs: list[str], out: str) -> dict:
@@ -183,7 +183,7 @@ def child_main(argv: list[str]) -> None:
     import pandas  # noqa: F401
     import scipy.optimize  # noqa: F401
 
-    import herbens.ensemble.combine  # noqa: F401
+    import herbens.ensemble.pipeline  # noqa: F401
     import herbens.ensemble.fit  # noqa: F401
     import herbens.metrics  # noqa: F401
 
@@ -225,7 +225,7 @@ def same_predictions(a: Path, b: Path) -> tuple[int, int]:
 def report(args, gen_s: float, disk: int, naive: dict, stream: dict, fitted: dict | None, agree) -> None:
     scale_data = (KAGGLE_RUNS * KAGGLE_IMAGES) / (args.runs * args.images)
     scale_runs = KAGGLE_RUNS / args.runs
-    from herbens.ensemble.combine import auto_chunk_rows
+    from herbens.ensemble.stores import auto_chunk_rows
 
     chunk = args.chunk_rows or auto_chunk_rows(args.classes)
     print(f"\nensemble benchmark: {args.runs} runs x {args.images:,} test images x {args.classes:,} species "

@@ -147,7 +147,7 @@ def _read_meta(path: Path, where: str, split: str) -> dict:
 
 def release_pages(arr: np.ndarray) -> None:
     """Hand a memory-mapped array's resident pages back to the kernel (see the ensembler)."""
-    from herbens.ensemble.combine import _release_pages
+    from herbens.ensemble.stores import _release_pages
 
     _release_pages(arr)
 

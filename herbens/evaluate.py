@@ -76,7 +76,8 @@ def evaluate_predictions(true_species_idx, pred_species_idx, taxonomy: Taxonomy,
     for what, arr in (("true", true), ("predicted", pred)):
         if len(arr) and (arr.min() < 0 or arr.max() >= n_species):
             raise HerbensError(f"{what} species index out of range 0..{n_species - 1}")
-    out: dict = {"n_images": int(len(true)), "top1_accuracy": top1_accuracy(true, pred)}
+    out: dict = {"n_images": int(len(true)), "top1_accuracy": top1_accuracy(true, pred),
+                 "training_counts": taxonomy.counts_source}
     out.update(level_scores(true, pred, taxonomy))
     head_tail = head_tail_scores(true, pred, taxonomy)
     out["head_macro_f1"] = head_tail["head_macro_f1"]
@@ -154,11 +155,25 @@ def load_solution(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame({"Id": ids.to_numpy(), "category_id": labels.astype(np.int64).to_numpy()})
 
 
-def taxonomy_from_metadata(path: str | Path) -> Taxonomy:
-    """Taxonomy (class order, hierarchy, training counts) of a train metadata file."""
-    from herbens.data.metadata import load_train_metadata
+def taxonomy_from_metadata(path: str | Path, exclude_split: str | Path | None = None) -> Taxonomy:
+    """Taxonomy (class order, hierarchy, training counts) of a train metadata file.
 
-    return Taxonomy.from_metadata(load_train_metadata(path))
+    Args:
+        exclude_split: a run's ``split.csv``: its validation images are left out of the counts,
+            which then count the training split (without it: every labelled image).
+    """
+    from herbens.data.metadata import load_train_metadata
+    from herbens.data.splits import load_split
+
+    meta = load_train_metadata(path)
+    taxonomy = Taxonomy.from_metadata(meta)
+    if exclude_split is None:
+        return taxonomy
+    val_ids = set(load_split(exclude_split))
+    train = meta.images[~meta.images["image_id"].astype(str).isin(val_ids)]
+    taxonomy = taxonomy.with_training_rows(train["category_id"])
+    taxonomy.counts_source = f"metadata minus the validation split {exclude_split}"
+    return taxonomy
 
 
 def submission_predictions(csv: str | Path, solution: pd.DataFrame, taxonomy: Taxonomy,
@@ -247,13 +262,15 @@ def _no_labels(run_dir: Path, split: str) -> HerbensError:
 
 def load_predictions(path: str | Path, solution: str | Path | None = None,
                      metadata: str | Path | None = None, split: str = "val",
-                     _cache: dict | None = None) -> Predictions:
+                     _cache: dict | None = None, exclude_split: str | Path | None = None) -> Predictions:
     """Predictions of one input: a run directory or a submission CSV.
 
     Args:
         path: run directory, or CSV file (then ``solution`` and ``metadata`` are required).
         solution, metadata: solution CSV and train metadata for submissions.
         split: logits split of a run.
+        exclude_split: for submissions, a run's ``split.csv`` to leave out of the metadata's
+            training counts (runs carry their own training-split counts).
         _cache: shared between calls so the solution and metadata are read once.
     """
     path = Path(path)
@@ -265,9 +282,9 @@ def load_predictions(path: str | Path, solution: str | Path | None = None,
     if solution is None or metadata is None:
         raise HerbensError(f"{path}: scoring a submission needs --solution and --metadata")
     cache = {} if _cache is None else _cache
-    key = (str(solution), str(metadata))
+    key = (str(solution), str(metadata), str(exclude_split))
     if key not in cache:
-        cache[key] = (load_solution(solution), taxonomy_from_metadata(metadata))
+        cache[key] = (load_solution(solution), taxonomy_from_metadata(metadata, exclude_split))
     sol, taxonomy = cache[key]
     true, pred = submission_predictions(path, sol, taxonomy, solution)
     return Predictions(path.stem, path, "submission", true, pred, taxonomy)
@@ -352,7 +369,8 @@ def format_detail(name: str, metrics: dict) -> str:
     parts = [f"== {name} ==",
              f"Best {k} families (species accuracy)", format_group_table(metrics["family_best"], "family"),
              f"Worst {k} families", format_group_table(metrics["family_worst"], "family"),
-             "Accuracy by training images per species", format_bins(metrics["by_training_count"]),
+             f"Accuracy by training images per species (counts: {metrics['training_counts']})",
+             format_bins(metrics["by_training_count"]),
              format_anova(metrics["anova"])]
     return "\n\n".join(parts)
 
@@ -369,6 +387,9 @@ def register(subparsers) -> None:
     p.add_argument("--solution", type=Path, help="solution CSV (Id + true category_id)")
     p.add_argument("--metadata", type=Path, help="train_metadata.json (taxonomy and counts)")
     p.add_argument("--split", default="val", help="logits split of runs (default: val)")
+    p.add_argument("--exclude-split", type=Path, metavar="SPLIT.csv",
+                   help="a run's split.csv: left out of the metadata's training counts (submissions' "
+                        "training-count bins and head/tail; runs use their own training-split counts)")
     p.add_argument("--top-k", type=int, default=10, help="rows in best/worst tables (default 10)")
     p.add_argument("--min-images", type=int, default=1,
                    help="leave groups with fewer test images out of best/worst tables")
@@ -379,10 +400,10 @@ def register(subparsers) -> None:
 
 
 def evaluate_inputs(paths: list[Path], solution=None, metadata=None, split: str = "val",
-                    k: int = 10, min_images: int = 1) -> list[dict]:
+                    k: int = 10, min_images: int = 1, exclude_split=None) -> list[dict]:
     """Load and score every input; one dict per input with ``name, path, kind, metrics``."""
     cache: dict = {}
-    loaded = [load_predictions(p, solution, metadata, split, cache) for p in paths]
+    loaded = [load_predictions(p, solution, metadata, split, cache, exclude_split) for p in paths]
     names = unique_names([p.name for p in loaded])
     return [{"name": name, "path": str(p.path), "kind": p.kind,
              "taxonomy_hash": p.taxonomy.hash,
@@ -395,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.min_images < 1:
         raise HerbensError("--top-k and --min-images must be at least 1")
     results = evaluate_inputs(args.inputs, args.solution, args.metadata, args.split,
-                              args.top_k, args.min_images)
+                              args.top_k, args.min_images, args.exclude_split)
     print(format_summary([(r["name"], r["metrics"]) for r in results]))
     for r in results if args.detail else results[:1]:
         print()

@@ -109,7 +109,7 @@ def _looks_like_run(path: Path) -> bool:
 
 
 def collect_entries(inputs: list[Path], solution=None, metadata=None, split: str = "val",
-                    k: int = 10) -> tuple[list[Entry], list[str]]:
+                    k: int = 10, exclude_split=None) -> tuple[list[Entry], list[str]]:
     """Load and score each input; whatever is missing becomes a note instead of an error.
 
     A path that does not exist is still an error: it is a typo, not a partial run.
@@ -133,7 +133,7 @@ def collect_entries(inputs: list[Path], solution=None, metadata=None, split: str
             entry.history, more = read_history(path / "history.jsonl")
             notes += more
         try:
-            pred = load_predictions(path, solution, metadata, split, cache)
+            pred = load_predictions(path, solution, metadata, split, cache, exclude_split)
             entry.evaluation = evaluate_predictions(pred.true, pred.pred, pred.taxonomy, k)
         except HerbensError as exc:
             notes.append(f"not scored: {exc}")
@@ -388,7 +388,8 @@ def _detail_html(entry: Entry) -> str:
             f"&le; {ht['tail_max_train_images']}) macro-F1 {_pct(ev['tail_macro_f1'])} %.</p>"
             f"<h4>Best families</h4>{groups(ev['family_best'])}"
             f"<h4>Worst families</h4>{groups(ev['family_worst'])}"
-            f"<h4>Accuracy by training images per species</h4>{bins}<p>{anova}</p>")
+            f"<h4>Accuracy by training images per species</h4>"
+            f"<p>Training counts: {html.escape(str(ev.get('training_counts', '')))}.</p>{bins}<p>{anova}</p>")
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -433,7 +434,7 @@ def summary_text(entries: list[Entry], figures: Figures, index: Path) -> str:
 # ----- entry points -------------------------------------------------------------------------------
 
 def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, split: str = "val",
-                 k: int = 10) -> Path:
+                 k: int = 10, exclude_split=None) -> Path:
     """Write figures, ``index.html``, ``report.json`` and ``summary.txt`` into ``out_dir``.
 
     Args:
@@ -442,12 +443,14 @@ def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, spli
         solution, metadata: solution CSV and train metadata, needed to score submissions.
         split: logits split used to score runs.
         k: families in the best/worst figures and tables.
+        exclude_split: a run's ``split.csv``, left out of the metadata's training counts when
+            scoring submissions (runs use their own training-split counts).
 
     Returns:
         Path of ``index.html``.
     """
     out_dir = Path(out_dir)
-    entries, notes = collect_entries(list(inputs), solution, metadata, split, k)
+    entries, notes = collect_entries(list(inputs), solution, metadata, split, k, exclude_split)
     if not entries:
         raise HerbensError("report: none of the inputs is a run directory or a submission CSV")
     figures = Figures(out_dir, notes=notes)
@@ -476,6 +479,8 @@ def register(subparsers) -> None:
     p.add_argument("--solution", type=Path, help="solution CSV, to score submissions")
     p.add_argument("--metadata", type=Path, help="train_metadata.json, to score submissions")
     p.add_argument("--split", default="val", help="logits split of runs (default: val)")
+    p.add_argument("--exclude-split", type=Path, metavar="SPLIT.csv",
+                   help="a run's split.csv, left out of the metadata's training counts for submissions")
     p.add_argument("--top-k", type=int, default=10, help="families in best/worst figures (default 10)")
     p.set_defaults(handler=run)
 
@@ -484,6 +489,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``herbens report``: write the report and print its summary."""
     if args.top_k < 1:
         raise HerbensError("--top-k must be at least 1")
-    index = write_report(args.inputs, args.out, args.solution, args.metadata, args.split, args.top_k)
+    index = write_report(args.inputs, args.out, args.solution, args.metadata, args.split, args.top_k,
+                         args.exclude_split)
     print((index.parent / "summary.txt").read_text(encoding="utf-8"), end="")
     return 0

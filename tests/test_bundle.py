@@ -18,7 +18,7 @@ from herbens.bundle.export import export_bundle
 from herbens.bundle.load import load_bundle
 from herbens.cli import main
 from herbens.data.metadata import load_test_metadata
-from herbens.ensemble.combine import ensemble_runs
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.errors import HerbensError
 from herbens.logits import read_logits
 

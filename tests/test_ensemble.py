@@ -11,10 +11,14 @@ import pytest
 
 from herbens.cli import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.ensemble.combine import ensemble_runs
+from herbens.ensemble.combine import Chunk, ClassSpace, Params, predict_chunk
+from herbens.ensemble.crossfit import evaluate_fits, stratified_folds
+from herbens.ensemble.pipeline import ensemble_runs
+from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
 from herbens.ensemble.submission import read_submission
 from herbens.errors import HerbensError
 from herbens.logits import logits_dir, write_logits
+from herbens.metrics import macro_f1
 
 NO_FIT = dict(weights="equal", calibrate=False, tau="none", hierarchy="none")
 
@@ -88,10 +92,11 @@ def log_softmax64(x):
 
 def naive_scores(arrays, summary, tax, split="test"):
     """Load-everything numpy reference of the mean-mode scores, from the fitted parameters."""
-    w, t, scale = (np.asarray(summary[k]) for k in ("weights", "temperatures", "ensemble_scale"))
+    w, scale = np.asarray(summary["weights"]), summary["ensemble_scale"]
+    t = {lv: np.asarray(ts) for lv, ts in summary["temperatures"].items()}
 
     def combined(level):
-        return sum(w[r] * scale / t[r] * half(a[split][level]) for r, a in enumerate(arrays))
+        return sum(w[r] * scale / t[level][r] * half(a[split][level]) for r, a in enumerate(arrays))
 
     scores = combined("species")
     counts = np.maximum(tax.counts, 1)
@@ -146,22 +151,26 @@ def test_f1_weights_favour_the_cleaner_runs(noise_runs):
                             hierarchy="none", progress=False, log=lambda m: None)
     w = summary["weights"]
     assert w[0] > w[1] > w[2]
-    plain = _step(summary, "mean of")["species_macro_f1"]
-    assert summary["val"]["scores"]["species_macro_f1"] > plain
+    plain = _step(summary, "mean of")["out_of_fold"]["species_macro_f1"]
+    assert summary["val"]["out_of_fold"]["species_macro_f1"] > plain
 
 
 def test_calibration_recovers_temperatures(noise_runs):
     root, runs, _, _, temperatures = noise_runs
     summary = ensemble_runs(runs, root / "t.csv", weights="equal", tau="none", hierarchy="none",
                             progress=False, log=lambda m: None)
-    np.testing.assert_allclose(_step(summary, "+ calibration")["params"]["temperatures"], temperatures, rtol=0.1)
+    calibrated = _step(summary, "+ calibration")
+    np.testing.assert_allclose(calibrated["params"]["temperatures"]["species"], temperatures, rtol=0.1)
     # Equal weights on calibrated logits is the Bayes combination here: calibration must help.
-    assert summary["temperatures"] == _step(summary, "+ calibration")["params"]["temperatures"]
+    assert calibrated["kept"] and summary["temperatures"] == calibrated["params"]["temperatures"]
 
 
-def test_tau_recovers_planted_prior_bias(tmp_path):
+@pytest.mark.parametrize("planted", [1.0, -0.7])
+def test_tau_recovers_planted_prior_bias(tmp_path, planted):
+    """A run biased by ``planted * log(prior)``; a negative bias is what an over-adjusting
+    (class-balanced, logit-adjusted) run looks like, and a negative tau undoes it."""
     rng = np.random.default_rng(3)
-    classes, planted = 30, 1.0
+    classes = 30
     counts = np.round(100 * 0.85 ** np.arange(classes)).astype(int) + 1
     tax = make_taxonomy(species=classes, genera=6, families=2, counts=counts)
     log_prior = np.log(counts / counts.sum())
@@ -200,6 +209,171 @@ def test_hierarchy_recovers_planted_alpha_beta(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
+# Cross-fitting: nothing kept on noise, planted effects still found
+# ----------------------------------------------------------------------------------------
+def _test_f1(path, tax, y):
+    return macro_f1(tax.category_of(y), read_submission(path)["Predicted"].to_numpy())
+
+
+def test_identical_noise_runs_keep_no_fitted_step(tmp_path):
+    """Three statistically identical runs, uniform prior, genus and family heads of pure noise:
+    every fitted step can only fit noise, so it must be dropped on most seeds, and the result
+    must on average be no worse on test than plain equal weights."""
+    fitted_f1, equal_f1, kept_any = [], [], 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        tax = make_taxonomy(species=8, genera=4, families=2)
+        y = {"val": rng.integers(0, 8, 100), "test": rng.integers(0, 8, 400)}
+        runs = []
+        for r in range(3):
+            splits = {s: ([f"{s}{i}" for i in range(len(v))],
+                          {"species": noisy_logits(rng, v, 8, 1.5, 1.0), "genus": rng.standard_normal((len(v), 4)),
+                           "family": rng.standard_normal((len(v), 2))}, v if s == "val" else None)
+                      for s, v in y.items()}
+            runs.append(write_run(tmp_path / f"seed{seed}", f"r{r}", tax, splits))
+        summary = ensemble_runs(runs, tmp_path / f"fit{seed}.csv", progress=False, log=lambda m: None)
+        ensemble_runs(runs, tmp_path / f"equal{seed}.csv", **NO_FIT, progress=False, log=lambda m: None)
+        fitted_steps = [s for s in summary["steps"] if s["step"].startswith("+")]
+        assert {s["step"].split()[1] for s in fitted_steps} >= {"calibration", "weights", "inverse", "hierarchy"}
+        kept_any += any(s["kept"] for s in fitted_steps)
+        fitted_f1.append(_test_f1(tmp_path / f"fit{seed}.csv", tax, y["test"]))
+        equal_f1.append(_test_f1(tmp_path / f"equal{seed}.csv", tax, y["test"]))
+    assert kept_any <= 4
+    # "No worse on average", up to half a point: one seed's false keep costs ~2.5 points of
+    # test macro-F1 here, and sampling noise of 400 test rows is larger than the tolerance.
+    assert np.mean(fitted_f1) >= np.mean(equal_f1) - 0.005
+
+
+def test_in_sample_and_out_of_fold_scores_are_both_reported(noise_runs):
+    root, runs, *_ = noise_runs
+    summary = ensemble_runs(runs, root / "both.csv", progress=False, log=lambda m: None)
+    assert summary["val"]["folds"] == 5
+    for step in summary["steps"]:
+        assert set(step["in_sample"]) == set(step["out_of_fold"]) and "species_macro_f1" in step["in_sample"]
+    # Rows with nothing fitted score the same either way.
+    plain = _step(summary, "mean of")
+    assert plain["in_sample"] == plain["out_of_fold"]
+
+
+def test_useless_run_gets_no_weight(tmp_path):
+    rng = np.random.default_rng(8)
+    tax = make_taxonomy(species=10, genera=5, families=2)
+    y = {"val": rng.integers(0, 10, 300), "test": rng.integers(0, 10, 50)}
+    good = {s: ([f"{s}{i}" for i in range(len(v))], {"species": noisy_logits(rng, v, 10, 2.0, 1.0)},
+                v if s == "val" else None) for s, v in y.items()}
+    useless = {s: (ids, {"species": 3.0 * rng.standard_normal((len(ids), 10))}, labels)
+               for s, (ids, _, labels) in good.items()}
+    runs = [write_run(tmp_path, "good", tax, good), write_run(tmp_path, "useless", tax, useless)]
+    summary = ensemble_runs(runs, tmp_path / "w.csv", calibrate=False, tau="none", hierarchy="none",
+                            progress=False, log=lambda m: None)
+    assert _step(summary, "+ weights")["kept"]
+    assert summary["weights"][1] < 0.05
+
+
+def test_arcface_scaled_run_keeps_its_genus_and_family_share(tmp_path):
+    """Run 0's species head is ArcFace-scaled (x20) and its genus/family heads plain CE, like
+    the other runs': per-level temperatures keep its genus/family terms at their share, where
+    the species temperature would have divided them by ~20."""
+    rng = np.random.default_rng(12)
+    tax = make_taxonomy(species=12, genera=4, families=2)
+    y = {"val": np.repeat(np.arange(12), 40), "test": rng.integers(0, 12, 40)}
+    runs = []
+    for r in range(3):
+        splits = {s: ([f"{s}{i}" for i in range(len(v))],
+                      {"species": (20.0 if r == 0 else 1.0) * noisy_logits(rng, v, 12, 1.0, 1.0),
+                       "genus": noisy_logits(rng, tax.species_to_genus[v], 4, 1.0, 1.0),
+                       "family": noisy_logits(rng, tax.species_to_family[v], 2, 1.0, 1.0)},
+                      v if s == "val" else None) for s, v in y.items()}
+        runs.append(write_run(tmp_path, f"r{r}", tax, splits))
+    summary = ensemble_runs(runs, tmp_path / "a.csv", weights="equal", tau="none", progress=False,
+                            log=lambda m: None)
+    t = {lv: np.asarray(v) for lv, v in summary["temperatures"].items()}
+    w = np.asarray(summary["weights"])
+    assert t["species"][0] > 10 * t["species"][1:].max()  # calibration saw the scale
+    for level in ("genus", "family"):
+        share = (w / t[level]) / (w / t[level]).sum()
+        assert share[0] > 0.25, (level, share)
+        species_share = (w / t["species"]) / (w / t["species"]).sum()
+        assert species_share[0] < 0.05  # what dividing by the species temperature gave
+    assert _step(summary, "+ hierarchy")["kept"]
+
+
+def test_tiny_validation_fits_nothing_and_says_so(tmp_path):
+    rng = np.random.default_rng(1)
+    tax = make_taxonomy()
+    y = {"val": rng.integers(0, 12, 9), "test": rng.integers(0, 12, 5)}
+    runs = [write_run(tmp_path, f"r{r}", tax, {s: ([f"{s}{i}" for i in range(len(v))],
+                                                   {"species": noisy_logits(rng, v, 12, 2, 1)},
+                                                   v if s == "val" else None) for s, v in y.items()})
+            for r in range(2)]
+    messages = []
+    summary = ensemble_runs(runs, tmp_path / "t.csv", progress=False, log=messages.append)
+    assert any("9 validation rows for 12 classes" in m and "simpler" in m for m in messages)
+    assert summary["weights"] == [0.5, 0.5] and summary["tau"] == 0.0
+    assert all(s["kept"] is not True for s in summary["steps"])
+
+
+def test_out_of_fold_predictions_use_the_fit_that_left_each_row_out(tmp_path):
+    runs, arrays, tax, _ = hierarchical_runs(tmp_path, num_runs=1)
+    loaded = load_runs(runs)
+    space = class_space(loaded)
+    val = labelled(align_split(loaded, "val", space, exact=False))
+    folds = stratified_folds(val.labels)
+    fits = [Params.initial(1).replace(tau=float(j)) for j in range(folds.num_fits)]  # fit j: tau = j
+    ins, oof = evaluate_fits(val, folds, [fits, [fits[0]] * folds.num_fits], chunk_rows=7)
+    z = np.asarray(arrays[0]["val"]["species"], dtype=np.float16).astype(np.float32)
+    lp = space.log_prior
+
+    def argmax_at(tau):
+        return (z - np.asarray(tau, dtype=np.float32)[:, None] * lp).argmax(axis=1)
+
+    assert ins[:, 0].tolist() == argmax_at(np.full(len(z), folds.k)).tolist()  # the full fit
+    assert oof[:, 0].tolist() == argmax_at(folds.fold).tolist()  # each row: its own fold's fit
+    assert (oof[:, 0] != ins[:, 0]).any()
+    assert (oof[:, 1] == ins[:, 1]).all()  # nothing fitted: one set of predictions
+
+
+def test_folds_are_stratified_and_fixed():
+    labels = np.repeat(np.arange(7), [1, 2, 3, 5, 8, 13, 20])
+    folds = stratified_folds(labels)
+    again = stratified_folds(labels)
+    assert folds.k == 5 and (folds.fold == again.fold).all()
+    sizes = np.bincount(folds.fold, minlength=5)
+    assert sizes.max() - sizes.min() <= 1
+    for species in range(7):
+        mine = folds.fold[labels == species]
+        assert len(np.unique(mine)) == min(len(mine), 5)  # spread over as many folds as it can
+        counts = np.bincount(mine, minlength=5)
+        assert counts.max() - counts.min() <= 1 or len(mine) < 5
+
+
+# ----------------------------------------------------------------------------------------
+# The pure combination reproduces the ensemble from its JSON sidecar (herbens predict's path)
+# ----------------------------------------------------------------------------------------
+def test_sidecar_params_reproduce_predictions_on_in_memory_logits(tmp_path):
+    runs, arrays, tax, _ = hierarchical_runs(tmp_path)
+    ensemble_runs(runs, tmp_path / "s.csv", progress=False, log=lambda m: None)
+    sidecar = json.loads((tmp_path / "s.json").read_text())
+    params = Params.from_json(sidecar["params"])
+    chunk = Chunk.of_arrays([{lv: half(a["test"][lv]) for lv in a["test"]} for a in arrays])
+    pred, _, _ = predict_chunk(chunk, params, ClassSpace.of_taxonomy(tax))
+    assert tax.category_of(pred).tolist() == predictions(tmp_path / "s.csv").tolist()
+
+
+def test_params_from_json_reads_old_sidecars_and_refuses_bad_ones():
+    old = {"weights": [0.5, 0.5], "temperatures": [2.0, 3.0], "scale": 1.0, "space": "logit", "tau": 0.1,
+           "alpha": 0.5, "beta": 0.0, "mode": "mean", "vote_k": 5}
+    params = Params.from_json(old)
+    # Old versions divided every level by the one temperature list: read so.
+    assert all(params.temperatures[lv].tolist() == [2.0, 3.0] for lv in ("species", "genus", "family"))
+    assert Params.from_json(params.to_json()).to_json() == params.to_json()
+    with pytest.raises(HerbensError, match="missing key 'weights'"):
+        Params.from_json({"temperatures": [1.0]})
+    with pytest.raises(HerbensError, match="temperatures.species must be 2 positive"):
+        Params.from_json({**old, "temperatures": [1.0, 0.0]})
+
+
+# ----------------------------------------------------------------------------------------
 # Streaming is exact; rows align by id
 # ----------------------------------------------------------------------------------------
 def test_streaming_equals_in_memory_computation(tmp_path):
@@ -215,7 +389,7 @@ def test_streaming_equals_in_memory_computation(tmp_path):
     assert (tmp_path / "chunk7.csv").read_bytes() == (tmp_path / "chunk100000.csv").read_bytes()
     assert (tmp_path / "chunk7.topk.csv").read_bytes() == (tmp_path / "chunk100000.topk.csv").read_bytes()
     # The fitted ensemble did something, so the reference below checks more than an argmax.
-    assert small["alpha"] or small["beta"] or small["tau"] or small["temperatures"] != [1.0] * 3
+    assert small["alpha"] or small["beta"] or small["tau"] or small["temperatures"]["species"] != [1.0] * 3
     expected = tax.category_of(naive_scores(arrays, small, tax).argmax(axis=1))
     got = predictions(tmp_path / "chunk7.csv")
     assert got.tolist() == expected.tolist()

@@ -86,6 +86,23 @@ def test_submission_scores_match_sklearn(kaggle, capsys):
     assert results[1]["metrics"]["species_macro_f1"] == 1.0
 
 
+def test_submission_training_counts_leave_the_split_out_and_say_so(kaggle, capsys):
+    from herbens.data.splits import save_split
+
+    tmp, meta, solution, good = kaggle
+    split = tmp / "split.csv"
+    save_split(split, ["00010__000", "00020__000", "00020__001"])  # 1 of sp10, 2 of sp20 held out
+    plain = evaluate_inputs([good], solution, meta)[0]["metrics"]
+    minus = evaluate_inputs([good], solution, meta, exclude_split=split)[0]["metrics"]
+    assert plain["training_counts"] == "all labelled images in the metadata"
+    assert minus["training_counts"] == f"metadata minus the validation split {split}"
+    train = {r["name"]: r["train_images"] for r in minus["per_genus"]}
+    assert train == {"Acer": 3 + 6 - 1, "Rhus": 12 - 2, "Elatine": 25}
+    assert main(["evaluate", str(good), "--solution", str(solution), "--metadata", str(meta),
+                 "--exclude-split", str(split)]) == 0
+    assert f"counts: metadata minus the validation split {split}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case, rows, header, expected", [
     ("unknown id", {**GOOD, "99": 10}, "Id,Predicted", "99"),
     ("missing id", {k: v for k, v in GOOD.items() if k != "5"}, "Id,Predicted", "5"),

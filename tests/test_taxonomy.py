@@ -130,3 +130,39 @@ def test_inconsistent_lengths_and_duplicates_rejected():
         Taxonomy([1, 2], ["a b", "c d"], ["a"], ["f"], [0, 0], [0, 0], [1])
     with pytest.raises(HerbensError, match="duplicate category_id"):
         Taxonomy([1, 1], ["a b", "c d"], ["a"], ["f"], [0, 0], [0, 0], [1, 1])
+
+
+# ----- counts of a run: its training split --------------------------------------------------------
+
+@pytest.mark.parametrize("limit_train", [None, 9])
+def test_run_counts_are_its_training_rows(tmp_path, limit_train):
+    from herbens.data.run_data import load_run_data
+    from herbens.data.taxonomy import COUNTS_TRAIN_SPLIT
+
+    root = kf.write_kaggle2022(tmp_path / "data", counts={3: 6, 7: 4, 42: 5}, images=False)
+    cfg = {"data": {"root": str(root), "format": "auto", "limit_train": limit_train, "val_fraction": 0.34,
+                    "split_seed": 1, "val_min_images": 2}}
+    data = load_run_data(cfg, tmp_path / "run", reuse_split=False)
+    per_species = data.train["category_id"].value_counts()
+    expected = [int(per_species.get(c, 0)) for c in data.taxonomy.category_ids]
+    assert data.taxonomy.counts.tolist() == expected
+    assert data.taxonomy.counts.sum() == len(data.train) and len(data.val) > 0  # validation not counted
+    assert data.taxonomy.counts_source == COUNTS_TRAIN_SPLIT
+    if limit_train:
+        assert len(data.train) + len(data.val) == limit_train
+    # What the run stores, and reads back, is that prior (the hash ignores counts).
+    data.taxonomy.save(tmp_path / "run" / "taxonomy.json")
+    loaded = Taxonomy.load(tmp_path / "run" / "taxonomy.json")
+    assert loaded.counts.tolist() == expected and loaded.counts_source == COUNTS_TRAIN_SPLIT
+    assert loaded.hash == Taxonomy.from_metadata(load_train_metadata(root / "train_metadata.json")).hash
+
+
+def test_old_taxonomy_files_load_with_metadata_counts(tax, tmp_path):
+    from herbens.data.taxonomy import COUNTS_METADATA
+
+    d = tax.to_dict()
+    del d["counts_source"]
+    path = tmp_path / "taxonomy.json"
+    path.write_text(json.dumps(d))
+    loaded = Taxonomy.load(path)
+    assert loaded.counts.tolist() == tax.counts.tolist() and loaded.counts_source == COUNTS_METADATA

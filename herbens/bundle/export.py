@@ -71,7 +71,7 @@ def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val",
         ``(RowSummary, species labels or None)``; with ``labelled_only`` only labelled rows
         (an error when there are none).
     """
-    from herbens.ensemble.combine import align_split, auto_chunk_rows, class_space, labelled, load_runs
+    from herbens.ensemble.stores import align_split, auto_chunk_rows, class_space, labelled, load_runs
 
     runs = load_runs(run_dirs, splits=(split,))
     missing = [run for run in runs if split not in run.splits]

@@ -122,7 +122,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
         thresholds, ood_score = thresholds_from_json(record["thresholds"]["thresholds"]), record["thresholds"]["ood_score"]
     except KeyError as exc:
         raise HerbensError(f"{root}: bundle.json or a member's {DATA_CONFIG} lacks the key {exc}") from None
-    return Bundle(root, record, taxonomy, names, members, params, class_space_of(taxonomy, len(members)),
+    return Bundle(root, record, taxonomy, names, members, params, class_space_of(taxonomy),
                   thresholds, ood_score)
 
 

@@ -9,56 +9,43 @@ bundle predicts exactly what ``herbens ensemble`` writes. Nothing here re-implem
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from herbens.data.taxonomy import Taxonomy
-from herbens.ensemble.combine import (Chunk, ClassSpace, Params, Run, class_space, log_softmax,
-                                      species_scores)
+from herbens.ensemble.combine import Chunk, ClassSpace, Params, log_softmax, species_scores
 from herbens.errors import HerbensError
 
 
 def fitted_params(record: dict, num_members: int) -> Params:
-    """The combination parameters stored in an ensemble's JSON record (or a bundle's copy).
+    """The combination parameters of an ensemble's JSON record (or of a bundle's copy).
 
     Args:
-        record: the ``<submission>.json`` summary of ``herbens ensemble`` (keys ``weights``,
-            ``temperatures``, ``ensemble_scale``, ``space``, ``tau``, ``alpha``, ``beta``, ``mode``).
+        record: the ``<submission>.json`` summary of ``herbens ensemble`` (its ``params``), or
+            the ``params`` themselves as a bundle stores them (:func:`params_record`).
         num_members: members the bundle holds (one weight and temperature each).
 
     Raises:
         HerbensError: naming the key that is missing or has the wrong length, or for vote mode,
             whose per-view votes a bundle does not reproduce.
     """
-    try:
-        params = Params(weights=np.asarray(record["weights"], dtype=np.float64),
-                        temperatures=np.asarray(record["temperatures"], dtype=np.float64),
-                        scale=float(record.get("ensemble_scale", record.get("scale", 1.0))),
-                        space=record.get("space", "logit"), tau=float(record["tau"]),
-                        alpha=float(record["alpha"]), beta=float(record["beta"]),
-                        mode=record.get("mode", "mean"), vote_k=int(record.get("vote_k") or 5))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise HerbensError(f"ensemble record: missing or malformed fitted value {exc}") from None
+    params = Params.from_json(record.get("params", record))
     if params.mode != "mean":
         raise HerbensError(f"ensemble record: mode {params.mode!r} cannot be exported (only mean mode)")
-    for key in ("weights", "temperatures"):
-        if len(getattr(params, key)) != num_members:
-            raise HerbensError(f"ensemble record: {len(getattr(params, key))} {key} for {num_members} members")
+    if len(params.weights) != num_members:
+        raise HerbensError(f"ensemble record: {len(params.weights)} weights for {num_members} members")
     return params
 
 
 def single_run_params() -> Params:
     """The combination of one run alone: its own logits, nothing fitted (what ``infer`` scores)."""
-    return Params(weights=np.ones(1), temperatures=np.ones(1))
+    return Params.initial(1)
 
 
 def params_record(params: Params) -> dict:
     """JSON form of ``params`` that :func:`fitted_params` reads back."""
-    record = params.to_json()
-    record["ensemble_scale"] = record.pop("scale")
-    return record
+    return params.to_json()
 
 
 def needed_levels(params: Params) -> tuple[str, ...]:
@@ -66,9 +53,10 @@ def needed_levels(params: Params) -> tuple[str, ...]:
     return params.levels
 
 
-def class_space_of(taxonomy: Taxonomy, num_members: int) -> ClassSpace:
-    """The ensemble's class space for members that share ``taxonomy`` (the bundle's)."""
-    return class_space([Run(f"member{i}", Path(f"member{i}"), taxonomy, {}) for i in range(num_members)])
+def class_space_of(taxonomy: Taxonomy) -> ClassSpace:
+    """The ensemble's class space for members that share ``taxonomy`` (the bundle's, whose
+    training counts give the prior of ``tau``)."""
+    return ClassSpace.of_taxonomy(taxonomy)
 
 
 @dataclass
@@ -99,10 +87,7 @@ def combine_members(member_logits: Sequence[dict[str, np.ndarray]], params: Para
         params: from :func:`fitted_params` or :func:`single_run_params`.
         space: from :func:`class_space_of`.
     """
-    n = len(next(iter(member_logits[0].values())))
-    logits = {(r, level): np.asarray(member[level], dtype=np.float32)
-              for r, member in enumerate(member_logits) for level in needed_levels(params)}
-    chunk = Chunk(0, n, logits, {}, None, None)
+    chunk = Chunk.of_arrays([{level: member[level] for level in needed_levels(params)} for member in member_logits])
     scores = species_scores(chunk, params, space)
     species = np.exp(log_softmax(scores))
     tax = space.taxonomy

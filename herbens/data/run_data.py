@@ -26,7 +26,11 @@ class RunData:
 
 
 def load_run_data(cfg: dict, run_dir: Path, reuse_split: bool) -> RunData:
-    """Read metadata, build the taxonomy, and split (or re-read the run's split)."""
+    """Read metadata, build the taxonomy, and split (or re-read the run's split).
+
+    The taxonomy's counts are those of the training rows (after the split and
+    ``data.limit_train``): the prior the losses, the ensembler and the analyses use.
+    """
     train_file, test_file = find_dataset(Path(cfg["data"]["root"]))
     meta = load_train_metadata(train_file, cfg["data"]["format"])
     taxonomy = Taxonomy.from_metadata(meta)
@@ -45,6 +49,7 @@ def load_run_data(cfg: dict, run_dir: Path, reuse_split: bool) -> RunData:
     else:
         train, val = stratified_split(images, cfg["data"]["val_fraction"], cfg["data"]["split_seed"],
                                       cfg["data"]["val_min_images"])
+    taxonomy = taxonomy.with_training_rows(train["category_id"])
     test = test_dir = None
     if test_file is not None:
         test = load_test_metadata(test_file)

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from herbens.data.metadata import TrainMetadata
 
 LEVELS = ("species", "genus", "family")
+# Where a taxonomy's per-species counts come from (shown by the analyses that use them).
+COUNTS_TRAIN_SPLIT = "training split"
+COUNTS_METADATA = "all labelled images in the metadata"
 
 
 class Taxonomy:
@@ -33,11 +36,14 @@ class Taxonomy:
         species_names: scientific name of each species index.
         genus_names, family_names: sorted names; a genus/family index points into these.
         species_to_genus, species_to_family: per species index, its genus / family index.
-        counts: labelled training images per species index.
+        counts: training images per species index.
+        counts_source: what ``counts`` counted: the images a run trained on
+            (``COUNTS_TRAIN_SPLIT``, after its split and ``data.limit_train``) or every labelled
+            image of the metadata (``COUNTS_METADATA``, validation included).
     """
 
     def __init__(self, category_ids, species_names, genus_names, family_names,
-                 species_to_genus, species_to_family, counts):
+                 species_to_genus, species_to_family, counts, counts_source: str = COUNTS_METADATA):
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self.species_names = list(species_names)
         self.genus_names = list(genus_names)
@@ -45,6 +51,7 @@ class Taxonomy:
         self.species_to_genus = np.asarray(species_to_genus, dtype=np.int64)
         self.species_to_family = np.asarray(species_to_family, dtype=np.int64)
         self.counts = np.asarray(counts, dtype=np.int64)
+        self.counts_source = str(counts_source)
         n = len(self.category_ids)
         for name, arr in (("species_names", self.species_names), ("species_to_genus", self.species_to_genus),
                           ("species_to_family", self.species_to_family), ("counts", self.counts)):
@@ -121,7 +128,8 @@ class Taxonomy:
     # ----- construction and persistence -----------------------------------------------
     @classmethod
     def from_metadata(cls, meta: "TrainMetadata") -> "Taxonomy":
-        """Build from training metadata: every category, counts from its labelled images."""
+        """Build from training metadata: every category, counts from all its labelled images
+        (a run replaces them with its training split's: :meth:`with_training_rows`)."""
         cats = meta.categories.sort_values("category_id").reset_index(drop=True)
         genus_names = sorted(set(cats["genus"]))
         family_names = sorted(set(cats["family"]))
@@ -133,6 +141,16 @@ class Taxonomy:
                    family_names, [genus_of[g] for g in cats["genus"]],
                    [family_of[f] for f in cats["family"]], counts)
 
+    def with_training_rows(self, category_ids) -> "Taxonomy":
+        """The same taxonomy with counts of the given training rows' category_ids (a run's prior).
+
+        Raises:
+            HerbensError: on a category_id outside the taxonomy.
+        """
+        counts = np.bincount(self.index_of(np.asarray(category_ids)), minlength=self.num_classes("species"))
+        return Taxonomy(self.category_ids, self.species_names, self.genus_names, self.family_names,
+                        self.species_to_genus, self.species_to_family, counts, COUNTS_TRAIN_SPLIT)
+
     def to_dict(self) -> dict:
         return {
             "hash": self.hash,
@@ -143,6 +161,7 @@ class Taxonomy:
             "species_to_genus": self.species_to_genus.tolist(),
             "species_to_family": self.species_to_family.tolist(),
             "counts": self.counts.tolist(),
+            "counts_source": self.counts_source,
         }
 
     def save(self, path: str | Path) -> None:
@@ -151,12 +170,16 @@ class Taxonomy:
 
     @classmethod
     def load(cls, path: str | Path) -> "Taxonomy":
-        """Read a ``taxonomy.json``; a corrupted or edited file (hash mismatch) is an error."""
+        """Read a ``taxonomy.json``; a corrupted or edited file (hash mismatch) is an error.
+
+        Files written before ``counts_source`` existed counted every labelled image of the
+        metadata, and load so.
+        """
         data = read_json(path)
         try:
             tax = cls(data["category_ids"], data["species_names"], data["genus_names"],
                       data["family_names"], data["species_to_genus"], data["species_to_family"],
-                      data["counts"])
+                      data["counts"], data.get("counts_source", COUNTS_METADATA))
         except (KeyError, TypeError) as exc:
             raise HerbensError(f"{path}: not a herbens taxonomy file (missing {exc})") from exc
         if data.get("hash") not in (None, tax.hash):

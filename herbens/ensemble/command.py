@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from herbens.ensemble.combine import ensemble_runs
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.errors import HerbensError
 
 __all__ = ["ensemble_runs", "register", "run"]
@@ -43,9 +43,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "ensemble", help="combine runs' logits into a Kaggle submission (fitted on validation)",
         description="Stream runs' stored logits in row chunks, aligned by image id; fit run weights, "
-                    "temperatures, the inverse-frequency tau and the hierarchy alpha/beta on the "
-                    "labelled validation logits (each kept only if it raises validation macro-F1); "
-                    "write a validated Kaggle CSV (Id,Predicted) and a JSON summary beside it.")
+                    "temperatures per run and level, the inverse-frequency tau and the hierarchy "
+                    "alpha/beta on the labelled validation logits, cross-fitted over 5 stratified "
+                    "folds (each kept only if it raises OUT-OF-FOLD macro-F1 consistently); write a "
+                    "validated Kaggle CSV (Id,Predicted) and a JSON summary beside it.")
     p.add_argument("runs", nargs="+", help="run directories (runs/NAME), e.g. runs/*")
     p.add_argument("-o", "--output", default="submissions/ensemble.csv",
                    help="submission CSV; NAME.json (and NAME.topk.csv) go beside it (default: %(default)s)")
@@ -55,9 +56,10 @@ def register(subparsers) -> None:
                    help="what fitted weights optimise on validation: macro-F1 (coordinate search) or "
                         "log-loss (scipy L-BFGS) (default: %(default)s)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                   help="fit a temperature per run by validation NLL (default: on)")
+                   help="fit a temperature per run and level by validation NLL (default: on)")
     p.add_argument("--tau", type=_tau, default="fit", metavar="fit|none|VALUE",
-                   help="inverse-frequency adjustment scores - tau*log(prior) (default: fit)")
+                   help="inverse-frequency adjustment scores - tau*log(prior), prior from the first "
+                        "run's training split (default: fit, on [-1, 3])")
     p.add_argument("--hierarchy", type=_hierarchy, default="fit", metavar="fit|none|ALPHA,BETA",
                    help="add alpha*log p(genus) + beta*log p(family) of each species (default: fit)")
     p.add_argument("--mode", choices=("mean", "vote"), default="mean",

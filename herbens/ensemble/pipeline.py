@@ -1,0 +1,395 @@
+"""The fitted pipeline: ``herbens ensemble runs/* -o submissions/NAME.csv`` lands in :func:`ensemble_runs`.
+
+1. open and align the runs' stores (:mod:`herbens.ensemble.stores`);
+2. on the labelled validation rows, fit in turn: a temperature per run and level, run
+   weights, the inverse-frequency ``tau``, the hierarchy ``alpha``/``beta``
+   (:mod:`herbens.ensemble.fit`), each cross-fitted over stratified folds
+   (:mod:`herbens.ensemble.crossfit`) and kept only if it raises the OUT-OF-FOLD species
+   macro-F1; weights and species temperatures are shrunk towards equal / 1 by a factor the
+   out-of-fold score chooses;
+3. refit on all validation rows (the full fit), stream the test split once in row chunks
+   through :func:`herbens.ensemble.combine.predict_chunk` and write the outputs
+   (:mod:`herbens.ensemble.outputs`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from herbens.data.taxonomy import LEVELS
+from herbens.ensemble import fit
+from herbens.ensemble.combine import ClassSpace, Params, needs_of, predict_chunk
+from herbens.ensemble.crossfit import Folds, evaluate_fits, scores_of, species_f1, stratified_folds
+from herbens.ensemble.options import EnsembleOptions
+from herbens.ensemble.outputs import format_table, summary, write_outputs
+from herbens.ensemble.stores import (AlignedSplit, Run, align_split, auto_chunk_rows, class_space, labelled,
+                                     load_runs)
+from herbens.errors import HerbensError
+from herbens.fileio import write_json
+from herbens.logits import logits_dir
+
+# Shrinkage of fitted weights / species temperatures towards equal / 1, in log space: the
+# out-of-fold score picks the factor; on a tie the stronger shrinkage wins.
+SHRINK = (0.25, 0.5, 0.75, 1.0)
+ROWS_PER_FITTED_VALUE = 10
+# A step is kept only if its out-of-fold gain is consistent across folds: the mean per-fold
+# gain must exceed KEEP_T standard errors of it (a one-sided t-test). Without this, choosing
+# the best of a few alternatives on noise "wins" half the time on a small validation set.
+KEEP_T = 2.0
+
+
+def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit", weight_objective: str = "f1",
+                  calibrate: bool = True, tau="fit", hierarchy="fit", mode: str = "mean", vote_k: int = 5,
+                  space: str = "logit", top_k: int = 0, chunk_rows: int | None = None,
+                  align_by_category: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict:
+    """Ensemble runs' stored logits into a Kaggle submission.
+
+    Args:
+        run_dirs: run directories (each with ``taxonomy.json`` and ``logits/test``; ``logits/val``
+            with labels when anything is fitted).
+        output: submission CSV; ``<stem>.json`` (the returned summary) and, with ``top_k``,
+            ``<stem>.topk.csv`` are written beside it.
+        weights: ``"fit"`` (on validation), ``"equal"``, or one number per run.
+        weight_objective: ``"f1"`` (coordinate search on validation macro-F1) or ``"nll"``
+            (scipy L-BFGS on validation log-loss, with an ensemble temperature).
+        calibrate: fit a temperature per run and per level by that level's validation NLL.
+        tau: inverse-frequency adjustment ``scores - tau * log(prior)``: ``"fit"``, ``"none"`` or a value.
+        hierarchy: ``"fit"``, ``"none"`` or ``(alpha, beta)``.
+        mode: ``"mean"`` or ``"vote"`` (top-``vote_k`` votes per run or per stored view).
+        space: average ``"logit"`` s or ``"prob"`` abilities.
+        top_k: also write the K best category_ids and scores per image.
+        chunk_rows: rows per streamed chunk (memory: a few ``runs x chunk_rows x classes x 4``
+            bytes); default: about 16 MB of float32 per run (270 rows at 15,501 classes).
+        align_by_category: match class columns by category_id across different taxonomies.
+        progress: show a progress bar over test chunks (on a terminal).
+        log: where messages and the validation table go.
+
+    Returns:
+        The JSON summary: runs, fitted parameters (``params``), in-sample and out-of-fold
+        validation scores of every step, paths.
+    """
+    started = time.perf_counter()
+    run_dirs = list(run_dirs)
+    opts = EnsembleOptions(weights, weight_objective, calibrate, tau, hierarchy, mode, int(vote_k), space,
+                           int(top_k), None if chunk_rows is None else int(chunk_rows), align_by_category)
+    opts.check(len(run_dirs))
+    runs = load_runs(run_dirs)
+    space_ = class_space(runs, align_by_category, log)
+    if opts.chunk_rows is None:
+        opts.chunk_rows = auto_chunk_rows(space_.num_classes)
+    test = align_split(runs, "test", space_, exact=True, log=log)
+    val = _validation(runs, space_, opts, log)
+    levels = _shared_levels(runs, val is not None)
+    params, steps, val_info = fit_ensemble(val, space_, opts, levels, len(runs), log)
+    if steps:
+        log(format_table(steps, len(val), val_info["folds"]))
+    pred, top, top_scores = predict_split(test, params, opts.chunk_rows, opts.top_k, progress)
+    paths = write_outputs(Path(output), test, space_, pred, top, top_scores)
+    result = summary(paths, runs, space_, opts, params, steps, val_info, test, levels, started)
+    write_json(paths["json"], result)
+    log(f"wrote {paths['submission']} ({len(test)} test images) and {paths['json']}")
+    return result
+
+
+def predict_split(split: AlignedSplit, params: Params, chunk_rows: int, top_k: int = 0,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Stream a whole split: predicted ensemble column per row (and top-k columns/scores)."""
+    from tqdm.auto import tqdm
+
+    pred = np.empty(len(split), dtype=np.int64)
+    top = np.empty((len(split), min(top_k, split.space.num_classes)), dtype=np.int64) if top_k else None
+    top_scores = np.empty(top.shape, dtype=np.float32) if top_k else None
+    chunks = split.chunks(chunk_rows, **needs_of([params]))
+    for chunk in tqdm(chunks, total=split.num_chunks(chunk_rows), desc=f"ensemble {split.name}",
+                      unit="chunk", disable=None if progress else True, leave=False):
+        p, t, s = predict_chunk(chunk, params, split.space, top_k)
+        pred[chunk.start:chunk.stop] = p
+        if top_k:
+            top[chunk.start:chunk.stop] = t
+            top_scores[chunk.start:chunk.stop] = s
+    return pred, top, top_scores
+
+
+def _validation(runs: list[Run], space: ClassSpace, opts: EnsembleOptions, log: Callable) -> AlignedSplit | None:
+    """The labelled validation rows common to all runs, or None when there are none to use."""
+    missing = [run for run in runs if "val" not in run.splits]
+    if missing:
+        if opts.needs_val:
+            raise HerbensError(f"run '{missing[0].path}': no logits for split 'val' "
+                               f"({logits_dir(missing[0].path, 'val')} is missing), needed to fit the "
+                               "ensemble (or pass --weights equal --no-calibrate --tau none --hierarchy none)")
+        return None
+    val = align_split(runs, "val", space, exact=False, log=log)
+    if val.labels is None or not (val.labels >= 0).any():
+        if opts.needs_val:
+            raise HerbensError(f"run '{runs[0].path}': logits/val carry no labels (labels.npy), needed to "
+                               "fit the ensemble (or pass --weights equal --no-calibrate --tau none --hierarchy none)")
+        return None
+    return labelled(val)
+
+
+def _shared_levels(runs: list[Run], with_val: bool) -> tuple[str, ...]:
+    splits = ("test", "val") if with_val else ("test",)
+    return tuple(lv for lv in LEVELS if all(lv in run.splits[s].levels for run in runs for s in splits))
+
+
+# ----------------------------------------------------------------------------------------
+# The sequence of steps, cross-fitted
+# ----------------------------------------------------------------------------------------
+class _Steps:
+    """The validation table being built, and every fit's parameters so far.
+
+    ``fits[j]`` are the parameters of fit j (:class:`herbens.ensemble.crossfit.Folds`); the
+    last is the full fit, applied to the test split. Rows whose parameters are given rather
+    than fitted are scored lazily, all together in one pass.
+    """
+
+    def __init__(self, split: AlignedSplit, folds: Folds, chunk_rows: int, log: Callable):
+        self.split, self.folds, self.chunk_rows, self.log = split, folds, chunk_rows, log
+        self.rows: list[dict] = []
+        self.fits: list[Params] = []
+        self._current: int | None = None  # row holding self.fits's scores
+        self._oof: dict[int, np.ndarray] = {}  # out-of-fold predictions of scored rows
+        self._pending: list[tuple[int, list[Params]]] = []
+
+    @property
+    def params(self) -> Params:
+        """The full fit's parameters in use."""
+        return self.fits[self.folds.full]
+
+    def same(self, params: Params) -> list[Params]:
+        """The same parameters for every fit (nothing fitted)."""
+        return [params] * self.folds.num_fits
+
+    def add(self, name: str, fits: list[Params], kept=None, current: bool = False,
+            show_params: bool = True) -> int:
+        """Append a row to be scored with ``fits``; ``current`` makes them the parameters in use."""
+        row = {"step": name, "kept": kept}
+        if show_params:
+            row["params"] = fits[self.folds.full].to_json()
+        self.rows.append(row)
+        self._pending.append((len(self.rows) - 1, fits))
+        if current:
+            self.fits, self._current = fits, len(self.rows) - 1
+        return len(self.rows) - 1
+
+    def flush(self) -> None:
+        """Score every pending row (in-sample and out-of-fold) in one pass."""
+        if not self._pending:
+            return
+        ins, oof = evaluate_fits(self.split, self.folds, [f for _, f in self._pending], self.chunk_rows)
+        for g, (index, _) in enumerate(self._pending):
+            self.rows[index]["in_sample"] = scores_of(self.split, ins[:, g])
+            self.rows[index]["out_of_fold"] = scores_of(self.split, oof[:, g])
+            self._oof[index] = oof[:, g]
+        self._pending = []
+
+    def current_scores(self) -> dict:
+        self.flush()
+        row = self.rows[self._current]
+        return {"in_sample": row["in_sample"], "out_of_fold": row["out_of_fold"]}
+
+    def _fold_gain_t(self, candidate: np.ndarray) -> float:
+        """t statistic of the per-fold species macro-F1 gains of ``candidate`` over the current predictions."""
+        current = self._oof[self._current]
+        gains = np.array([species_f1(self.split, candidate, m) - species_f1(self.split, current, m)
+                          for m in (self.folds.fold == i for i in range(self.folds.k))])
+        if self.folds.k < 2 or not gains.any():
+            return 0.0
+        se = gains.std(ddof=1) / np.sqrt(self.folds.k)
+        return float(np.sign(gains.mean()) * np.inf if se == 0 else gains.mean() / se)
+
+    def too_few_rows(self, name: str, fitted_values: int) -> bool:
+        """Whether validation is too small to judge a step fitting ``fitted_values`` values (then it is skipped)."""
+        n, classes = len(self.split), self.split.space.num_classes
+        reason = None
+        if n < classes:
+            reason = f"{n} validation rows for {classes} classes"
+        elif n < ROWS_PER_FITTED_VALUE * fitted_values:
+            reason = f"{n} validation rows for {fitted_values} fitted values (< {ROWS_PER_FITTED_VALUE} each)"
+        if reason:
+            self.log(f"{name}: not fitted, validation too small ({reason}); keeping the simpler choice")
+            self.rows.append({"step": f"{name}: skipped ({reason})", "kept": False,
+                              **self.current_scores()})
+        return reason is not None
+
+    def consider(self, name: str, alternatives: list[list[Params]], labels: Sequence[str] = ("",),
+                 forced: bool = False) -> bool:
+        """Keep the alternative with the best out-of-fold species F1 if it beats the current one.
+
+        ``alternatives`` (simplest first; the first wins ties) each hold one Params per fit.
+        ``forced`` (values given by the user): the single alternative is applied.
+        """
+        if forced:
+            self.add(name, alternatives[0], kept=True, current=True)
+            return True
+        current = self.current_scores()["out_of_fold"]["species_macro_f1"]
+        ins, oof = evaluate_fits(self.split, self.folds, alternatives, self.chunk_rows)
+        f1 = [scores_of(self.split, oof[:, g])["species_macro_f1"] for g in range(len(alternatives))]
+        best = int(np.argmax(f1))
+        gain_t = self._fold_gain_t(oof[:, best])
+        kept = bool(f1[best] > current and gain_t > KEEP_T)
+        row = {"step": name + labels[best], "kept": kept, "params": alternatives[best][self.folds.full].to_json(),
+               "in_sample": scores_of(self.split, ins[:, best]), "out_of_fold": scores_of(self.split, oof[:, best]),
+               # null: every fold gained (or lost) exactly the same, t is infinite (not JSON)
+               "fold_gain_t": round(gain_t, 3) if np.isfinite(gain_t) else None}
+        self.rows.append(row)
+        self._oof[len(self.rows) - 1] = oof[:, best]
+        if kept:
+            self.fits, self._current = alternatives[best], len(self.rows) - 1
+        return kept
+
+
+def given_params(params: Params, opts: EnsembleOptions, levels: Sequence[str]) -> Params:
+    """Apply the values the user fixed (weights, tau, alpha/beta, mode), without validation."""
+    if isinstance(opts.weights, tuple):
+        params = params.replace(weights=np.asarray(opts.weights))
+    if not isinstance(opts.tau, str):
+        params = params.replace(tau=opts.tau)
+    if isinstance(opts.hierarchy, tuple):
+        _check_hierarchy_levels(opts.hierarchy, levels)
+        params = params.replace(alpha=opts.hierarchy[0], beta=opts.hierarchy[1])
+    return params.replace(mode=opts.mode)
+
+
+def _check_hierarchy_levels(alpha_beta: tuple[float, float], levels: Sequence[str]) -> None:
+    for value, level in zip(alpha_beta, ("genus", "family")):
+        if value and level not in levels:
+            raise HerbensError(f"hierarchy needs {level} logits in every run (levels shared: {', '.join(levels)})")
+
+
+def fit_ensemble(val: AlignedSplit | None, space: ClassSpace, opts: EnsembleOptions, levels: Sequence[str],
+                 num_runs: int, log: Callable = print) -> tuple[Params, list[dict], dict | None]:
+    """Fit (or apply) each step in turn, cross-fitted on validation.
+
+    Returns:
+        The full fit's params, the table rows, and the ``val`` entry of the summary (images,
+        folds, in-sample and out-of-fold scores of the final parameters).
+    """
+    params = Params.initial(num_runs, opts.space, opts.vote_k)
+    if val is None:
+        if opts.needs_val:
+            raise HerbensError("fitting the ensemble needs labelled validation logits")
+        return given_params(params, opts, levels), [], None
+    folds = stratified_folds(val.labels)
+    steps = _Steps(val, folds, opts.chunk_rows, log)
+    for r, run in enumerate(val.runs):
+        steps.add(f"run {run.name}", steps.same(params.replace(weights=np.eye(num_runs)[r])), show_params=False)
+    steps.add(f"mean of {num_runs} runs ({opts.space} space)", steps.same(params), current=True)
+    level_temps = _calibration_step(steps, opts, levels, num_runs, log)
+    _weights_step(steps, opts, num_runs, log)
+    _tau_step(steps, opts, log)
+    _hierarchy_step(steps, opts, levels, level_temps, num_runs, log)
+    if opts.mode == "vote":
+        mean_f1 = steps.current_scores()["out_of_fold"]["species_macro_f1"]
+        steps.consider(f"vote top-{opts.vote_k}", [[p.replace(mode="vote") for p in steps.fits]], forced=True)
+        if steps.current_scores()["out_of_fold"]["species_macro_f1"] < mean_f1:
+            log("note: vote mode scores below the mean on validation (applied as asked)")
+    final = steps.current_scores()
+    steps.rows.append({"step": "final", **final, "kept": None, "params": steps.params.to_json()})
+    info = {"images": len(val), "folds": folds.k, **final}
+    return steps.params, steps.rows, info
+
+
+def _shrunk(values: np.ndarray, factor: float) -> np.ndarray:
+    """``values`` moved towards 1 in log space (factor 0: all 1, factor 1: unchanged)."""
+    return np.exp(factor * np.log(np.asarray(values, dtype=np.float64)))
+
+
+def _calibration_step(steps: _Steps, opts: EnsembleOptions, levels: Sequence[str], num_runs: int,
+                      log: Callable) -> list[dict] | None:
+    """Species temperatures (shrunk, judged here); returns every fit's genus/family ones for the hierarchy."""
+    if not opts.calibrate:
+        return None
+    if steps.too_few_rows("calibration", num_runs):
+        return None
+    log("fitting a temperature per run and level (validation NLL, cross-fitted) ...")
+    temps = fit.fit_temperatures(steps.split, steps.folds, levels, opts.chunk_rows)
+    alternatives = [[p.with_temperatures(species=_shrunk(t["species"], s)) for p, t in zip(steps.fits, temps)]
+                    for s in SHRINK]
+    full = temps[steps.folds.full]["species"]
+    labels = [" T=" + ",".join(f"{t:.3g}" for t in _shrunk(full, s)) + (f" (shrunk x{s:g})" if s < 1 else "")
+              for s in SHRINK]
+    steps.consider("+ calibration", alternatives, labels)
+    return temps
+
+
+def _weights_step(steps: _Steps, opts: EnsembleOptions, num_runs: int, log: Callable) -> None:
+    if isinstance(opts.weights, tuple):
+        steps.consider("+ given weights " + ",".join(f"{w:.3g}" for w in opts.weights),
+                       [[p.replace(weights=np.asarray(opts.weights)) for p in steps.fits]], forced=True)
+        return
+    if opts.weights != "fit" or num_runs == 1:
+        return
+    fitted_values = num_runs - 1 + (opts.weight_objective == "nll")
+    if steps.too_few_rows("weights", fitted_values):
+        return
+    log(f"fitting run weights (validation {opts.weight_objective}, cross-fitted) ...")
+    if opts.weight_objective == "nll":
+        fitted = fit.fit_weights_nll(steps.split, steps.folds, steps.fits, opts.chunk_rows)
+    else:
+        fitted = [(w, 1.0) for w in fit.fit_weights_f1(steps.split, steps.folds, steps.fits, opts.chunk_rows)]
+    scaled = opts.weight_objective == "nll" and opts.space == "logit"
+    alternatives, labels = [], []
+    for s in SHRINK:
+        fits = [p.replace(weights=_normalised(_shrunk(w, s)), scale=float(_shrunk(scale, s)) if scaled else p.scale)
+                for p, (w, scale) in zip(steps.fits, fitted)]
+        alternatives.append(fits)
+        labels.append(" " + ",".join(f"{w:.3g}" for w in fits[steps.folds.full].weights)
+                      + (f" (shrunk x{s:g})" if s < 1 else ""))
+    steps.consider(f"+ weights ({opts.weight_objective})", alternatives, labels)
+
+
+def _normalised(weights: np.ndarray) -> np.ndarray:
+    return weights / weights.sum()
+
+
+def _tau_step(steps: _Steps, opts: EnsembleOptions, log: Callable) -> None:
+    if not isinstance(opts.tau, str):
+        steps.consider(f"+ given tau {opts.tau:g}", [[p.replace(tau=opts.tau) for p in steps.fits]], forced=True)
+        return
+    if opts.tau != "fit" or steps.too_few_rows("tau", 1):
+        return
+    log("fitting the inverse-frequency tau (cross-fitted) ...")
+    taus = fit.fit_tau(steps.split, steps.folds, steps.fits, opts.chunk_rows)
+    steps.consider(f"+ inverse frequency tau {taus[steps.folds.full]:g}",
+                   [[p.replace(tau=t) for p, t in zip(steps.fits, taus)]])
+
+
+def _hierarchy_step(steps: _Steps, opts: EnsembleOptions, levels: Sequence[str], level_temps: list[dict] | None,
+                    num_runs: int, log: Callable) -> None:
+    """alpha/beta on top of each fit's genus/family temperatures (when calibrating)."""
+    genus, family = "genus" in levels, "family" in levels
+    heads = [lv for lv, used in (("genus", genus), ("family", family)) if used]
+
+    def calibrated(params: Params, j: int) -> Params:
+        if level_temps is None:
+            return params
+        return params.with_temperatures(**{lv: level_temps[j][lv] for lv in heads})
+
+    if isinstance(opts.hierarchy, tuple):
+        _check_hierarchy_levels(opts.hierarchy, levels)
+        alpha, beta = opts.hierarchy
+        steps.consider(f"+ given hierarchy alpha {alpha:g} beta {beta:g}",
+                       [[calibrated(p, j).replace(alpha=alpha, beta=beta) for j, p in enumerate(steps.fits)]],
+                       forced=True)
+        return
+    if opts.hierarchy != "fit":
+        return
+    if not heads:
+        log("hierarchy: skipped (not every run stores genus or family logits)")
+        return
+    if steps.too_few_rows("hierarchy", len(heads) * (1 + (num_runs if level_temps else 0))):
+        return
+    log("fitting the hierarchy alpha/beta (cross-fitted) ...")
+    bases = [calibrated(p, j) for j, p in enumerate(steps.fits)]
+    fitted = fit.fit_hierarchy(steps.split, steps.folds, bases, opts.chunk_rows, genus, family)
+    alpha, beta = fitted[steps.folds.full]
+    steps.consider(f"+ hierarchy alpha {alpha:g} beta {beta:g}" + (" (per-level T)" if level_temps else ""),
+                   [[b.replace(alpha=a, beta=bb) for b, (a, bb) in zip(bases, fitted)]])
