@@ -238,6 +238,6 @@ def test_export_refuses_what_it_cannot_bundle(tmp_path, capsys):
         fitted_params({**record, "mode": "vote"}, 1)
     with pytest.raises(HerbensError, match="1 weights for 2 members"):
         fitted_params(record, 2)
-    with pytest.raises(HerbensError, match="malformed fitted value 'tau'"):
+    with pytest.raises(HerbensError, match="missing key 'tau'"):
         fitted_params({k: v for k, v in record.items() if k != "tau"}, 1)
     assert not (tmp_path / "b").exists()

@@ -194,8 +194,8 @@ class Params:
                 temps = {lv: temps for lv in LEVELS}
             temps = {lv: np.asarray(t, dtype=np.float64) for lv, t in temps.items()}
             params = cls(weights, temps, float(data.get("scale", 1.0)), str(data.get("space", "logit")),
-                         float(data.get("tau", 0.0)), float(data.get("alpha", 0.0)),
-                         float(data.get("beta", 0.0)), str(data.get("mode", "mean")), int(data.get("vote_k", 5)))
+                         float(data["tau"]), float(data["alpha"]), float(data["beta"]),
+                         str(data.get("mode", "mean")), int(data.get("vote_k") or 5))
         except KeyError as exc:
             raise HerbensError(f"ensemble params: missing key {exc}") from None
         except (TypeError, ValueError) as exc:
