@@ -20,8 +20,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
+from herbens import __version__
 from herbens.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from herbens.config import save_config
+from herbens.config import check_resume, load_run_config, save_config
 from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader, train_loader
 from herbens.data.run_data import RunData, load_run_data
@@ -33,7 +34,6 @@ from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
 from herbens.infer import write_split_logits
 from herbens.losses import build_criterion
-from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
 from herbens.models.net import build_model
 from herbens.optim import build_optimizer, build_schedule, scaled_lr
@@ -50,6 +50,8 @@ def prepare_run_dir(cfg: dict, resume: bool, overwrite: bool) -> Path:
                                f"--overwrite to start again, or choose another name=...")
     if resume and latest_checkpoint(run_dir) is None:
         raise HerbensError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if resume:
+        check_resume(load_run_config(run_dir), cfg, run_dir)
     return run_dir
 
 
@@ -82,12 +84,17 @@ def git_revision() -> str | None:
 
 
 def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
-    """Config, taxonomy and split: what makes the run reproducible."""
+    """Config, provenance, taxonomy and split: what makes the run reproducible.
+
+    ``config.yaml`` is the resolved recipe alone, so it loads back through the schema
+    (:func:`herbens.config.load_run_config`); what produced it goes to ``provenance.json``.
+    """
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HerbensError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from exc
-    save_config({**cfg, "git_revision": git_revision()}, run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml")
+    write_json(run_dir / "provenance.json", {"git_revision": git_revision(), "herbens_version": __version__})
     data.taxonomy.save(run_dir / "taxonomy.json")
     save_split(run_dir / "split.csv", data.val["image_id"].tolist())
 
@@ -150,7 +157,6 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
         write_run_header(run_dir, cfg, data)
     accelerator.wait_for_everyone()
     levels = tuple(cfg["levels"])
-    check_mixup_compatible(cfg["levels"], cfg["augment"])
 
     model = build_model(cfg, data.taxonomy)
     data_config = model_data_config(model.data_config, cfg["input"])
