@@ -24,7 +24,7 @@ def model_data_config(model_data_config: dict, input_cfg: dict) -> dict:
     height, width = input_cfg["size"]
     config = dict(model_data_config)
     config["input_size"] = (3, height, width)
-    if input_cfg.get("crop_pct") is not None:
+    if input_cfg["crop_pct"] is not None:
         config["crop_pct"] = float(input_cfg["crop_pct"])
     return config
 
