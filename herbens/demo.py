@@ -19,6 +19,7 @@ from herbens.config import load_config
 from herbens.data.taxonomy import Taxonomy
 from herbens.fileio import atomic_write, read_json, write_json
 from herbens.metrics import level_scores
+from herbens.recipes import loss_names
 
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
 DEMO_DATA = {"species": 30, "seed": 0, "long_edge": 256, "min_images": 6, "max_images": 60,
@@ -105,7 +106,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     for recipe in recipes:
         cfg = load_config(recipe, [f"data.root={root}", f"output_dir={workdir / 'runs'}"] + list(overrides or []))
         print(f"\n== training {cfg['name']} ({cfg['model']['backbone']}, species loss "
-              f"{cfg['levels']['species']['loss']}) ==")
+              f"{loss_names(cfg['levels']['species'])}) ==")
         t0 = time.perf_counter()
         run_dirs.append(fit(cfg, overwrite=True))
         times[cfg["name"]] = time.perf_counter() - t0

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData, load_run_data
@@ -154,11 +153,10 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
 
     from herbens.training import launched_on_cpus_only
 
+    from herbens.config import load_run_config
+
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        raise HerbensError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = yaml.safe_load(config_file.read_text())
+    cfg = load_run_config(run_dir)
     if data_root:
         cfg["data"]["root"] = data_root
     if batch_size:

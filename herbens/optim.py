@@ -15,6 +15,8 @@ from timm.scheduler import create_scheduler_v2
 from herbens.errors import HerbensError
 
 
+# The schedules build_schedule knows (the recipe schema checks scheduler.name against them).
+SCHEDULERS = ("cosine", "onecycle", "none")
 # timm optimizer names that take momentum and nesterov keywords.
 SGD_FAMILY = ("sgd", "sgdw", "sgdp", "momentum", "nesterov")
 

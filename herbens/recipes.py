@@ -57,11 +57,9 @@ def offline_config(cfg: dict) -> dict:
 
 
 def input_hw(cfg: dict) -> tuple[int, int]:
-    """The recipe's input ``(height, width)``; an int size means a square."""
-    size = cfg["input"]["size"]
-    if isinstance(size, int):
-        return size, size
-    return int(size[0]), int(size[1])
+    """The resolved recipe's input ``(height, width)``."""
+    height, width = cfg["input"]["size"]
+    return height, width
 
 
 # In-place functions that weight initialisation uses (tensor methods, torch.nn.init, timm's
@@ -200,7 +198,8 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
 
     Returns:
         ``name, file, backbone, input_size [h, w], params, params_m, trunk_params, gflops,
-        outputs {"embedding": D, level: C}, levels {level: {head, loss, weight}},
+        outputs {"embedding": D, level: C}, levels {level: {head, loss, weight}} (``head``: its
+        name; ``loss``: the loss names joined by ``+``),
         description``; ``gflops`` and ``outputs`` are None when not computed.
     """
     cfg = load_config(path)
@@ -222,7 +221,7 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         "trunk_params": trunk_params,
         "gflops": None if flop_count is None else round(flop_count / 1e9, 4),
         "outputs": outputs,
-        "levels": {level: {"head": spec["head"], "loss": spec["loss"], "weight": spec["weight"]}
+        "levels": {level: {"head": spec["head"]["name"], "loss": loss_names(spec), "weight": spec["weight"]}
                    for level, spec in cfg["levels"].items()},
         "description": header_comment(path),
     }
@@ -246,8 +245,13 @@ def list_recipes(names: list[str] | None = None, flops: bool = True,
     return [describe_recipe(p, flops=flops, trunk_cache=trunk_cache) for p in paths]
 
 
+def loss_names(level_spec: dict) -> str:
+    """A resolved level's losses as ``subcenter_arcface+ce``."""
+    return "+".join(node["name"] for node in level_spec["loss"])
+
+
 def losses_text(levels: dict) -> str:
-    """``species=ce genus=ce family=ce`` style summary of the per-level losses."""
+    """``species=ce genus=ce family=ce`` style summary of :func:`describe_recipe`'s levels."""
     return " ".join(f"{level}={spec['loss']}" for level, spec in levels.items())
 
 

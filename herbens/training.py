@@ -22,8 +22,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
+from herbens import __version__
 from herbens.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from herbens.config import save_config
+from herbens.config import check_resume, load_run_config, save_config
 from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader, train_loader
 from herbens.data.run_data import RunData, load_run_data
@@ -35,7 +36,6 @@ from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
 from herbens.infer import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
 from herbens.losses import build_criterion
-from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
 from herbens.models.net import build_model
 from herbens.preflight import Plan, run_preflight
@@ -43,7 +43,8 @@ from herbens.optim import build_optimizer, build_schedule, scaled_lr, epoch_upda
 
 
 # What a run writes before its first checkpoint; a folder holding nothing else is a failed start.
-START_FILES = ("config.yaml", "taxonomy.json", "split.csv", "history.jsonl", "checkpoints", "trackers")
+START_FILES = ("config.yaml", "provenance.json", "taxonomy.json", "split.csv", "history.jsonl", "checkpoints",
+               "trackers")
 
 
 def failed_start(run_dir: Path) -> bool:
@@ -102,7 +103,7 @@ def tracker_names(cfg: dict) -> list[str]:
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
-    names = [str(name) for name in cfg["train"].get("trackers") or []]
+    names = list(cfg["train"]["trackers"])
     known = [name for name in LoggerType.list() if name != "all"]
     for name in names:
         if name not in known:
@@ -118,11 +119,8 @@ def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
     from accelerate.utils import ProjectConfiguration
 
     run_dir = Path(run_dir or Path(cfg["output_dir"]) / str(cfg["name"]))
-    precision = str(cfg["train"]["precision"])
-    if precision not in ("no", "fp16", "bf16"):
-        raise HerbensError(f"train.precision must be no, fp16 or bf16, got {precision!r}")
     trackers = tracker_names(cfg)
-    return Accelerator(mixed_precision=precision, cpu=launched_on_cpus_only(),
+    return Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only(),
                        gradient_accumulation_steps=int(cfg["train"]["grad_accum"]),
                        log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=str(run_dir),
@@ -139,8 +137,13 @@ def git_revision() -> str | None:
 
 
 def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
-    """Config, taxonomy and split: what makes the run reproducible (the folder exists: preflight)."""
-    save_config({**cfg, "git_revision": git_revision()}, run_dir / "config.yaml")
+    """Config, provenance, taxonomy and split: what makes the run reproducible (the folder exists: preflight).
+
+    ``config.yaml`` is the resolved recipe alone, so it loads back through the schema
+    (:func:`herbens.config.load_run_config`); what produced it goes to ``provenance.json``.
+    """
+    save_config(cfg, run_dir / "config.yaml")
+    write_json(run_dir / "provenance.json", {"git_revision": git_revision(), "herbens_version": __version__})
     data.taxonomy.save(run_dir / "taxonomy.json")
     save_split(run_dir / "split.csv", data.val["image_id"].tolist())
 
@@ -205,7 +208,6 @@ class TrainingSetup:
 
 def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingSetup:
     """Model, loaders, loss, optimizer, schedule and EMA, prepared by Accelerate."""
-    check_mixup_compatible(cfg["levels"], cfg["augment"])
     model = build_model(cfg, data.taxonomy)
     data_config = model_data_config(model.data_config, cfg["input"])
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
@@ -240,6 +242,8 @@ def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
     accelerator = build_accelerator(cfg, run_dir)
     mode = start_mode(run_dir, resume, overwrite)
+    if mode == "resume":
+        check_resume(load_run_config(run_dir), cfg, run_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not dry and mode in ("clear", "overwrite"):
         if mode == "clear":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from herbens.config import BASE_RECIPE, load_config
 from herbens.data.samplers import PKBatchSampler, build_sampler
 from herbens.errors import HerbensError
 
@@ -43,10 +44,15 @@ def test_random_is_a_permutation():
     assert sorted(sampler) == list(range(len(LABELS)))
 
 
+PK = {"classes_per_batch": 3, "images_per_class": 2}
+
+
 @pytest.mark.parametrize("name", ["random", "class_balanced", "sqrt", "pk"])
 def test_deterministic_from_seed_and_epoch(name):
+    params = PK if name == "pk" else {}
+
     def draw(seed, epoch):
-        sampler = build_sampler(name, LABELS, seed=seed, classes_per_batch=3, images_per_class=2)
+        sampler = build_sampler(name, LABELS, seed=seed, **params)
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -54,7 +60,7 @@ def test_deterministic_from_seed_and_epoch(name):
     assert draw(7, 5) == draw(7, 5)
     assert draw(7, 0) != draw(7, 1)
     assert draw(7, 0) != draw(8, 0)
-    sampler = build_sampler(name, LABELS, seed=7, classes_per_batch=3, images_per_class=2)
+    sampler = build_sampler(name, LABELS, seed=7, **params)
     sampler.set_epoch(1)
     assert list(sampler) == list(sampler)  # iterating twice replays the epoch
 
@@ -116,7 +122,7 @@ def test_pk_rank_shards_are_disjoint_batches_of_one_epoch():
 def test_errors_are_loud():
     with pytest.raises(HerbensError, match="unknown sampler 'balanced'"):
         build_sampler("balanced", LABELS, seed=0)
-    with pytest.raises(HerbensError, match="unknown parameter.*classes_per_batc\\b"):
+    with pytest.raises(HerbensError, match="sampler pk: .*'classes_per_batc'"):
         build_sampler("pk", LABELS, seed=0, classes_per_batc=2)
     with pytest.raises(HerbensError, match="only 6 classes"):
         build_sampler("pk", LABELS, seed=0, classes_per_batch=7)
@@ -126,9 +132,13 @@ def test_errors_are_loud():
         build_sampler("random", np.array([0, -1, 2]), seed=0)
 
 
-def test_recipe_sampler_block_is_accepted_by_every_sampler():
-    block = {"alpha": 0.5, "classes_per_batch": 2, "images_per_class": 2}
-    for name in ("random", "class_balanced", "sqrt", "pk"):
-        sampler = build_sampler(name, LABELS, seed=0, **block)
-        sampler.set_epoch(1)
-        assert len(list(sampler)) == len(sampler)
+@pytest.mark.parametrize("name", ["random", "class_balanced", "sqrt", "power", "pk"])
+def test_every_sampler_builds_from_its_resolved_recipe_node(name):
+    node = load_config(BASE_RECIPE, [f"sampler={name}", "sampler.classes_per_batch=2"] if name == "pk" else
+                       [f"sampler={name}"])["sampler"]
+    params = {k: v for k, v in node.items() if k != "name"}
+    assert set(params) == ({"alpha"} if name in ("sqrt", "power") else
+                           {"classes_per_batch", "images_per_class"} if name == "pk" else set())
+    sampler = build_sampler(node["name"], LABELS, seed=0, **params)
+    sampler.set_epoch(1)
+    assert len(list(sampler)) == len(sampler)

@@ -10,6 +10,7 @@ import yaml
 
 from conftest import train_tiny
 from herbens.cli import main as cli_main
+from herbens.config import load_run_config
 from herbens.data.metadata import load_test_metadata
 from herbens.data.taxonomy import Taxonomy
 from herbens.logits import read_logits
@@ -21,6 +22,8 @@ def test_run_directory_is_complete(tiny_run):
         assert (tiny_run / name).exists(), name
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert cfg["train"]["epochs"] == 2 and cfg["name"] == "tiny"
+    assert load_run_config(tiny_run) == cfg  # the run's config is a valid, complete recipe
+    assert set(json.loads((tiny_run / "provenance.json").read_text())) == {"git_revision", "herbens_version"}
     history = [json.loads(line) for line in (tiny_run / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(np.isfinite(h["train_loss"]) for h in history)
@@ -62,8 +65,13 @@ def test_existing_run_needs_resume_or_overwrite(tiny_herbarium, tmp_path, capsys
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"], flags=["--overwrite"]) == 0
 
 
-def test_resume_continues_to_more_epochs(tiny_herbarium, tmp_path):
+def test_resume_continues_to_more_epochs(tiny_herbarium, tmp_path, capsys):
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 0
+    # Another loss is not a resumable change: refused before anything runs, naming the key.
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=2", "levels.species.loss=seesaw"],
+                      flags=["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "levels.species.loss[0].name: run has 'ce', command line has 'seesaw'" in err and "train.epochs:" not in err
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=2"], flags=["--resume"]) == 0
     history = (tmp_path / "r" / "history.jsonl").read_text().splitlines()
     assert [json.loads(h)["epoch"] for h in history] == [1, 2]

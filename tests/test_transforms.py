@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from herbens.data.transforms import build_train_transform, build_tta_views, model_data_config, view_row_names
+from herbens.data.transforms import (build_train_transform, build_tta_views, model_data_config, parse_view,
+                                     view_row_names)
 from herbens.errors import HerbensError
 
 CONFIG = {"input_size": (3, 32, 24), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
@@ -74,8 +75,19 @@ def test_train_transform_with_rotation_and_non_square_size():
                "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "re_prob": 0.25}
     out = build_train_transform(config, augment)(gradient_sheet())
     assert tuple(out.shape) == (3, 40, 28) and torch.isfinite(out).all()
-    with pytest.raises(HerbensError, match="input.size"):
-        model_data_config(CONFIG, {"size": [40], "crop_pct": None})
+    # A bad input.size never gets here: the recipe schema refuses it at load (test_config.py).
+
+
+def test_view_names_parse_once_into_typed_values():
+    assert parse_view("tencrop@1.14") == ("tencrop", 1.14, None)
+    assert parse_view("rrc8") == ("rrc", None, 8)
+    assert parse_view("center") == ("center", None, None)
+    with pytest.raises(HerbensError, match=r"'centre' \(did you mean center\?\)"):
+        parse_view("centre")
+    with pytest.raises(HerbensError, match="rrc needs its number of crops"):
+        parse_view("rrc")
+    with pytest.raises(HerbensError, match="positive number"):
+        parse_view("center@x")
 
 
 def test_view_row_names_match_the_rows_each_view_gives():

@@ -104,14 +104,6 @@ def _loader_kwargs(num_workers: int) -> dict:
             "pin_memory": False}
 
 
-def _input_hw(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (list, tuple)) and len(size) == 2:
-        return int(size[0]), int(size[1])
-    raise HerbensError(f"input.size must be an int or [height, width], got {size!r}")
-
-
 def train_decode_size(cfg: dict) -> tuple[int, int] | None:
     """Smallest decoded ``(height, width)`` at which random-resized crops are never upsampled
     where the full-size image would not have been.
@@ -131,7 +123,7 @@ def train_decode_size(cfg: dict) -> tuple[int, int] | None:
         ``(height, width)`` for :class:`HerbariumDataset`'s ``decode_size``, or None when the
         augmentation allows arbitrarily small crops (``scale_min <= 0``).
     """
-    height, width = _input_hw(cfg["input"]["size"])
+    height, width = cfg["input"]["size"]
     scale_min = float(min(cfg["augment"]["scale"]))
     ratio_min, ratio_max = (float(r) for r in sorted(cfg["augment"]["ratio"]))
     if scale_min <= 0 or ratio_min <= 0:
@@ -149,22 +141,18 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     generator, which the trainer checkpoints.
     """
     labels = taxonomy.index_of(frame["category_id"].to_numpy())
-    sampler_cfg = dict(cfg["sampler"])
-    name = sampler_cfg.pop("name")
-    batch_size = int(cfg["train"]["batch_size"])
+    params = dict(cfg["sampler"])
+    sampler = build_sampler(params.pop("name"), labels, seed=cfg["seed"], **params)
     dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
                               bad_image_policy=cfg["data"]["bad_images"],
                               decode_size=train_decode_size(cfg), seed=cfg["seed"])
     kwargs = _loader_kwargs(cfg["data"]["num_workers"])
     kwargs["generator"] = torch.Generator().manual_seed(int(cfg["seed"]))
-    if name == "pk":
-        sampler = EpochKeys(build_sampler(name, labels, seed=cfg["seed"],
-                                          classes_per_batch=sampler_cfg["classes_per_batch"],
-                                          images_per_class=sampler_cfg["images_per_class"]), len(dataset))
-        return DataLoader(dataset, batch_sampler=sampler, **kwargs), sampler
-    params = {"alpha": sampler_cfg["alpha"]} if name in ("sqrt", "power") else {}
-    sampler = EpochKeys(build_sampler(name, labels, seed=cfg["seed"], **params), len(dataset))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs), sampler
+    keys = EpochKeys(sampler, len(dataset))
+    if keys.is_batch_sampler:  # P x K: the sampler makes the batches
+        return DataLoader(dataset, batch_sampler=keys, **kwargs), keys
+    return DataLoader(dataset, batch_size=cfg["train"]["batch_size"], sampler=keys, drop_last=True,
+                      **kwargs), keys
 
 
 def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cfg: dict,

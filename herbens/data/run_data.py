@@ -39,7 +39,7 @@ def load_run_data(cfg: dict, run_dir: Path, reuse_split: bool) -> RunData:
         raise HerbensError(f"{train_file} gives a different taxonomy than the run's {saved} "
                            f"({taxonomy.hash} vs {Taxonomy.load(saved).hash}): wrong data.root?")
     images = meta.images
-    if cfg["data"].get("limit_train"):
+    if cfg["data"]["limit_train"]:
         images = images.sort_values("image_id").head(int(cfg["data"]["limit_train"]))
     split_file = run_dir / "split.csv"
     if reuse_split and split_file.exists():

@@ -101,6 +101,15 @@ class PowerSampler(EpochSampler):
         return self.rng().choice(len(self.labels), size=self.num_samples, replace=True, p=self.sample_probs)
 
 
+class ClassBalancedSampler(PowerSampler):
+    """Every class equally likely (:class:`PowerSampler` with ``alpha = 0``)."""
+
+    def __init__(self, labels, seed: int, num_samples: int | None = None, num_replicas: int = 1,
+                 rank: int = 0):
+        super().__init__(labels, seed, alpha=0.0, num_samples=num_samples, num_replicas=num_replicas,
+                         rank=rank)
+
+
 class PKBatchSampler(EpochSampler):
     """Batches of P distinct classes x K images each (for metric losses such as AMS).
 
@@ -160,11 +169,10 @@ class PKBatchSampler(EpochSampler):
         return np.lexsort((keys, self.labels))
 
 
-SAMPLERS = {"random", "class_balanced", "sqrt", "power", "pk"}
-# Keys of the recipe's `sampler` block (minus `name`) plus the rank keys. A sampler ignores the
-# keys meant for the others; any other key is an error.
-_KNOWN_PARAMS = {"alpha", "classes_per_batch", "images_per_class", "num_samples", "num_batches",
-                 "num_replicas", "rank"}
+# Recipe name -> sampler; a sampler's recipe parameters are its constructor's keywords.
+SAMPLERS: dict[str, type[EpochSampler]] = {
+    "random": RandomSampler, "class_balanced": ClassBalancedSampler, "sqrt": PowerSampler,
+    "power": PowerSampler, "pk": PKBatchSampler}
 
 
 def build_sampler(name: str, labels, seed: int, **params) -> EpochSampler:
@@ -175,28 +183,19 @@ def build_sampler(name: str, labels, seed: int, **params) -> EpochSampler:
             alpha 0.5 by default) | ``pk`` (a batch sampler: ``is_batch_sampler`` is True).
         labels: species index of every training position.
         seed: the run's seed.
-        **params: the recipe's ``sampler`` block (``alpha``, ``classes_per_batch``,
-            ``images_per_class``) plus ``num_replicas``/``rank``, optional ``num_samples``
+        **params: the rest of the recipe's ``sampler`` node (``alpha``, ``classes_per_batch``,
+            ``images_per_class``), plus ``num_replicas``/``rank``, optional ``num_samples``
             (weighted samplers) or ``num_batches`` (pk).
 
     Raises:
         HerbensError: unknown sampler or parameter.
     """
-    unknown = sorted(set(params) - _KNOWN_PARAMS)
-    if unknown:
-        raise HerbensError(f"sampler: unknown parameter(s) {', '.join(unknown)}; "
-                           f"accepted: {', '.join(sorted(_KNOWN_PARAMS))}")
-    shard_args = dict(num_replicas=params.get("num_replicas", 1), rank=params.get("rank", 0))
-    if name == "random":
-        return RandomSampler(labels, seed, **shard_args)
-    if name in ("class_balanced", "sqrt", "power"):
-        alpha = 0.0 if name == "class_balanced" else params.get("alpha", 0.5)
-        return PowerSampler(labels, seed, alpha=alpha, num_samples=params.get("num_samples"), **shard_args)
-    if name == "pk":
-        return PKBatchSampler(labels, seed, classes_per_batch=params.get("classes_per_batch", 16),
-                              images_per_class=params.get("images_per_class", 4),
-                              num_batches=params.get("num_batches"), **shard_args)
-    raise HerbensError(f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+    if name not in SAMPLERS:
+        raise HerbensError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    try:
+        return SAMPLERS[name](labels, seed, **params)
+    except TypeError as exc:
+        raise HerbensError(f"sampler {name}: {exc}") from None
 
 
 def power_sample_probs(labels: np.ndarray, alpha: float) -> np.ndarray:

@@ -6,6 +6,7 @@ ImageNet statistics); the input size comes from the recipe and may be non-square
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Callable
 
@@ -20,20 +21,12 @@ from herbens.errors import HerbensError
 
 def model_data_config(model_data_config: dict, input_cfg: dict) -> dict:
     """The model's timm data config with the recipe's input size (and crop_pct) applied."""
-    height, width = _size(input_cfg["size"])
+    height, width = input_cfg["size"]
     config = dict(model_data_config)
     config["input_size"] = (3, height, width)
-    if input_cfg.get("crop_pct") is not None:
+    if input_cfg["crop_pct"] is not None:
         config["crop_pct"] = float(input_cfg["crop_pct"])
     return config
-
-
-def _size(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-        return int(size[0]), int(size[1])
-    raise HerbensError(f"input.size must be an int or [height, width], got {size!r}")
 
 
 def build_train_transform(data_config: dict, augment: dict) -> Callable:
@@ -148,16 +141,35 @@ class FixedResizedCrops:
         return torch.stack(crops)
 
 
-def _parse_view(name: str) -> tuple[str, float | None, int | None]:
-    """``kind[@scale]`` or ``rrcN``: e.g. ``center``, ``tencrop@1.14``, ``rrc8``."""
-    kind, _, scale = name.partition("@")
+VIEW_KINDS = ("center", "hflip", "vflip", "full", "letterbox", "fivecrop", "tencrop", "rrcN")
+
+
+def parse_view(name: str) -> tuple[str, float | None, int | None]:
+    """``kind[@scale]`` or ``rrcN`` -> ``(kind, scale or None, count or None)``.
+
+    The one parser of test-time view names (the recipe schema checks ``infer.tta`` with it).
+
+    Raises:
+        HerbensError: an unknown kind (with the closest known one), a bad or non-positive
+            scale, or ``rrc`` without its count.
+    """
+    kind, _, scale = str(name).partition("@")
     count = None
-    if kind.startswith("rrc") and kind[3:].isdigit():
+    if kind.startswith("rrc") and kind[3:].isdigit() and int(kind[3:]) > 0:
         kind, count = "rrc", int(kind[3:])
+    elif kind not in VIEW_KINDS[:-1]:
+        close = difflib.get_close_matches(kind, VIEW_KINDS, n=1, cutoff=0.5)
+        hint = (" (rrc needs its number of crops, e.g. rrc8)" if kind.startswith("rrc") else
+                f" (did you mean {close[0]}?)" if close else "")
+        raise HerbensError(f"unknown test-time view {name!r}{hint}; known: {', '.join(VIEW_KINDS)}, "
+                           f"each optionally @SCALE")
     try:
-        return kind, float(scale) if scale else None, count
+        value = float(scale) if scale else None
     except ValueError:
-        raise HerbensError(f"test-time view {name!r}: scale after '@' must be a number") from None
+        value = -1.0
+    if value is not None and not value > 0:
+        raise HerbensError(f"test-time view {name!r}: the scale after '@' must be a positive number")
+    return kind, value, count
 
 
 _MULTI_CROP_ROWS = {"fivecrop": 5, "tencrop": 10}
@@ -167,7 +179,7 @@ def view_row_names(names: list[str]) -> list[str]:
     """One name per row the views produce: ``fivecrop`` gives ``fivecrop/0`` .. ``fivecrop/4``."""
     rows = []
     for name in names:
-        kind, _, count = _parse_view(name)
+        kind, _, count = parse_view(name)
         count = count if kind == "rrc" else _MULTI_CROP_ROWS.get(kind, 1)
         rows += [name] if count == 1 else [f"{name}/{i}" for i in range(count)]
     return rows
@@ -185,7 +197,7 @@ def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | 
     _, height, width = data_config["input_size"]
     need = (1, 1)
     for name in views:
-        kind, scale, _ = _parse_view(name)
+        kind, scale, _ = parse_view(name)
         if kind in ("center", "hflip", "vflip", "fivecrop", "tencrop"):
             side = math.ceil(min(height, width) * (scale or _default_scale(data_config)))
             size = (side, side)
@@ -210,7 +222,7 @@ def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Call
     _, height, width = data_config["input_size"]
     out = []
     for name in names:
-        kind, scale, count = _parse_view(name)
+        kind, scale, count = parse_view(name)
         scale = scale or _default_scale(data_config)
         if kind == "center":
             view = _resize_crop(data_config, scale, T.CenterCrop((height, width)))
@@ -225,10 +237,7 @@ def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Call
             view = _resize_crop(data_config, scale, T.FiveCrop((height, width)))
         elif kind == "tencrop":
             view = _resize_crop(data_config, scale, T.TenCrop((height, width)))
-        elif kind == "rrc":
+        else:  # rrc (parse_view refuses anything else)
             view = FixedResizedCrops(data_config, count)
-        else:
-            raise HerbensError(f"unknown test-time view {name!r}; known: center, hflip, vflip, full, "
-                               "letterbox, fivecrop, tencrop, rrcN, each optionally @SCALE")
         out.append((name, view))
     return out

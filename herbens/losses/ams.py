@@ -77,6 +77,7 @@ class AMSLoss(LevelLoss):
     name = "ams"
     supports_soft_targets = False
     is_margin_loss = True
+    needs_class_batches = True  # an anchor without a positive in its batch contributes nothing
 
     def __init__(self, level: str, num_classes: int, counts=None, margin: float = 0.0,
                  temperature: float = 0.1, label_smoothing: float = 0.1, metric_weight: float = 1.0):

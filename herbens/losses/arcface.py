@@ -17,8 +17,8 @@ from herbens.losses.base import LevelLoss
 class SubCenterArcFaceMarginLoss(LevelLoss):
     """Returns ``outputs[f"{level}_margin_loss"]`` (hard labels only).
 
-    The margin, scale and sub-centers are head parameters
-    (``levels.<level>.head_params``), not loss parameters.
+    The margin, scale and sub-centers are parameters of the head node
+    (``levels.<level>.head``), not of the loss.
     """
 
     name = "subcenter_arcface"

@@ -12,8 +12,9 @@ from herbens.errors import HerbensError
 class LevelLoss(nn.Module):
     """Base of every per-level loss: ``loss(outputs: dict, target: Tensor) -> scalar``.
 
-    Class attributes tell the criterion and the trainer what a loss can take:
-    ``supports_soft_targets`` (mixup/cutmix ``[B, C]`` targets) and ``is_margin_loss``.
+    Class attributes tell the criterion and the recipe checks what a loss can take:
+    ``supports_soft_targets`` (mixup/cutmix ``[B, C]`` targets), ``is_margin_loss`` and
+    ``needs_class_batches`` (several images of a class per batch: the ``pk`` sampler).
 
     Args:
         level: the level whose logits ``outputs[level]`` this loss reads.
@@ -24,6 +25,7 @@ class LevelLoss(nn.Module):
     name = "?"
     supports_soft_targets = True
     is_margin_loss = False
+    needs_class_batches = False
 
     def __init__(self, level: str, num_classes: int, counts=None):
         super().__init__()
@@ -51,12 +53,12 @@ class LevelLoss(nn.Module):
         return f"level={self.level!r}, num_classes={self.num_classes}"
 
 
-def mixup_error(loss_cls, level: str) -> str:
+def mixup_error(loss_cls, level: str, key: str | None = None) -> str:
     """The message for a hard-label loss that is handed mixup/cutmix soft targets."""
     kind = "margin loss" if loss_cls.is_margin_loss else "loss"
-    return (f"mixup/cutmix cannot be combined with {kind} {loss_cls.name} on level {level} "
-            f"(it needs hard labels): set augment.mixup=0 and augment.cutmix=0, or change "
-            f"levels.{level}.loss")
+    key = key or f"levels.{level}.loss"
+    return (f"{key}: mixup/cutmix cannot be combined with {kind} {loss_cls.name} on level {level} "
+            f"(it needs hard labels): set augment.mixup=0 and augment.cutmix=0, or change {key}")
 
 
 def clamped_counts(counts, num_classes: int) -> np.ndarray:

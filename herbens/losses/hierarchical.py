@@ -21,12 +21,12 @@ class HierarchicalLoss(nn.Module):
     """Weighted sum of per-level losses.
 
     Args:
-        losses: per level, a built :class:`LevelLoss`.
+        losses: per level, its :class:`WeightedLosses`.
         weights: per level, its share of the total.
         level_maps: per level, species index -> level index (``Taxonomy.level_map``).
     """
 
-    def __init__(self, losses: dict[str, LevelLoss], weights: dict[str, float],
+    def __init__(self, losses: dict[str, WeightedLosses], weights: dict[str, float],
                  level_maps: dict[str, np.ndarray]):
         super().__init__()
         if not losses:
@@ -43,13 +43,17 @@ class HierarchicalLoss(nn.Module):
         """Total loss and detached per-level parts.
 
         Returns:
-            ``{"loss": weighted sum (to backprop), "<level>": unweighted level loss (detached)}``.
+            ``{"loss": weighted sum (to backprop), "<level>": the level's loss before its level
+            weight (detached)}``, plus ``"<level>/<name>"`` per term of a level with several
+            losses (unweighted, detached).
         """
         total = None
         parts = {}
         for level, loss_fn in self.losses.items():
-            value = loss_fn(outputs, self.level_target(level, targets))
+            value, terms = loss_fn(outputs, self.level_target(level, targets))
             parts[level] = value.detach()
+            if len(terms) > 1:
+                parts.update({f"{level}/{name}": term.detach() for name, term in zip(loss_fn.names, terms)})
             weighted = self.weights[level] * value
             total = weighted if total is None else total + weighted
         return {"loss": total, **parts}
@@ -79,23 +83,46 @@ class HierarchicalLoss(nn.Module):
         return getattr(self, name)
 
 
+class WeightedLosses(nn.Module):
+    """One level's list of losses, summed with their weights: ``sum_i w_i * loss_i``.
+
+    Args:
+        losses: the level's built losses (all on the same level).
+        weights: their weights.
+    """
+
+    def __init__(self, losses: list[LevelLoss], weights: list[float]):
+        super().__init__()
+        if not losses or len(losses) != len(weights):
+            raise HerbensError("a level needs at least one loss and one weight per loss")
+        self.terms = nn.ModuleList(losses)
+        self.weights = [float(w) for w in weights]
+        self.num_classes = losses[0].num_classes
+        self.names = [loss.name for loss in losses]
+
+    def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The weighted sum and each term's unweighted value."""
+        values = [loss(outputs, target) for loss in self.terms]
+        total = sum(w * v for w, v in zip(self.weights, values))
+        return total, values
+
+
 def check_mixup_compatible(levels_cfg: dict, augment_cfg: dict, losses: dict | None = None) -> None:
     """Refuse mixup/cutmix with a loss that needs hard labels (margin losses, Seesaw).
 
-    The trainer calls this at start-up, so the error comes before any compute is spent.
+    The recipe loader calls this, so the error comes before any compute is spent.
 
     Args:
-        levels_cfg: the recipe's ``levels`` block.
+        levels_cfg: the resolved recipe's ``levels`` block (each ``loss`` a list of nodes).
         augment_cfg: the recipe's ``augment`` block (``mixup`` and ``cutmix`` alphas).
         losses: name -> loss class registry (default: ``herbens.losses.LOSSES``).
     """
-    if not ((augment_cfg.get("mixup") or 0) > 0 or (augment_cfg.get("cutmix") or 0) > 0):
+    if not (augment_cfg["mixup"] > 0 or augment_cfg["cutmix"] > 0):
         return
     if losses is None:
         from herbens.losses import LOSSES as losses  # noqa: N811 (late import: avoids a cycle)
     for level, spec in levels_cfg.items():
-        if spec is None:
-            continue
-        cls = losses.get(spec.get("loss", "ce"))
-        if cls is not None and not cls.supports_soft_targets:
-            raise HerbensError(mixup_error(cls, level))
+        for i, node in enumerate(spec["loss"]):
+            cls = losses[node["name"]]
+            if not cls.supports_soft_targets:
+                raise HerbensError(mixup_error(cls, level, f"levels.{level}.loss[{i}]"))

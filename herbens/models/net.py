@@ -14,6 +14,7 @@ the rest full LR.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 
@@ -25,44 +26,65 @@ from torch import nn
 from herbens.errors import HerbensError
 from herbens.models.heads import build_head
 
-NECKS = ("none", "linear", "bnneck")
+class IdentityNeck(nn.Module):
+    """``none``: embedding and head input are the pooled trunk features."""
 
-
-class Neck(nn.Module):
-    """Embedding layer between trunk and heads.
-
-    Returns ``(embedding, head_input)``:
-
-    - ``none``: both are the pooled trunk features.
-    - ``linear``: both are ``Linear(features)``.
-    - ``bnneck`` (BagTricks, Luo et al. 2019): embedding = ``Linear(features)`` and head input =
-      ``BatchNorm1d(embedding)``. A metric loss (AMS) reads the embedding before BN and the
-      classifier sees it after BN, which keeps the two losses from pulling the same feature
-      space in different directions. The BN bias is frozen, as in BagTricks, so BN only
-      rescales and the classifier's decision boundaries stay through the origin.
-    """
-
-    def __init__(self, kind: str, in_dim: int, embedding_dim: int | None):
+    def __init__(self, in_dim: int):
         super().__init__()
-        if kind not in NECKS:
-            raise HerbensError(f"unknown neck {kind!r}; expected one of {', '.join(NECKS)}")
-        self.kind = kind
-        if kind == "none":
-            self.out_dim = in_dim
-            return
-        if not embedding_dim or embedding_dim <= 0:
-            raise HerbensError(f"neck {kind!r} needs a positive model.embedding_dim, got {embedding_dim!r}")
-        self.out_dim = int(embedding_dim)
-        self.fc = nn.Linear(in_dim, self.out_dim)
-        if kind == "bnneck":
-            self.bn = nn.BatchNorm1d(self.out_dim)
-            self.bn.bias.requires_grad_(False)
+        self.out_dim = int(in_dim)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kind == "none":
-            return features, features
+        return features, features
+
+
+class LinearNeck(nn.Module):
+    """``linear``: embedding = head input = ``Linear(features)``.
+
+    Args:
+        in_dim: trunk feature size.
+        embedding_dim: the embedding size.
+    """
+
+    def __init__(self, in_dim: int, embedding_dim: int = 512):
+        super().__init__()
+        if embedding_dim <= 0:
+            raise HerbensError(f"embedding_dim must be positive, got {embedding_dim!r}")
+        self.out_dim = int(embedding_dim)
+        self.fc = nn.Linear(in_dim, self.out_dim)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.fc(features)
-        return emb, (self.bn(emb) if self.kind == "bnneck" else emb)
+        return emb, emb
+
+
+class BNNeck(LinearNeck):
+    """``bnneck`` (BagTricks, Luo et al. 2019): embedding = ``Linear(features)``, head input =
+    ``BatchNorm1d(embedding)``.
+
+    A metric loss (AMS) reads the embedding before BN and the classifier sees it after BN,
+    which keeps the two losses from pulling the same feature space in different directions.
+    The BN bias is frozen, as in BagTricks, so BN only rescales and the classifier's decision
+    boundaries stay through the origin.
+    """
+
+    def __init__(self, in_dim: int, embedding_dim: int = 512):
+        super().__init__(in_dim, embedding_dim)
+        self.bn = nn.BatchNorm1d(self.out_dim)
+        self.bn.bias.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.fc(features)
+        return emb, self.bn(emb)
+
+
+NECKS: dict[str, type[nn.Module]] = {"none": IdentityNeck, "linear": LinearNeck, "bnneck": BNNeck}
+
+
+def build_neck(node: dict, in_dim: int) -> nn.Module:
+    """The neck of a resolved ``model.neck`` node ``{name, **params}``; returns
+    ``(embedding, head_input)`` from ``forward``."""
+    params = dict(node)
+    return NECKS[params.pop("name")](in_dim, **params)
 
 
 class HierarchicalNet(nn.Module):
@@ -71,12 +93,11 @@ class HierarchicalNet(nn.Module):
     Args:
         backbone: any timm model name (with or without a pretrained tag).
         level_classes: classes per level, e.g. ``{"species": 15501, "genus": 2564}``.
-        heads: per level, ``{"head": name, "head_params": {...}}`` (a recipe's level block may
-            be passed as is; other keys are ignored). A level missing here gets a linear head.
+        heads: per level, a head node ``{"name": ..., **params}``. A level missing here gets a
+            linear head.
         pretrained: load pretrained trunk weights (from the hub, or ``pretrained_file``).
         pretrained_file: local ``.pth``/``.safetensors`` weights for offline ``pretrained``.
-        neck: ``none`` | ``linear`` | ``bnneck``.
-        embedding_dim: neck output size (ignored for ``none``).
+        neck: a neck node, e.g. ``{"name": "bnneck", "embedding_dim": 512}``.
         drop_path_rate: stochastic depth in the trunk.
         drop_rate: dropout on the pooled features (timm's head dropout).
         channels_last: convert inputs (and the model, in :func:`build_model`) to NHWC.
@@ -86,7 +107,7 @@ class HierarchicalNet(nn.Module):
 
     def __init__(self, backbone: str, level_classes: dict[str, int], heads: dict[str, dict],
                  pretrained: bool = False, pretrained_file: str | Path | None = None,
-                 neck: str = "none", embedding_dim: int | None = None, drop_path_rate: float = 0.0,
+                 neck: dict | None = None, drop_path_rate: float = 0.0,
                  drop_rate: float = 0.0, channels_last: bool = False,
                  grad_checkpointing: bool = False, model_kwargs: dict | None = None):
         super().__init__()
@@ -96,9 +117,9 @@ class HierarchicalNet(nn.Module):
         self.trunk = create_trunk(backbone, pretrained, pretrained_file, drop_rate, drop_path_rate,
                                   model_kwargs)
         self.data_config = resolve_model_data_config(self.trunk)
-        self.neck = Neck(neck, trunk_out_dim(self.trunk), embedding_dim)
+        self.neck = build_neck(neck or {"name": "none"}, trunk_out_dim(self.trunk))
         self.heads = nn.ModuleDict({
-            level: _head_from_spec(level, heads.get(level) or {}, self.neck.out_dim, n)
+            level: build_head(self.neck.out_dim, n, **(heads.get(level) or {"name": "linear"}))
             for level, n in level_classes.items()})
         self.channels_last = channels_last
         if grad_checkpointing:
@@ -141,12 +162,9 @@ def create_trunk(backbone: str, pretrained: bool = False, pretrained_file: str |
     Offline weights use timm's own loader (``pretrained_cfg_overlay=dict(file=...)``), which
     drops the classifier and adapts input convolutions exactly as a hub download would.
     """
-    # Hub names ("hf-hub:org/repo") are resolved by timm itself.
-    if ":" not in backbone and not timm.is_model(backbone):
-        stem = backbone.split(".")[0].split("_")[0]
-        similar = timm.list_models(f"*{stem}*")[:10]
-        raise HerbensError(f"unknown timm model {backbone!r} (model.backbone)"
-                           + (f"; similar: {', '.join(similar)}" if similar else ""))
+    error = backbone_error(backbone)
+    if error:
+        raise HerbensError(f"model.backbone: {error}")
     kwargs = dict(model_kwargs or {}, pretrained=pretrained, num_classes=0)
     # Only passed when set: a few architectures take no dropout / stochastic-depth argument.
     if drop_rate:
@@ -170,6 +188,29 @@ def create_trunk(backbone: str, pretrained: bool = False, pretrained_file: str |
         raise HerbensError(f"could not load pretrained weights for {backbone!r} from {where}: {exc}") from exc
 
 
+def backbone_error(name: str) -> str | None:
+    """Why ``name`` is not a timm model (with close matches), or None when it is one.
+
+    A pretrained tag (``convnext_base.fb_in22k_ft_in1k_384``) must be one timm knows: an
+    unknown tag would otherwise fail only when the weights are fetched. Hub names
+    (``hf-hub:org/repo``) are resolved by timm itself.
+    """
+    if ":" in name:
+        return None
+    if "." in name:
+        known = timm.list_models(pretrained=True)
+        if name in known:
+            return None
+    else:
+        known = timm.list_models()
+        if timm.is_model(name):
+            return None
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    what = "pretrained tag" if "." in name and timm.is_model(name) else "timm model"
+    return (f"unknown {what} {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                         "; see timm.list_models()"))
+
+
 def trunk_out_dim(trunk: nn.Module) -> int:
     """Size of the trunk's pooled output with ``num_classes=0``.
 
@@ -182,35 +223,26 @@ def trunk_out_dim(trunk: nn.Module) -> int:
 def build_model(cfg: dict, taxonomy) -> HierarchicalNet:
     """Build the network from a resolved recipe's ``model`` and ``levels`` blocks.
 
-    Levels set to ``null`` get no head. ``model.compile`` is left to the trainer.
+    ``cfg`` is resolved (:func:`herbens.config.load_config`): every node filled, dropped levels
+    absent. ``model.compile`` is left to the trainer.
     """
     m = cfg["model"]
-    levels = {name: spec for name, spec in cfg["levels"].items() if spec is not None}
     net = HierarchicalNet(
         backbone=m["backbone"],
-        level_classes={level: taxonomy.num_classes(level) for level in levels},
-        heads={level: {"head": spec.get("head", "linear"), "head_params": spec.get("head_params") or {}}
-               for level, spec in levels.items()},
-        pretrained=bool(m.get("pretrained", False)),
-        pretrained_file=m.get("pretrained_file"),
-        neck=m.get("neck") or "none",
-        embedding_dim=m.get("embedding_dim"),
-        drop_path_rate=float(m.get("drop_path_rate") or 0.0),
-        drop_rate=float(m.get("drop_rate") or 0.0),
-        channels_last=bool(m.get("channels_last", False)),
-        grad_checkpointing=bool(m.get("grad_checkpointing", False)),
-        model_kwargs=m.get("model_kwargs") or {},
+        level_classes={level: taxonomy.num_classes(level) for level in cfg["levels"]},
+        heads={level: spec["head"] for level, spec in cfg["levels"].items()},
+        pretrained=m["pretrained"],
+        pretrained_file=m["pretrained_file"],
+        neck=m["neck"],
+        drop_path_rate=m["drop_path_rate"],
+        drop_rate=m["drop_rate"],
+        channels_last=m["channels_last"],
+        grad_checkpointing=m["grad_checkpointing"],
+        model_kwargs=m["model_kwargs"],
     )
     if net.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
-
-
-def _head_from_spec(level: str, spec: dict, in_dim: int, num_classes: int) -> nn.Module:
-    try:
-        return build_head(spec.get("head", "linear"), in_dim, num_classes, **(spec.get("head_params") or {}))
-    except HerbensError as exc:
-        raise HerbensError(f"levels.{level}: {exc}") from exc
 
 
 def _enable_grad_checkpointing(trunk: nn.Module, backbone: str) -> None:
