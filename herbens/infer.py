@@ -7,18 +7,27 @@ which rebuilds the model from the run's ``config.yaml`` and final weights.
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.transforms import build_tta_views, model_data_config, view_row_names
 from herbens.engine import predict_batches
 from herbens.errors import HerbensError
-from herbens.logits import open_logits_writer
+from herbens.logits import UNREADABLE_FALLBACKS, open_logits_writer
+
+#: ``infer.bad_images``: what a val/test row whose image cannot be decoded gets (under
+#: ``data.bad_images: skip``; ``error`` stops at the image). ``fail``: the split is not written
+#: and the error lists every unreadable image; ``prior``: the row holds each level's training
+#: log-prior and the store records the image as unreadable (every reader warns and lists it).
+INFER_BAD_IMAGES = ("fail", *UNREADABLE_FALLBACKS)
+DEFAULT_INFER_BAD_IMAGES = "prior"  # also for runs recorded before the key existed
 
 
 def _split_frame(data: RunData, split: str):
@@ -37,8 +46,12 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
 
     Batches stream straight into the logits store, so a full test split (210,407 x 15,501
     per level) never sits in memory; the split appears only once every row is written.
+    Rows whose image cannot be decoded (``data.bad_images: skip``) follow ``infer.bad_images``:
+    ``prior`` stores the training log-prior and records them as unreadable in ``meta.json``;
+    ``fail`` raises HerbensError listing them, and nothing is written.
     """
     views = list(views or cfg["infer"]["tta"])
+    policy = bad_images_policy(cfg)
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
         predict_loader(frame, images_dir, data.taxonomy if labelled else None,
@@ -53,14 +66,17 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
             pass
         accelerator.wait_for_everyone()
         return
+    ids = frame["image_id"].astype(str).tolist()
+    fallback = {level: prior_logits(data.taxonomy, level) for level in levels}
     with open_logits_writer(
-            run_dir, split, frame["image_id"].astype(str).tolist(),
+            run_dir, split, ids,
             {level: data.taxonomy.num_classes(level) for level in levels},
             {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views,
              "model": cfg["model"]["backbone"], "split": split},
             labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
             num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:
         for index, record in batches:
+            _substitute_unreadable(writer, index, record, fallback, keep_views, policy)
             order = np.argsort(index, kind="stable")
             for start, stop in _consecutive_runs(index[order]):
                 rows_here, first = order[start:stop], int(index[order[start]])
@@ -68,7 +84,57 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
                     writer.write(level, first, record[level][rows_here])
                     if keep_views:
                         writer.write_views(level, first, record[f"{level}.views"][rows_here])
+        _finish_unreadable(writer, ids, split, policy)
     accelerator.wait_for_everyone()
+
+
+def bad_images_policy(cfg: dict) -> str:
+    """The recipe's ``infer.bad_images`` (checked; the default for runs recorded without it)."""
+    policy = cfg["infer"].get("bad_images", DEFAULT_INFER_BAD_IMAGES)
+    if policy not in INFER_BAD_IMAGES:
+        raise HerbensError(f"infer.bad_images must be one of {', '.join(INFER_BAD_IMAGES)}, got {policy!r}")
+    return policy
+
+
+def prior_logits(taxonomy, level: str) -> np.ndarray:
+    """Log training frequency of each class of ``level`` (counts clamped to 1), float32.
+
+    The fallback scores of an unreadable image: what is known about it without its pixels.
+    Its softmax is the class frequencies and its argmax the most frequent class.
+    """
+    counts = np.maximum(np.asarray(taxonomy.level_counts(level), dtype=np.float64), 1.0)
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def _substitute_unreadable(writer, index: np.ndarray, record: dict, fallback: dict, keep_views: bool,
+                           policy: str) -> None:
+    """Overwrite, in ``record``, the scores of rows whose own image was unreadable.
+
+    Their scores come from another image (the dataset's replacement): they must never be
+    stored as this row's. Under ``fail`` the rows are only remembered, for the error at the end.
+    """
+    bad = np.flatnonzero(record.pop("unreadable", np.zeros(len(index), np.int64)))
+    if not len(bad):
+        return
+    writer.mark_unreadable(index[bad].tolist(), "prior" if policy == "fail" else policy)
+    for level, scores in fallback.items():
+        record[level][bad] = scores
+        if keep_views:
+            record[f"{level}.views"][bad] = scores
+
+
+def _finish_unreadable(writer, ids: list[str], split: str, policy: str) -> None:
+    """Fail the split (nothing is published) or warn with the count and ids of fallback rows."""
+    if not writer.unreadable_rows:
+        return
+    bad = [ids[r] for r in sorted(writer.unreadable_rows)]
+    shown = ", ".join(repr(i) for i in bad[:10]) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
+    if policy == "fail":
+        raise HerbensError(f"split '{split}': {len(bad)} image(s) cannot be decoded ({shown}); "
+                           "no logits written (infer.bad_images=fail). Fix or remove them "
+                           "(`herbens check` lists them), or set infer.bad_images=prior")
+    warnings.warn(f"split '{split}': {len(bad)} unreadable image(s) get the '{policy}' fallback and are "
+                  f"recorded as unreadable in the logits store: {shown}", BadImageWarning, stacklevel=3)
 
 
 def _consecutive_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
@@ -92,14 +158,25 @@ def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
     if not weights.exists():
         raise HerbensError(f"{run_dir} has no final weights (model.pt): has training finished?")
     model = build_model({**cfg, "model": {**cfg["model"], "pretrained": False}}, taxonomy)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign: any failure names the file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HerbensError(f"cannot load weights {weights}: {reason} (truncated or corrupt? "
+                           "retrain, or copy it again from where training wrote it)") from exc
     return model
 
 
 def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
               data_root: str | None = None, batch_size: int | None = None,
-              tta_space: str | None = None, keep_views: bool | None = None) -> None:
-    """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views)."""
+              tta_space: str | None = None, keep_views: bool | None = None,
+              bad_images: str | None = None) -> None:
+    """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views).
+
+    ``bad_images`` overrides the recipe's ``data.bad_images`` for this inference: ``fail``
+    (``data.bad_images: error``, stop at the first unreadable image) or ``prior`` (``skip`` with
+    ``infer.bad_images: prior``).
+    """
     from accelerate import Accelerator
 
     from herbens.training import launched_on_cpus_only
@@ -117,6 +194,9 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
         cfg["infer"]["tta_space"] = tta_space
     if keep_views is not None:
         cfg["infer"]["keep_views"] = keep_views
+    if bad_images is not None:
+        cfg["data"]["bad_images"] = "error" if bad_images == "fail" else "skip"
+        cfg["infer"]["bad_images"] = bad_images
     accelerator = Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only())
     data = load_run_data(cfg, run_dir, reuse_split=True)
     model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
@@ -140,9 +220,13 @@ def register(subparsers) -> None:
                         help="average views' logits or probabilities (default: the recipe's)")
     parser.add_argument("--keep-views", action=argparse.BooleanOptionalAction, default=None,
                         help="also store per-view logits (default: the recipe's infer.keep_views)")
+    parser.add_argument("--bad-images", choices=INFER_BAD_IMAGES, default=None,
+                        help="unreadable images: fail (stop naming the file) or prior (store the training "
+                             "prior for them and record them as unreadable); default: the recipe's")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    infer_run(args.run, args.split, args.tta, args.data_root, args.batch_size, args.tta_space, args.keep_views)
+    infer_run(args.run, args.split, args.tta, args.data_root, args.batch_size, args.tta_space, args.keep_views,
+              args.bad_images)
     return 0

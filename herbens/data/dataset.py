@@ -185,15 +185,18 @@ class HerbariumDataset(torch.utils.data.Dataset):
         transform: callable PIL image -> tensor; ``None`` returns the PIL image.
         bad_image_policy: ``"error"`` raises HerbensError naming the file; ``"skip"`` warns once
             per file, records it in ``bad_images`` and returns the next readable image
-            ((i + 1) % n, with that image's labels) so an epoch never dies.
+            ((i + 1) % n, with that image's labels) so an epoch never dies, flagging the
+            sample ``"unreadable": True`` so that prediction never stores those scores as the
+            unreadable image's own.
         decode_size: ``(height, width)`` the transform needs at least; enables reduced-scale
             JPEG decoding (see :func:`load_rgb`).
         views: list of callables PIL -> tensor used instead of ``transform`` for test-time
             augmentation; ``"image"`` is then a tensor [V, C, H, W] (a view returning several
             crops [K, C, H, W] contributes K rows).
 
-    Each sample is ``{"image", "species", "genus", "family", "index"}``; ``index`` is always the
-    requested position ``i`` so that predictions can be gathered back by position.
+    Each sample is ``{"image", "species", "genus", "family", "index", "unreadable"}``; ``index``
+    is always the requested position ``i`` so that predictions can be gathered back by position,
+    and ``unreadable`` says that the image at ``i`` could not be decoded (another was returned).
     """
 
     def __init__(self, frame: pd.DataFrame, images_dir: str | os.PathLike, taxonomy,
@@ -225,7 +228,7 @@ class HerbariumDataset(torch.utils.data.Dataset):
         image, position = self._load_readable(index)
         species, genus, family = (int(v) for v in self.labels[position])
         return {"image": self._apply(image), "species": species, "genus": genus, "family": family,
-                "index": index}
+                "index": index, "unreadable": position != index}
 
     def _load_readable(self, index: int) -> tuple[Image.Image, int]:
         """The image at ``index`` or, under "skip", the next readable one and its position."""

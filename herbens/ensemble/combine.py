@@ -31,10 +31,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.ensemble.submission import read_submission, write_submission
+from herbens.ensemble.integrity import forget_unreadable_labels, unreadable_record, warn_unverifiable_test
+from herbens.ensemble.submission import prepare_outputs, read_submission, write_submission
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
-from herbens.logits import LogitsSplit, logits_dir, read_logits
+from herbens.logits import LogitsSplit, check_finite, logits_dir, read_logits
 
 # Default chunk: about 16 MB of float32 per run and level (270 rows at 15,501 classes). Small
 # enough for the allocator to reuse freed blocks instead of faulting in fresh pages each
@@ -376,14 +377,7 @@ class AlignedSplit:
                 for v in range(arr.shape[1])]
 
     def _check_finite(self, block: np.ndarray, r: int, what: str, start: int) -> np.ndarray:
-        # A row sum is finite iff every value is (float16 values cannot overflow a float32 sum),
-        # and costs one read instead of a boolean matrix.
-        finite = np.isfinite(block.sum(axis=1))
-        if not finite.all():
-            bad = self.image_ids[start + int(np.argmin(finite))]
-            raise HerbensError(f"{self._split(r).where}: {what} logits are not finite "
-                               f"(NaN or inf; first at image id {bad!r})")
-        return block
+        return check_finite(block, self._split(r).where, what, self.image_ids[start:start + len(block)])
 
 
 def _read_float32(arr: np.ndarray, rows: slice | np.ndarray, view: int | None,
@@ -767,7 +761,10 @@ def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit
     opts = EnsembleOptions(weights, weight_objective, calibrate, tau, hierarchy, mode, int(vote_k), space,
                            int(top_k), None if chunk_rows is None else int(chunk_rows), align_by_category)
     opts.check(len(run_dirs))
+    prepare_outputs(_output_paths(Path(output)), log)
     runs = load_runs(run_dirs)
+    warn_unverifiable_test(runs)
+    unreadable = unreadable_record(runs)
     space_ = class_space(runs, align_by_category, log)
     if opts.chunk_rows is None:
         opts.chunk_rows = auto_chunk_rows(space_.num_classes)
@@ -780,6 +777,7 @@ def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit
     pred, top, top_scores = predict_split(test, params, opts.chunk_rows, opts.top_k, progress)
     paths = _write_outputs(Path(output), test, space_, pred, top, top_scores)
     summary = _summary(paths, runs, space_, opts, params, steps, val, test, levels, started)
+    summary["unreadable"] = unreadable  # fallback rows per run and split (see herbens.ensemble.integrity)
     write_json(paths["json"], summary)
     log(f"wrote {paths['submission']} ({len(test)} test images) and {paths['json']}")
     return summary
@@ -795,6 +793,7 @@ def _validation(runs: list[Run], space: ClassSpace, opts: EnsembleOptions, log: 
                                "ensemble (or pass --weights equal --no-calibrate --tau none --hierarchy none)")
         return None
     val = align_split(runs, "val", space, exact=False, log=log)
+    forget_unreadable_labels(val)
     if val.labels is None or not (val.labels >= 0).any():
         if opts.needs_val:
             raise HerbensError(f"run '{runs[0].path}': logits/val carry no labels (labels.npy), needed to "
