@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from herbens.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from herbens.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from herbens.config import save_config
 from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader, train_loader
@@ -174,7 +174,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     for obj in (schedule, state, criterion) + ((ema,) if ema is not None else ()):
         accelerator.register_for_checkpointing(obj)
     if resume:
-        load_checkpoint(accelerator, latest_checkpoint(run_dir))
+        resume_checkpoint(accelerator, run_dir)
 
     parts = TrainParts(accelerator, model, criterion, optimizer, schedule, levels,
                        mixup=build_mixup(cfg, data.taxonomy.num_classes("species")), ema=ema,

@@ -270,3 +270,44 @@ def test_ensemble_cleans_stale_temporaries_and_reports_orphans_and_overwrites(tm
 
 def test_prepare_outputs_is_silent_for_fresh_outputs(tmp_path):
     assert prepare_outputs({"submission": tmp_path / "a.csv", "json": tmp_path / "a.json"}, log=print) == []
+
+
+# ----- corrupt checkpoints and weights ------------------------------------------------------------
+
+def test_resume_falls_back_past_a_truncated_checkpoint(tiny_herbarium, tmp_path):
+    from conftest import train_tiny
+    from herbens.checkpoint import DamagedCheckpointWarning, checkpoint_dir, latest_checkpoint
+
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=ck", "train.epochs=2", "train.keep_checkpoints=2"]) == 0
+    run = tmp_path / "ck"
+    latest = latest_checkpoint(run)
+    older = sorted(p.name for p in checkpoint_dir(run).iterdir() if p.is_dir())[0]
+    assert older < latest.name
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(DamagedCheckpointWarning, match=rf"resuming from the older checkpoint {older}: "
+                                                      rf".*{latest.name}: SafetensorError"):
+        assert train_tiny(tiny_herbarium, tmp_path, extra=["name=ck", "train.epochs=3"], flags=["--resume"]) == 0
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 2 was trained again from epoch 1's state
+
+
+def test_resume_with_no_loadable_checkpoint_names_each(tiny_herbarium, tmp_path, capsys):
+    from conftest import train_tiny
+    from herbens.checkpoint import checkpoint_dir
+
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=ck1", "train.epochs=1", "train.keep_checkpoints=1"]) == 0
+    (folder,) = [p for p in checkpoint_dir(tmp_path / "ck1").iterdir() if p.is_dir()]
+    (folder / "model.safetensors").write_bytes(b"")
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=ck1", "train.epochs=2"], flags=["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint of {tmp_path / 'ck1'} can be loaded: {folder}:" in err
+
+
+def test_infer_with_truncated_weights_names_the_file(run_copy, capsys):
+    run, _ = run_copy
+    weights = run / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    assert main(["infer", str(run), "--split", "test"]) == 2
+    message = capsys.readouterr().err
+    assert f"herbens: error: cannot load weights {weights}:" in message
