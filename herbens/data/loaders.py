@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from herbens.data.dataset import HerbariumDataset
+from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, HerbariumDataset
 from herbens.data.samplers import build_sampler
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.transforms import eval_decode_size
@@ -97,6 +97,11 @@ class TrainingDataset(HerbariumDataset):
             return super().__getitem__(index)
 
 
+def max_image_pixels(cfg: dict) -> int | None:
+    """The recipe's ``data.max_image_pixels`` (the default for runs recorded without it)."""
+    return cfg["data"].get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+
+
 def _loader_kwargs(num_workers: int) -> dict:
     # Workers stay alive across epochs: re-forking them each epoch costs seconds per epoch.
     return {"num_workers": num_workers, "persistent_workers": num_workers > 0,
@@ -153,7 +158,8 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     batch_size = int(cfg["train"]["batch_size"])
     dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
                               bad_image_policy=cfg["data"]["bad_images"],
-                              decode_size=train_decode_size(cfg), seed=cfg["seed"])
+                              decode_size=train_decode_size(cfg), seed=cfg["seed"],
+                              max_pixels=max_image_pixels(cfg))
     kwargs = _loader_kwargs(cfg["data"]["num_workers"])
     kwargs["generator"] = torch.Generator().manual_seed(int(cfg["seed"]))
     if name == "pk":
@@ -183,6 +189,6 @@ def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cf
                                bad_image_policy=cfg["data"]["bad_images"],
                                decode_size=eval_decode_size(data_config, [name for name, _ in views])
                                if data_config else None,
-                               views=[fn for _, fn in views])
+                               views=[fn for _, fn in views], max_pixels=max_image_pixels(cfg))
     return DataLoader(dataset, batch_size=batch_size or int(cfg["infer"]["batch_size"]), shuffle=False,
                       **_loader_kwargs(cfg["data"]["num_workers"]))
