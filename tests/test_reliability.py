@@ -112,6 +112,45 @@ def test_unreadable_validation_image_is_left_out_of_the_score(run_copy):
     assert result["unreadable"] == [val_ids[0]]
 
 
+def write_with_unreadable(run: Path, split: str, n: int, bad_rows: list[int], labels=None) -> None:
+    from herbens.logits import open_logits_writer
+
+    tax = make_taxonomy()
+    scores = np.random.default_rng(1).normal(size=(n, 4))
+    with open_logits_writer(run, split, [f"{split}{i}" for i in range(n)], {"species": 4},
+                            {"taxonomy_hash": tax.hash}, labels=labels) as writer:
+        writer.write("species", 0, scores)
+        writer.mark_unreadable(bad_rows, "prior")
+
+
+def test_ensemble_leaves_unreadable_validation_rows_out_of_fitting(tmp_path):
+    run = write_run(tmp_path / "runs", "r", n_val=20)
+    write_with_unreadable(run, "val", 20, [4, 9], labels=np.arange(20) % 4)
+    with pytest.warns(UnreadableRowsWarning, match=r"split 'val': 2 image\(s\).*'val4', 'val9'"):
+        summary = ensemble_runs([run], tmp_path / "s.csv", weights="equal", calibrate=True, tau="none",
+                                hierarchy="none", progress=False, log=lambda _: None)
+    assert summary["val"]["images"] == 18
+    assert summary["unreadable"] == {"r": {"val": ["val4", "val9"]}}
+
+
+def test_unreadable_record_is_checked_on_write_and_read(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(HerbensError, match="unknown fallback 'zeros'"):
+        from herbens.logits import open_logits_writer
+
+        with open_logits_writer(run, "test", ["a"], {"species": 4}, {"taxonomy_hash": "0" * 16}) as writer:
+            writer.write("species", 0, np.zeros((1, 4)))
+            writer.mark_unreadable([0], "zeros")
+    write_with_unreadable(run, "test", 3, [1])
+    path = logits_dir(run, "test") / "meta.json"
+    meta = json.loads(path.read_text())
+    assert meta["unreadable"] == {"ids": ["test1"], "fallback": "prior"}
+    meta["unreadable"]["ids"] = ["nowhere"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(HerbensError, match="unreadable ids that are not .*'nowhere'"):
+        read_logits(run, "test")
+
+
 # ----- submission completeness --------------------------------------------------------------------
 
 def make_taxonomy() -> Taxonomy:
@@ -311,3 +350,20 @@ def test_infer_with_truncated_weights_names_the_file(run_copy, capsys):
     assert main(["infer", str(run), "--split", "test"]) == 2
     message = capsys.readouterr().err
     assert f"herbens: error: cannot load weights {weights}:" in message
+
+
+# ----- the README's reliability table names real tests --------------------------------------------
+
+def test_readme_reliability_table_names_existing_tests():
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", section)
+    assert len(named) >= 20
+    for file, test in named:
+        tree = ast.parse((root / "tests" / file).read_text(encoding="utf-8"))
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert test in defined, f"README names {file}::{test}, which does not exist"
