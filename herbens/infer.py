@@ -111,7 +111,8 @@ def _substitute_unreadable(writer, index: np.ndarray, record: dict, fallback: di
     """Overwrite, in ``record``, the scores of rows whose own image was unreadable.
 
     Their scores come from another image (the dataset's replacement): they must never be
-    stored as this row's. Under ``fail`` the rows are only remembered, for the error at the end.
+    stored as this row's. Under ``fail`` the prior is written too, but only the rows matter:
+    :func:`_finish_unreadable` then refuses the split, so nothing is published.
     """
     bad = np.flatnonzero(record.pop("unreadable", np.zeros(len(index), np.int64)))
     if not len(bad):
@@ -173,9 +174,9 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
               bad_images: str | None = None) -> None:
     """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views).
 
-    ``bad_images`` overrides the recipe's ``data.bad_images`` for this inference: ``fail``
-    (``data.bad_images: error``, stop at the first unreadable image) or ``prior`` (``skip`` with
-    ``infer.bad_images: prior``).
+    ``bad_images`` overrides the recipe for this inference: every image is tried
+    (``data.bad_images: skip``), then ``fail`` refuses the split listing every unreadable image
+    and ``prior`` stores the fallback for them (``infer.bad_images``).
     """
     from accelerate import Accelerator
 
@@ -195,7 +196,7 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
     if keep_views is not None:
         cfg["infer"]["keep_views"] = keep_views
     if bad_images is not None:
-        cfg["data"]["bad_images"] = "error" if bad_images == "fail" else "skip"
+        cfg["data"]["bad_images"] = "skip"
         cfg["infer"]["bad_images"] = bad_images
     accelerator = Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only())
     data = load_run_data(cfg, run_dir, reuse_split=True)
@@ -221,8 +222,8 @@ def register(subparsers) -> None:
     parser.add_argument("--keep-views", action=argparse.BooleanOptionalAction, default=None,
                         help="also store per-view logits (default: the recipe's infer.keep_views)")
     parser.add_argument("--bad-images", choices=INFER_BAD_IMAGES, default=None,
-                        help="unreadable images: fail (stop naming the file) or prior (store the training "
-                             "prior for them and record them as unreadable); default: the recipe's")
+                        help="unreadable images: fail (write nothing, list them all) or prior (store the "
+                             "training prior for them and record them as unreadable); default: the recipe's")
     parser.set_defaults(handler=_run)
 
 

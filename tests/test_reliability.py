@@ -96,6 +96,19 @@ def test_unreadable_image_under_fail_policy_writes_nothing(run_copy):
     np.testing.assert_array_equal(read_logits(run, "test").level("species"), before)  # old store kept
 
 
+def test_infer_command_line_bad_images_option(run_copy, capsys):
+    run, data = run_copy
+    test = load_test_metadata(data / "test_metadata.json")
+    truncate(data / "test_images" / test["file_name"].iloc[2])
+    bad_id = str(test["image_id"].iloc[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        assert main(["infer", str(run), "--split", "test", "--bad-images", "fail"]) == 2
+        assert f"1 image(s) cannot be decoded ('{bad_id}')" in capsys.readouterr().err
+        assert main(["infer", str(run), "--split", "test", "--bad-images", "prior"]) == 0
+    assert read_logits(run, "test").unreadable == [bad_id]
+
+
 def test_unreadable_validation_image_is_left_out_of_the_score(run_copy):
     run, data = run_copy
     val_ids = pd.read_csv(run / "split.csv", dtype=str)["image_id"].tolist()
