@@ -20,7 +20,7 @@ from herbens.data.run_data import RunData, load_run_data
 from herbens.data.transforms import build_tta_views, model_data_config, view_row_names
 from herbens.engine import predict_batches
 from herbens.errors import HerbensError
-from herbens.logits import UNREADABLE_FALLBACKS, open_logits_writer
+from herbens.logits import UNREADABLE_FALLBACKS, format_ids, open_logits_writer
 
 #: ``infer.bad_images``: what a val/test row whose image cannot be decoded gets (under
 #: ``data.bad_images: skip``; ``error`` stops at the image). ``fail``: the split is not written
@@ -129,7 +129,7 @@ def _finish_unreadable(writer, ids: list[str], split: str, policy: str) -> None:
     if not writer.unreadable_rows:
         return
     bad = [ids[r] for r in sorted(writer.unreadable_rows)]
-    shown = ", ".join(repr(i) for i in bad[:10]) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
+    shown = format_ids(bad)
     if policy == "fail":
         raise HerbensError(f"split '{split}': {len(bad)} image(s) cannot be decoded ({shown}); "
                            "no logits written (infer.bad_images=fail). Fix or remove them "

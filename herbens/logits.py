@@ -18,8 +18,8 @@ fallback (``prior``: the training log-prior of each level), never another image'
 
 Matrices reach 6.5 GB (210,407 x 15,501 x 2 bytes), so they are written block by block and read
 memory-mapped; the reader checks everything that is cheap (meta, shapes, sizes, ids and their
-recorded hash, dtype, levels, labels, the unreadable-rows record) and every consumer reads values
-through :meth:`LogitsSplit.rows` or :func:`check_finite`, which check each block they read.
+recorded hash, dtype, levels, labels, the unreadable-rows record) and every consumer passes each
+block of values it reads through :func:`check_finite`.
 The directory is assembled under a temporary name and renamed into place (``atomic_dir``),
 so a crash never leaves a half directory that a reader accepts.
 """
@@ -145,11 +145,6 @@ class LogitsSplit:
             raise HerbensError(f"{self.where}: no '{name}' logits (stored: {', '.join(self.levels)})")
         return self._arrays[name]
 
-    def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of ``name`` as float32, checked for finiteness (HerbensError)."""
-        block = np.asarray(self.level(name)[start:stop], dtype=np.float32)
-        return check_finite(block, self.where, name, self.image_ids[start:stop])
-
     def unreadable_mask(self) -> np.ndarray:
         """Boolean per row: True where the image was unreadable (a fallback row)."""
         bad = set(self.unreadable)
@@ -161,7 +156,7 @@ class LogitsSplit:
             fallback = self.meta["unreadable"].get("fallback", "?")
             warnings.warn(f"{self.where}: {len(self.unreadable)} image(s) were unreadable at inference; "
                           f"their rows hold the '{fallback}' fallback, not a prediction: "
-                          f"{_shown(self.unreadable)}", UnreadableRowsWarning, stacklevel=2)
+                          f"{format_ids(self.unreadable)}", UnreadableRowsWarning, stacklevel=2)
 
     def has_views(self, name: str) -> bool:
         """Whether per-view logits were kept for ``name``."""
@@ -191,7 +186,7 @@ def read_logits(run_dir: str | os.PathLike, split: str, mmap: bool = True, *,
 
     Returns:
         The checked LogitsSplit. Values are not checked for finiteness here (that would
-        read gigabytes): read them through :meth:`LogitsSplit.rows` or :func:`check_finite`.
+        read gigabytes): pass each block read through :func:`check_finite`.
 
     Raises:
         HerbensError: naming the run, the split and the problem (missing or half-written
@@ -303,10 +298,11 @@ def _check_unreadable_record(meta: dict, image_ids: list[str], where: str) -> No
     unknown = sorted(set(ids) - set(image_ids))
     if unknown or len(set(ids)) != len(ids):
         raise HerbensError(f"{where}: meta.json lists unreadable ids that are not (once) among its rows: "
-                           f"{_shown(unknown or ids)}")
+                           f"{format_ids(unknown or ids)}")
 
 
-def _shown(ids: Sequence[str], limit: int = 10) -> str:
+def format_ids(ids: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` ids for a message, with the total when there are more."""
     shown = ", ".join(repr(i) for i in list(ids)[:limit])
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 

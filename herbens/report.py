@@ -28,6 +28,7 @@ from herbens.errors import HerbensError
 from herbens.evaluate import (evaluate_predictions, format_anova, format_bins, format_group_table,
                               format_summary, load_predictions, unique_names)
 from herbens.fileio import atomic_write, read_json, write_json
+from herbens.logits import format_ids
 
 #: Per-epoch series drawn from history.jsonl: (key, y-axis label, title, file stem).
 HISTORY_PLOTS = (
@@ -139,7 +140,7 @@ def collect_entries(inputs: list[Path], solution=None, metadata=None, split: str
             entry.unreadable = list(pred.unreadable)
             if entry.unreadable:
                 notes.append(f"{path}: {len(entry.unreadable)} {split} image(s) were unreadable at inference "
-                             f"and are left out of its scores: {', '.join(entry.unreadable[:10])}")
+                             f"and are left out of its scores: {format_ids(entry.unreadable)}")
         except HerbensError as exc:
             notes.append(f"not scored: {exc}")
         entries.append(entry)
