@@ -266,8 +266,10 @@ def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, acceler
     val = read_logits(run_dir, "val") if "val" in cfg["infer"]["splits"] else None
     val_scores = {}
     if val is not None:
-        labels = np.asarray(val.labels)
-        val_scores = level_scores(labels, np.asarray(val.level("species")).argmax(axis=1), data.taxonomy)
+        val.warn_unreadable()
+        readable = ~val.unreadable_mask()  # fallback rows are not predictions: keep them out of the score
+        labels = np.asarray(val.labels)[readable]
+        val_scores = level_scores(labels, np.asarray(val.level("species")).argmax(axis=1)[readable], data.taxonomy)
     train_time = float(sum(r["epoch_time_s"] for r in state.history))
     device = accelerator.device
     write_json(run_dir / "metrics.json", {

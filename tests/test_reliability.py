@@ -164,6 +164,31 @@ def test_unreadable_record_is_checked_on_write_and_read(tmp_path):
         read_logits(run, "test")
 
 
+def test_training_with_an_unreadable_validation_image_scores_without_it(tiny_herbarium, tmp_path):
+    from conftest import TINY_OVERRIDES, train_tiny
+    from herbens.config import load_config
+    from herbens.data.run_data import load_run_data
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_herbarium, data)
+    cfg = load_config("demo_ce", [f"data.root={data}", *TINY_OVERRIDES])
+    split = load_run_data(cfg, tmp_path / "none", reuse_split=False)
+    truncate(split.images_dir / split.val["file_name"].iloc[0])
+    bad_id = str(split.val["image_id"].iloc[0])
+    with pytest.warns(UnreadableRowsWarning, match=rf"split 'val': 1 image\(s\).*'{bad_id}'"):
+        assert train_tiny(data, tmp_path, extra=["name=v", "train.epochs=1", "data.bad_images=skip"]) == 0
+    run = tmp_path / "v"
+    val = read_logits(run, "val")
+    assert val.unreadable == [bad_id]
+    keep = ~val.unreadable_mask()
+    accuracy = (np.asarray(val.level("species")).argmax(axis=1) == val.labels)[keep].mean()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["species_accuracy"] == pytest.approx(accuracy)
+    # Here the fallback row's prior guess happens to be right: counting it would change the score.
+    counted = (np.asarray(val.level("species")).argmax(axis=1) == val.labels).mean()
+    assert metrics["val"]["species_accuracy"] != pytest.approx(counted)
+
+
 # ----- submission completeness --------------------------------------------------------------------
 
 def make_taxonomy() -> Taxonomy:
