@@ -1,12 +1,15 @@
 """Resumable checkpoints: Accelerate's ``save_state`` folders plus a ``latest.json`` pointer.
 
 The pointer is written atomically only after every file of a checkpoint is on disk, so a
-run killed mid-save resumes from the previous complete checkpoint, never a partial one.
+run killed mid-save resumes from the previous complete checkpoint, never a partial one. A
+checkpoint damaged later (a truncated copy, a bad disk block) is found when it fails to load;
+:func:`resume_checkpoint` then falls back to the newest older one that loads, and says so.
 """
 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from herbens.errors import HerbensError
@@ -89,3 +92,51 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(accelerator, folder: Path) -> None:
     """Restore everything ``save_checkpoint`` saved (registered objects included)."""
     accelerator.load_state(str(folder))
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A checkpoint could not be loaded and an older one was used instead."""
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders the pointer vouches for, newest first: the one it names and older ones
+    (folders newer than it are saves that never finished)."""
+    pointer = checkpoint_dir(run_dir) / POINTER
+    info = read_json(pointer)
+    named = str(info.get("checkpoint", "")) if isinstance(info, dict) else ""
+    folders = sorted((p for p in checkpoint_dir(run_dir).iterdir() if p.is_dir() and p.name.startswith("epoch")),
+                     reverse=True)
+    return [p for p in folders if p.name <= named]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def resume_checkpoint(accelerator, run_dir: Path) -> Path:
+    """Load the newest complete checkpoint that loads; returns its folder.
+
+    A checkpoint that fails to load (truncated or corrupt file, missing file) is reported with
+    a :class:`DamagedCheckpointWarning` naming it and the reason, and the next older complete
+    one is tried: every object is restored again from that one, so nothing of the damaged
+    checkpoint survives a fallback.
+
+    Raises:
+        HerbensError: when the run has no checkpoint, or none of them loads (naming each).
+    """
+    candidates = _complete_checkpoints(run_dir) if (checkpoint_dir(run_dir) / POINTER).exists() else []
+    if not candidates:
+        raise HerbensError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    failures: list[str] = []
+    for folder in candidates:
+        try:
+            load_checkpoint(accelerator, folder)
+        except Exception as exc:  # noqa: BLE001 - any failure to load means this checkpoint is damaged
+            failures.append(f"{folder}: {_reason(exc)}")
+            continue
+        if failures:
+            warnings.warn(f"resuming from the older checkpoint {folder.name}: " + "; ".join(failures)
+                          + " (damaged: truncated or corrupt)", DamagedCheckpointWarning, stacklevel=2)
+        return folder
+    raise HerbensError(f"--resume: no checkpoint of {run_dir} can be loaded: " + "; ".join(failures))

@@ -181,8 +181,10 @@ def predict_batches(accelerator, model, loader, levels, desc: str = "predict", s
     batch), so rows land where they belong whatever the process count.
 
     ``record`` holds float32 numpy arrays: ``{level: [n, C]}``, ``"labels"`` (species index, -1
-    unknown), with ``keep_views`` ``"<level>.views": [n, V, C]`` and, with ``embedding``,
-    ``"embedding": [n, D]`` (:func:`combine_embedding_views`).
+    unknown), ``"unreadable"`` (1 where the dataset could not decode the row's own image and
+    returned another one: those scores belong to no row), with ``keep_views``
+    ``"<level>.views": [n, V, C]`` and, with ``embedding``, ``"embedding": [n, D]``
+    (:func:`combine_embedding_views`).
     """
     model.eval()
     bar = tqdm(total=len(loader), desc=desc, disable=not accelerator.is_main_process, leave=False)
@@ -193,6 +195,8 @@ def predict_batches(accelerator, model, loader, levels, desc: str = "predict", s
             images = images.flatten(0, 1)
         outputs = model(images)
         record = {"index": batch["index"], "labels": batch["species"]}
+        if "unreadable" in batch:  # int64: every backend gathers it (gloo has no bool all_gather)
+            record["unreadable"] = torch.as_tensor(batch["unreadable"]).to(torch.int64)
         for level in levels:
             logits = outputs[level].float()
             per_view = logits.view(-1, views, logits.shape[-1])

@@ -46,6 +46,7 @@ class Predictions:
     true: np.ndarray
     pred: np.ndarray
     taxonomy: Taxonomy
+    unreadable: list = ()  # ids of a run's fallback rows (unreadable images), left out of the scores
 
 
 # ----- scoring ----------------------------------------------------------------------------------
@@ -208,49 +209,53 @@ def _checked_solution_ids(solution: pd.DataFrame, taxonomy: Taxonomy, path) -> n
 
 # ----- runs ---------------------------------------------------------------------------------------
 
-def argmax_rows(matrix, chunk: int | None = None) -> np.ndarray:
+def argmax_rows(matrix, chunk: int | None = None, *, where: str = "logits",
+                ids: list[str] | None = None) -> np.ndarray:
     """Row-wise argmax of a (possibly memory-mapped) matrix, ``chunk`` rows at a time.
 
-    Blocks are converted to float32 because numpy's float16 argmax is about twice as slow.
+    Blocks are converted to float32 because numpy's float16 argmax is about twice as slow, and
+    each goes through the logits store's finiteness check (a NaN row has no argmax worth
+    scoring): HerbensError naming ``where`` and the first bad row's id (from ``ids``).
     """
+    from herbens.logits import check_finite
+
     if chunk is None:
         chunk = max(1, ARGMAX_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+    ids = ids if ids is not None else [f"row {i}" for i in range(len(matrix))]
     out = np.empty(len(matrix), dtype=np.int64)
     for start in range(0, len(matrix), chunk):
-        block = np.asarray(matrix[start:start + chunk], dtype=np.float32)
+        block = check_finite(np.asarray(matrix[start:start + chunk], dtype=np.float32), where, "species",
+                             ids[start:start + chunk])
         out[start:start + chunk] = block.argmax(axis=1)
     return out
 
 
 def run_predictions(run_dir: str | Path, split: str = "val"
-                    ) -> tuple[np.ndarray, np.ndarray, Taxonomy]:
+                    ) -> tuple[np.ndarray, np.ndarray, Taxonomy, list[str]]:
     """True and predicted species indices of a run's stored logits, with its taxonomy.
 
-    Images without a label (-1) are left out; a split without any labels is an error.
+    The store goes through the shared reader checks (:func:`herbens.logits.read_logits` with
+    the run's taxonomy: shapes, ids, hashes; every block read is checked for finiteness).
+    Images without a label (-1) are left out, and so are the rows of images that were
+    unreadable at inference (a fallback, not a prediction), with a warning; their ids are the
+    fourth value returned. A split without any labels is an error.
     """
     from herbens.logits import read_logits
 
     run_dir = Path(run_dir)
+    if not (run_dir / "taxonomy.json").exists():
+        raise HerbensError(f"run '{run_dir}': not a run directory (no taxonomy.json)")
     taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
-    logits = read_logits(run_dir, split)
-    stored_hash = (getattr(logits, "meta", None) or {}).get("taxonomy_hash")
-    if stored_hash not in (None, taxonomy.hash):
-        raise HerbensError(f"{run_dir}: logits/{split} were written for taxonomy {stored_hash}, "
-                           f"but taxonomy.json is {taxonomy.hash}")
-    scores = logits.level("species")
-    if scores.ndim != 2 or scores.shape[1] != taxonomy.num_classes("species"):
-        raise HerbensError(f"{run_dir}: logits/{split}/species has shape {tuple(scores.shape)}, "
-                           f"expected [N, {taxonomy.num_classes('species')}]")
+    logits = read_logits(run_dir, split, taxonomy=taxonomy)
     if logits.labels is None:
         raise _no_labels(run_dir, split)
     labels = np.asarray(logits.labels, dtype=np.int64)
-    if len(labels) != len(scores):
-        raise HerbensError(f"{run_dir}: logits/{split} has {len(scores)} rows but {len(labels)} labels")
-    known = labels >= 0
+    logits.warn_unreadable()
+    known = (labels >= 0) & ~logits.unreadable_mask()
     if not known.any():
         raise _no_labels(run_dir, split)
-    pred = argmax_rows(scores)
-    return labels[known], pred[known], taxonomy
+    pred = argmax_rows(logits.level("species"), where=logits.where, ids=logits.image_ids)
+    return labels[known], pred[known], taxonomy, logits.unreadable
 
 
 def _no_labels(run_dir: Path, split: str) -> HerbensError:
@@ -275,8 +280,8 @@ def load_predictions(path: str | Path, solution: str | Path | None = None,
     """
     path = Path(path)
     if path.is_dir():
-        true, pred, taxonomy = run_predictions(path, split)
-        return Predictions(path.name, path, "run", true, pred, taxonomy)
+        true, pred, taxonomy, unreadable = run_predictions(path, split)
+        return Predictions(path.name, path, "run", true, pred, taxonomy, unreadable)
     if not path.exists():
         raise HerbensError(f"{path}: no such run directory or submission file")
     if solution is None or metadata is None:
@@ -406,7 +411,7 @@ def evaluate_inputs(paths: list[Path], solution=None, metadata=None, split: str 
     loaded = [load_predictions(p, solution, metadata, split, cache, exclude_split) for p in paths]
     names = unique_names([p.name for p in loaded])
     return [{"name": name, "path": str(p.path), "kind": p.kind,
-             "taxonomy_hash": p.taxonomy.hash,
+             "taxonomy_hash": p.taxonomy.hash, "unreadable": list(p.unreadable),
              "metrics": evaluate_predictions(p.true, p.pred, p.taxonomy, k, min_images)}
             for name, p in zip(names, loaded)]
 

@@ -35,13 +35,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_siblings(path: Path) -> None:
-    """Delete temporary siblings of ``path`` left by writers that were killed.
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary siblings of ``path`` left by writers that were killed; returns them.
 
     A SIGKILL or a power cut inside a write leaves ``.<name>.tmp-<pid>`` (or ``.old-<pid>``)
     behind; for a logits directory that is gigabytes. Only those of processes that no longer
-    run on this machine are removed, so a live writer's files are never touched.
+    run on this machine are removed, so a live writer's files are never touched. Every atomic
+    write does this for its own path; a command with several outputs calls it for each at its
+    start, so that an output it does not write this time is cleaned too.
     """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
     for kind in ("tmp", "old"):
         for sibling in path.parent.glob(f".{path.name}.{kind}-*"):
             pid = sibling.name.rsplit("-", 1)[-1]
@@ -52,6 +58,9 @@ def _remove_stale_siblings(path: Path) -> None:
             else:
                 with contextlib.suppress(OSError):
                     sibling.unlink()
+            if not sibling.exists():
+                removed.append(sibling)
+    return removed
 
 
 def _discard(tmp: Path) -> None:
@@ -129,7 +138,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = True,
     """
     path = Path(path)
     _ensure_parent(path)
-    _remove_stale_siblings(path)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path, "tmp")
     try:
         with open(tmp, mode, **open_kwargs) as handle:
@@ -158,7 +167,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     _ensure_parent(path)
-    _remove_stale_siblings(path)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path, "tmp")
     old = _tmp_sibling(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)

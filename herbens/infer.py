@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.transforms import build_tta_views, model_data_config, view_row_names
 from herbens.engine import predict_batches
 from herbens.embeddings import open_embeddings_writer
 from herbens.errors import HerbensError
-from herbens.logits import open_logits_writer
+from herbens.logits import UNREADABLE_FALLBACKS, format_ids, open_logits_writer
+
+#: ``infer.bad_images``: what a val/test row whose image cannot be decoded gets (under
+#: ``data.bad_images: skip``; ``error`` stops at the image). ``fail``: the split is not written
+#: and the error lists every unreadable image; ``prior``: the row holds each level's training
+#: log-prior and the store records the image as unreadable (every reader warns and lists it).
+INFER_BAD_IMAGES = ("fail", *UNREADABLE_FALLBACKS)
 
 
 def _split_frame(data: RunData, split: str):
@@ -40,8 +48,12 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
 
     Batches stream straight into the logits store, so a full test split (210,407 x 15,501
     per level) never sits in memory; the split appears only once every row is written.
+    Rows whose image cannot be decoded (``data.bad_images: skip``) follow ``infer.bad_images``:
+    ``prior`` stores the training log-prior and records them as unreadable in ``meta.json``;
+    ``fail`` raises HerbensError listing them, and nothing is written.
     """
     views = list(views or cfg["infer"]["tta"])
+    policy = cfg["infer"]["bad_images"]
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
         predict_loader(frame, images_dir, data.taxonomy if labelled else None,
@@ -56,14 +68,17 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
             pass
         accelerator.wait_for_everyone()
         return
+    ids = frame["image_id"].astype(str).tolist()
+    fallback = {level: prior_logits(data.taxonomy, level) for level in levels}
     with open_logits_writer(
-            run_dir, split, frame["image_id"].astype(str).tolist(),
+            run_dir, split, ids,
             {level: data.taxonomy.num_classes(level) for level in levels},
             {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views,
              "model": cfg["model"]["backbone"], "split": split},
             labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
             num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:
         for index, record in batches:
+            _substitute_unreadable(writer, index, record, fallback, keep_views, policy)
             order = np.argsort(index, kind="stable")
             for start, stop in _consecutive_runs(index[order]):
                 rows_here, first = order[start:stop], int(index[order[start]])
@@ -71,6 +86,7 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
                     writer.write(level, first, record[level][rows_here])
                     if keep_views:
                         writer.write_views(level, first, record[f"{level}.views"][rows_here])
+        _finish_unreadable(writer, ids, split, policy)
     accelerator.wait_for_everyone()
 
 
@@ -113,6 +129,46 @@ def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_co
 def embedding_splits(data: RunData) -> list[str]:
     """The splits a run can embed: train and val, and test when test metadata exists."""
     return ["train", "val"] + (["test"] if data.test is not None else [])
+def prior_logits(taxonomy, level: str) -> np.ndarray:
+    """Log training frequency of each class of ``level`` (counts clamped to 1), float32.
+
+    The fallback scores of an unreadable image: what is known about it without its pixels.
+    Its softmax is the class frequencies and its argmax the most frequent class.
+    """
+    counts = np.maximum(np.asarray(taxonomy.level_counts(level), dtype=np.float64), 1.0)
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def _substitute_unreadable(writer, index: np.ndarray, record: dict, fallback: dict, keep_views: bool,
+                           policy: str) -> None:
+    """Overwrite, in ``record``, the scores of rows whose own image was unreadable.
+
+    Their scores come from another image (the dataset's replacement): they must never be
+    stored as this row's. Under ``fail`` the prior is written too, but only the rows matter:
+    :func:`_finish_unreadable` then refuses the split, so nothing is published.
+    """
+    bad = np.flatnonzero(record.pop("unreadable", np.zeros(len(index), np.int64)))
+    if not len(bad):
+        return
+    writer.mark_unreadable(index[bad].tolist(), "prior" if policy == "fail" else policy)
+    for level, scores in fallback.items():
+        record[level][bad] = scores
+        if keep_views:
+            record[f"{level}.views"][bad] = scores
+
+
+def _finish_unreadable(writer, ids: list[str], split: str, policy: str) -> None:
+    """Fail the split (nothing is published) or warn with the count and ids of fallback rows."""
+    if not writer.unreadable_rows:
+        return
+    bad = [ids[r] for r in sorted(writer.unreadable_rows)]
+    shown = format_ids(bad)
+    if policy == "fail":
+        raise HerbensError(f"split '{split}': {len(bad)} image(s) cannot be decoded ({shown}); "
+                           "no logits written (infer.bad_images=fail). Fix or remove them "
+                           "(`herbens check` lists them), or set infer.bad_images=prior")
+    warnings.warn(f"split '{split}': {len(bad)} unreadable image(s) get the '{policy}' fallback and are "
+                  f"recorded as unreadable in the logits store: {shown}", BadImageWarning, stacklevel=3)
 
 
 def _consecutive_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
@@ -136,18 +192,25 @@ def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
     if not weights.exists():
         raise HerbensError(f"{run_dir} has no final weights (model.pt): has training finished?")
     model = build_model({**cfg, "model": {**cfg["model"], "pretrained": False}}, taxonomy)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign: any failure names the file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HerbensError(f"cannot load weights {weights}: {reason} (truncated or corrupt? "
+                           "retrain, or copy it again from where training wrote it)") from exc
     return model
 
 
 def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
               data_root: str | None = None, batch_size: int | None = None,
               tta_space: str | None = None, keep_views: bool | None = None,
-              embeddings: bool = False) -> None:
+              embeddings: bool = False, bad_images: str | None = None) -> None:
     """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views).
 
     With ``embeddings`` (or the recipe's ``infer.embeddings``) also write its embeddings of the
-    train, val and test images.
+    train, val and test images. ``bad_images`` overrides the recipe for this inference: every
+    image is tried (``data.bad_images: skip``), then ``fail`` refuses the split listing every
+    unreadable image and ``prior`` stores the fallback for them (``infer.bad_images``).
     """
     from accelerate import Accelerator
 
@@ -165,13 +228,16 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
         cfg["infer"]["tta_space"] = tta_space
     if keep_views is not None:
         cfg["infer"]["keep_views"] = keep_views
+    if bad_images is not None:
+        cfg["data"]["bad_images"] = "skip"
+        cfg["infer"]["bad_images"] = bad_images
     accelerator = Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only())
     data = load_run_data(cfg, run_dir, reuse_split=True)
     model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
     data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])
     for split in splits:
         write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, views)
-    if embeddings or cfg["infer"].get("embeddings", False):
+    if embeddings or cfg["infer"]["embeddings"]:
         for split in embedding_splits(data):
             write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, views)
 
@@ -195,6 +261,9 @@ def register(subparsers) -> None:
                         help="also write L2-normalised embeddings of the train, val and test images to "
                              "runs/NAME/embeddings/<split>/ (for herbens retrieval)")
     parser.add_argument("--no-logits", action="store_true", help="write no logits (with --embeddings)")
+    parser.add_argument("--bad-images", choices=INFER_BAD_IMAGES, default=None,
+                        help="unreadable images: fail (write nothing, list them all) or prior (store the "
+                             "training prior for them and record them as unreadable); default: the recipe's")
     parser.set_defaults(handler=_run)
 
 
@@ -202,5 +271,5 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_logits and not args.embeddings:
         raise HerbensError("--no-logits leaves nothing to do without --embeddings")
     infer_run(args.run, [] if args.no_logits else args.split, args.tta, args.data_root, args.batch_size,
-              args.tta_space, args.keep_views, embeddings=args.embeddings)
+              args.tta_space, args.keep_views, embeddings=args.embeddings, bad_images=args.bad_images)
     return 0

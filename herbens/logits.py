@@ -8,11 +8,18 @@ A run's inference writes, per split, ``runs/<name>/logits/<split>/``:
 - ``image_ids.json``: the row order (list of str);
 - ``labels.npy`` (optional): int64 species index per row, -1 where unknown (test);
 - ``meta.json``: ``{"taxonomy_hash", "levels": {level: [rows, cols]}, "dtype": "float16",
-  "views": [...], "model", "split", "format_version": 1, ...}``.
+  "views": [...], "model", "split", "format_version": 1, "ids": {"count", "sha256"},
+  "unreadable": {"ids": [...], "fallback": "prior"}, ...}``.
+
+``ids`` records, at write time, how many images the split was written for and a hash of their
+ids (the test metadata's, for ``test``): a store that later lost or gained rows is refused.
+``unreadable`` lists the images that could not be decoded; their rows hold the documented
+fallback (``prior``: the training log-prior of each level), never another image's scores.
 
 Matrices reach 6.5 GB (210,407 x 15,501 x 2 bytes), so they are written block by block and read
-memory-mapped; the reader checks everything that is cheap (meta, shapes, sizes, ids, dtype,
-levels, labels) and leaves finiteness to the ensembler, which checks each chunk it reads.
+memory-mapped; the reader checks everything that is cheap (meta, shapes, sizes, ids and their
+recorded hash, dtype, levels, labels, the unreadable-rows record) and every consumer passes each
+block of values it reads through :func:`check_finite`.
 The directory is assembled under a temporary name and renamed into place (``atomic_dir``),
 so a crash never leaves a half directory that a reader accepts.
 """
@@ -20,7 +27,9 @@ so a crash never leaves a half directory that a reader accepts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
@@ -39,9 +48,51 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 _FP16_LIMIT = 65520.0  # the smallest magnitude that rounds to inf in float16
 
 
+#: Fallbacks for the rows of unreadable images (``infer.bad_images``): ``prior`` writes each
+#: level's training log-prior (softmax = the class frequencies, argmax = the most frequent class).
+UNREADABLE_FALLBACKS = ("prior",)
+
+
+class LogitsRecordWarning(UserWarning):
+    """A logits store's record says something every consumer must pass on to the user."""
+
+
+class UnreadableRowsWarning(LogitsRecordWarning):
+    """A logits split holds fallback rows for images that could not be decoded."""
+
+
 def logits_dir(run_dir: str | os.PathLike, split: str) -> Path:
     """Directory holding one split's logits inside a run directory."""
     return Path(run_dir) / "logits" / split
+
+
+def ids_digest(image_ids: Sequence[str]) -> str:
+    """Order-independent hash (sha256, first 16 hex) of a set of image ids."""
+    text = "\n".join(sorted(str(i) for i in image_ids))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_finite(block: np.ndarray, where: str, what: str, row_ids: Sequence[str]) -> np.ndarray:
+    """Refuse a block of scores holding NaN or inf; returns ``block`` unchanged.
+
+    Args:
+        block: ``[n, C]`` scores read from a store (float32).
+        where: how the store is named in the message (``LogitsSplit.where``).
+        what: which matrix (``species``, ``species view 2``, ...).
+        row_ids: the image id of each row of ``block``.
+
+    Raises:
+        HerbensError: naming the store, the matrix, the number of bad rows in the block and the
+            first image id.
+    """
+    # A row sum is finite iff every value is (float16 values cannot overflow a float32 sum),
+    # and costs one pass instead of a boolean matrix.
+    finite = np.isfinite(block.reshape(len(block), -1).sum(axis=1))
+    if not finite.all():
+        first = row_ids[int(np.argmin(finite))]
+        raise HerbensError(f"{where}: {what} logits are not finite in {int((~finite).sum())} row(s) "
+                           f"(NaN or inf; first at image id {first!r})")
+    return block
 
 
 # ----------------------------------------------------------------------------------------
@@ -57,6 +108,8 @@ class LogitsSplit:
         image_ids: row order, list of str (unique).
         meta: the parsed ``meta.json``.
         labels: int64 species index per row (-1 unknown), or None when not stored.
+        unreadable: ids of the rows whose image could not be decoded (they hold the fallback
+            named by ``meta["unreadable"]["fallback"]``), in row order; empty when none.
     """
 
     def __init__(self, run_dir: Path, split: str, path: Path, image_ids: list[str], meta: dict,
@@ -68,6 +121,7 @@ class LogitsSplit:
         self.image_ids = image_ids
         self.meta = meta
         self.labels = labels
+        self.unreadable: list[str] = list(meta.get("unreadable", {}).get("ids", []))
         self._arrays = arrays
         self._views = views
 
@@ -90,6 +144,19 @@ class LogitsSplit:
         if name not in self._arrays:
             raise HerbensError(f"{self.where}: no '{name}' logits (stored: {', '.join(self.levels)})")
         return self._arrays[name]
+
+    def unreadable_mask(self) -> np.ndarray:
+        """Boolean per row: True where the image was unreadable (a fallback row)."""
+        bad = set(self.unreadable)
+        return np.fromiter((i in bad for i in self.image_ids), dtype=bool, count=self.num_rows)
+
+    def warn_unreadable(self) -> None:
+        """Warn (:class:`UnreadableRowsWarning`) with the count and ids of fallback rows, if any."""
+        if self.unreadable:
+            fallback = self.meta["unreadable"].get("fallback", "?")
+            warnings.warn(f"{self.where}: {len(self.unreadable)} image(s) were unreadable at inference; "
+                          f"their rows hold the '{fallback}' fallback, not a prediction: "
+                          f"{format_ids(self.unreadable)}", UnreadableRowsWarning, stacklevel=2)
 
     def has_views(self, name: str) -> bool:
         """Whether per-view logits were kept for ``name``."""
@@ -119,11 +186,12 @@ def read_logits(run_dir: str | os.PathLike, split: str, mmap: bool = True, *,
 
     Returns:
         The checked LogitsSplit. Values are not checked for finiteness here (that would
-        read gigabytes); the ensembler checks each chunk it reads.
+        read gigabytes): pass each block read through :func:`check_finite`.
 
     Raises:
         HerbensError: naming the run, the split and the problem (missing or half-written
-            directory, bad meta, wrong shapes, truncated file, duplicate ids, ...).
+            directory, bad meta, wrong shapes, truncated file, duplicate ids, rows lost or
+            added since writing, a bad unreadable-rows record, another taxonomy, ...).
     """
     run_dir = Path(run_dir)
     path = logits_dir(run_dir, split)
@@ -141,6 +209,8 @@ def read_logits(run_dir: str | os.PathLike, split: str, mmap: bool = True, *,
             raise HerbensError(f"{where}: {level}.views.npy has {views[level].shape[2]} columns "
                                f"but {level}.npy has {arrays[level].shape[1]}")
     labels = _read_labels(path, meta, len(image_ids), arrays["species"].shape[1], where)
+    _check_ids_record(meta, image_ids, where)
+    _check_unreadable_record(meta, image_ids, where)
     if taxonomy is not None:
         _check_taxonomy(meta, arrays, taxonomy, where)
     return LogitsSplit(run_dir, split, path, image_ids, meta, arrays, views, labels)
@@ -198,6 +268,43 @@ def _read_ids(path: Path, where: str) -> list[str]:
     if len(set(ids)) != len(ids):
         raise HerbensError(f"{where}: duplicate image ids in image_ids.json: {_duplicates(ids)}")
     return ids
+
+
+def _check_ids_record(meta: dict, image_ids: list[str], where: str) -> None:
+    """The ids must still be those the split was written for (count and hash)."""
+    record = meta.get("ids")
+    if record is None:
+        return  # written before the record existed: nothing to compare with
+    if not isinstance(record, dict) or not isinstance(record.get("count"), int) \
+            or not isinstance(record.get("sha256"), str):
+        raise HerbensError(f"{where}: meta.json 'ids' must be {{\"count\": int, \"sha256\": str}}")
+    if len(image_ids) != record["count"]:
+        raise HerbensError(f"{where}: holds {len(image_ids)} of the {record['count']} images it was "
+                           f"written for (rows lost or added since): rerun `herbens infer`")
+    if ids_digest(image_ids) != record["sha256"]:
+        raise HerbensError(f"{where}: its image ids are not those it was written for (hash "
+                           f"{ids_digest(image_ids)}, recorded {record['sha256']}): rerun `herbens infer`")
+
+
+def _check_unreadable_record(meta: dict, image_ids: list[str], where: str) -> None:
+    record = meta.get("unreadable")
+    if record is None:
+        return
+    ids = record.get("ids") if isinstance(record, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) \
+            or record.get("fallback") not in UNREADABLE_FALLBACKS:
+        raise HerbensError(f"{where}: meta.json 'unreadable' must be {{\"ids\": [str], \"fallback\": "
+                           f"{' | '.join(UNREADABLE_FALLBACKS)}}}")
+    unknown = sorted(set(ids) - set(image_ids))
+    if unknown or len(set(ids)) != len(ids):
+        raise HerbensError(f"{where}: meta.json lists unreadable ids that are not (once) among its rows: "
+                           f"{format_ids(unknown or ids)}")
+
+
+def format_ids(ids: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` ids for a message, with the total when there are more."""
+    shown = ", ".join(repr(i) for i in list(ids)[:limit])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
 def _npy_header(file: Path, where: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -334,6 +441,19 @@ class LogitsWriter:
             raise HerbensError(f"{where}: cannot create logits files in {tmp}: {exc.strerror or exc}") from exc
         # Which rows were written, so that a forgotten batch cannot publish zeros.
         self._written = {key: np.zeros(num_rows, bool) for key in self._files}
+        self.unreadable_rows: set[int] = set()
+        self.fallback: str | None = None
+
+    def mark_unreadable(self, rows: Sequence[int], fallback: str) -> None:
+        """Record that ``rows`` hold ``fallback`` scores because their images were unreadable.
+
+        The record goes into ``meta.json`` (``unreadable``), which every reader reports.
+        """
+        if fallback not in UNREADABLE_FALLBACKS:
+            raise HerbensError(f"{self._where}: unknown fallback {fallback!r}; "
+                               f"expected {', '.join(UNREADABLE_FALLBACKS)}")
+        self.unreadable_rows.update(int(r) for r in rows)
+        self.fallback = fallback
 
     def write(self, level: str, start: int, block: np.ndarray) -> None:
         """Store rows ``start:start+len(block)`` of ``level`` (``block`` is ``[n, C]``)."""
@@ -417,6 +537,9 @@ def open_logits_writer(run_dir: str | os.PathLike, split: str, image_ids: Sequen
         finally:
             writer._close(sync=False)
         write_json(tmp / "image_ids.json", ids)
+        if writer.unreadable_rows:
+            full_meta["unreadable"] = {"ids": [ids[r] for r in sorted(writer.unreadable_rows)],
+                                       "fallback": writer.fallback}
         if label_array is not None:
             np.save(tmp / "labels.npy", label_array)
             _fsync(tmp / "labels.npy")
@@ -442,7 +565,7 @@ def _build_meta(meta: Mapping, split: str, ids: list[str], columns: Mapping[str,
     views = list(meta.get("views") or [])
     if view_levels and views and len(views) != num_views:
         raise HerbensError(f"{where}: meta lists {len(views)} views but the logits have {num_views}")
-    out = dict(meta)
+    out = {k: v for k, v in meta.items() if k != "unreadable"}  # recorded by the writer only
     out.update({
         "format_version": FORMAT_VERSION,
         "split": split,
@@ -450,6 +573,7 @@ def _build_meta(meta: Mapping, split: str, ids: list[str], columns: Mapping[str,
         "model": str(meta.get("model", "")),
         "views": views or ([f"view{v}" for v in range(num_views)] if num_views else []),
         "num_rows": len(ids),
+        "ids": {"count": len(ids), "sha256": ids_digest(ids)},
         "levels": {lv: [len(ids), int(columns[lv])] for lv in LEVELS if lv in columns},
         "labels": has_labels,
     })

@@ -28,6 +28,7 @@ from herbens.errors import HerbensError
 from herbens.evaluate import (evaluate_predictions, format_anova, format_bins, format_group_table,
                               format_summary, load_predictions, unique_names)
 from herbens.fileio import atomic_write, read_json, write_json
+from herbens.logits import format_ids
 
 #: Per-epoch series drawn from history.jsonl: (key, y-axis label, title, file stem).
 HISTORY_PLOTS = (
@@ -49,6 +50,7 @@ class Entry:
     evaluation: dict | None = None
     metrics: dict | None = None  # metrics.json of a run
     history: list[dict] | None = None  # history.jsonl of a run
+    unreadable: list[str] = field(default_factory=list)  # ids of fallback rows, left out of the scores
 
 
 @dataclass
@@ -135,6 +137,10 @@ def collect_entries(inputs: list[Path], solution=None, metadata=None, split: str
         try:
             pred = load_predictions(path, solution, metadata, split, cache, exclude_split)
             entry.evaluation = evaluate_predictions(pred.true, pred.pred, pred.taxonomy, k)
+            entry.unreadable = list(pred.unreadable)
+            if entry.unreadable:
+                notes.append(f"{path}: {len(entry.unreadable)} {split} image(s) were unreadable at inference "
+                             f"and are left out of its scores: {format_ids(entry.unreadable)}")
         except HerbensError as exc:
             notes.append(f"not scored: {exc}")
         entries.append(entry)
@@ -461,7 +467,7 @@ def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, spli
         handle.write(render_html(title, entries, figures))
     write_json(out_dir / "report.json", {
         "inputs": [{"name": e.name, "path": str(e.path), "kind": e.kind, "evaluation": e.evaluation,
-                    "metrics": e.metrics} for e in entries],
+                    "metrics": e.metrics, "unreadable": e.unreadable} for e in entries],
         "figures": [name for name, _ in figures.written], "notes": figures.notes})
     with atomic_write(out_dir / "summary.txt") as handle:
         handle.write(summary_text(entries, figures, index) + "\n")

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from herbens import __version__
-from herbens.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from herbens.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from herbens.config import check_resume, load_run_config, save_config
 from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader, train_loader
@@ -333,7 +333,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
         for obj in (setup.schedule, state, setup.criterion) + ((setup.ema,) if setup.ema is not None else ()):
             accelerator.register_for_checkpointing(obj)
         if resume:
-            load_checkpoint(accelerator, latest_checkpoint(run_dir))
+            resume_checkpoint(accelerator, run_dir)
         accelerator.init_trackers(cfg["name"], config=_flat_config(cfg))
         parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
                            tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"])
@@ -455,8 +455,10 @@ def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, acceler
     val = read_logits(run_dir, "val") if "val" in cfg["infer"]["splits"] else None
     val_scores = {}
     if val is not None:
-        labels = np.asarray(val.labels)
-        val_scores = level_scores(labels, np.asarray(val.level("species")).argmax(axis=1), data.taxonomy)
+        val.warn_unreadable()
+        readable = ~val.unreadable_mask()  # fallback rows are not predictions: keep them out of the score
+        labels = np.asarray(val.labels)[readable]
+        val_scores = level_scores(labels, np.asarray(val.level("species")).argmax(axis=1)[readable], data.taxonomy)
     train_time = float(sum(r["epoch_time_s"] for r in state.history))
     device = accelerator.device
     write_json(run_dir / "metrics.json", {

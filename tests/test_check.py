@@ -100,6 +100,22 @@ def test_truncated_jpeg_is_unreadable(tmp_path):
     assert "truncated" in report["problems"]["unreadable_images"][0]
 
 
+def test_images_over_the_pixel_limit_are_reported(tmp_path, capsys):
+    root = kf.write_kaggle2022(tmp_path / "h22", counts={3: 2, 7: 2})
+    path = root / "train_images" / kf.kaggle2022_file_name(7, "00007__001")
+    width, height = Image.open(path).size
+    report = check_dataset(root, progress=False, max_pixels=width * height - 1)
+    oversized = report["problems"]["oversized_images"]
+    assert len(oversized) == 4 and not report["ok"]  # every training image is that size here
+    assert (f"train_images/000/07/00007__001.jpg: {width} x {height} = {width * height:,} pixels, "
+            f"over {width * height - 1:,}") in oversized
+    assert not report["problems"]["unreadable_images"]
+    assert check_dataset(root, progress=False)["problems"]["oversized_images"] == []  # default limit
+    assert main(["check", str(root), "--workers", "2", "--no-progress",
+                 "--max-image-pixels", str(width * height - 1)]) == 1
+    assert "oversized_images" in capsys.readouterr().out
+
+
 def test_kaggle2021_layout(tmp_path):
     root = kf.write_kaggle2021(tmp_path / "h21")
     report = check_dataset(root, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from herbens.data.dataset import BadImageWarning, HerbariumDataset, load_rgb
+from herbens.data.dataset import (DEFAULT_MAX_IMAGE_PIXELS, BadImageWarning, HerbariumDataset,
+                                  ImageTooLargeError, load_rgb)
 from herbens.data.metadata import load_train_metadata
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
@@ -244,6 +246,47 @@ def test_huge_image_through_dataset(huge_jpeg):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert min(ds[0]["image"].shape[1:]) >= 224
+
+
+def bomb_png(path: Path, size=(400, 300)) -> Path:
+    """A PNG whose header declares ``size`` but whose pixel data is cut off: decoding it would
+    fail, so a refusal that names the size proves the check came before decoding."""
+    Image.new("L", size, 128).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:60])  # signature, IHDR, the start of IDAT
+    return path
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path):
+    path = bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(ImageTooLargeError, match=r"bomb.png is 400 x 300 = 120,000 pixels, over the limit of "
+                                                 r"100,000 \(data.max_image_pixels"):
+        load_rgb(path, max_pixels=100_000)
+    with pytest.raises(HerbensError, match="cannot decode"):  # under the limit it is decoded (and fails)
+        load_rgb(path, max_pixels=120_000)
+    assert DEFAULT_MAX_IMAGE_PIXELS == 2 * 89_478_485  # Pillow's own hard limit
+
+
+def test_pixel_limit_in_the_dataset_and_the_loader(tmp_path):
+    kf.write_image(tmp_path / "big.jpg", 3)
+    Image.new("RGB", (16, 16), (90, 120, 60)).save(tmp_path / "good.jpg")
+    frame = pd.DataFrame({"file_name": ["big.jpg", "good.jpg"]})
+    limit = Image.open(tmp_path / "big.jpg").size[0] * Image.open(tmp_path / "big.jpg").size[1] - 1
+    with pytest.raises(ImageTooLargeError, match="big.jpg"):
+        HerbariumDataset(frame, tmp_path, None, to_tensor, max_pixels=limit)[0]
+    skipping = HerbariumDataset(frame, tmp_path, None, to_tensor, bad_image_policy="skip", max_pixels=limit)
+    with pytest.warns(BadImageWarning, match="over the limit"):
+        assert skipping[0]["unreadable"] is True
+    assert HerbariumDataset(frame, tmp_path, None, to_tensor)[0]["unreadable"] is False
+    from herbens.data.loaders import predict_loader
+    from herbens.data.transforms import build_tta_views
+
+    cfg = {"data": {"bad_images": "error", "num_workers": 0, "max_image_pixels": limit},
+           "infer": {"batch_size": 2}}
+    views = build_tta_views(["center"], {"input_size": (3, 32, 32), "interpolation": "bilinear",
+                                         "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+    with pytest.raises(ImageTooLargeError, match="big.jpg"):
+        next(iter(predict_loader(frame, tmp_path, None, views, cfg)))
 
 
 # ----- bad files ----------------------------------------------------------------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -157,35 +155,24 @@ def run_taxonomy() -> Taxonomy:
                     [0, 0, 2, 1], [2, 2, 0, 1], [3, 6, 12, 25])
 
 
-class FakeSplit:
-    """Stands in for herbens.logits.LogitsSplit."""
+def fake_run(tmp_path: Path, labels, taxonomy_hash=None, store_labels=True) -> tuple[Path, np.ndarray]:
+    """A run directory holding a real validation logits store with random scores."""
+    from herbens.logits import write_logits
 
-    def __init__(self, scores, labels, taxonomy_hash):
-        self.image_ids = [str(i) for i in range(len(scores))]
-        self.meta = {"taxonomy_hash": taxonomy_hash}
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self._scores = scores.astype(np.float16)
-
-    def level(self, name):
-        return self._scores
-
-
-def fake_run(tmp_path: Path, monkeypatch, labels, taxonomy_hash=None) -> tuple[Path, np.ndarray]:
     run_dir = tmp_path / "runs" / "tiny"
     run_dir.mkdir(parents=True)
     tax = run_taxonomy()
     tax.save(run_dir / "taxonomy.json")
     scores = np.random.default_rng(0).normal(size=(len(labels), 4))
-    split = FakeSplit(scores, labels, taxonomy_hash or tax.hash)
-    module = types.ModuleType("herbens.logits")
-    module.read_logits = lambda rd, sp: split if Path(rd) == run_dir and sp == "val" else None
-    monkeypatch.setitem(sys.modules, "herbens.logits", module)
+    write_logits(run_dir, "val", [str(i) for i in range(len(labels))], {"species": scores},
+                 {"taxonomy_hash": taxonomy_hash or tax.hash},
+                 labels=np.asarray(labels) if store_labels else None)
     return run_dir, scores.astype(np.float16).astype(np.float32).argmax(axis=1)
 
 
-def test_run_dir_evaluation_uses_argmax_and_skips_unlabelled(tmp_path, monkeypatch):
+def test_run_dir_evaluation_uses_argmax_and_skips_unlabelled(tmp_path):
     labels = [0, 1, 2, 3, 0, 1, 2, 3, -1, -1]
-    run_dir, pred = fake_run(tmp_path, monkeypatch, labels)
+    run_dir, pred = fake_run(tmp_path, labels)
     (result,) = evaluate_inputs([run_dir])
     known = np.asarray(labels) >= 0
     m = result["metrics"]
@@ -195,17 +182,14 @@ def test_run_dir_evaluation_uses_argmax_and_skips_unlabelled(tmp_path, monkeypat
     assert main(["evaluate", str(run_dir)]) == 0
 
 
-def test_run_dir_errors(tmp_path, monkeypatch):
-    run_dir, _ = fake_run(tmp_path, monkeypatch, [-1, -1, -1])
+def test_run_dir_errors(tmp_path):
+    run_dir, _ = fake_run(tmp_path / "a", [-1, -1, -1])
     with pytest.raises(HerbensError, match="no labels"):
         evaluate_inputs([run_dir])
-    sys.modules["herbens.logits"].read_logits(run_dir, "val").labels = None  # not stored (test)
+    run_dir, _ = fake_run(tmp_path / "b", [0, 1, 2], store_labels=False)  # not stored (test)
     with pytest.raises(HerbensError, match="no labels"):
         evaluate_inputs([run_dir])
-    other = tmp_path / "other"
-    other.mkdir()
-    monkeypatch.chdir(other)
-    run_dir, _ = fake_run(other, monkeypatch, [0, 1], taxonomy_hash="0" * 16)
+    run_dir, _ = fake_run(tmp_path / "c", [0, 1], taxonomy_hash="0" * 16)
     with pytest.raises(HerbensError, match="taxonomy"):
         evaluate_inputs([run_dir])
 

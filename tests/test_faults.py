@@ -30,6 +30,7 @@ import torch
 from conftest import TINY_OVERRIDES, train_tiny
 from fault_writer import image_ids, write_generation
 from herbens.checkpoint import POINTER, checkpoint_dir, latest_checkpoint
+from herbens import config
 from herbens.config import load_config
 from herbens.data.dataset import BadImageWarning
 from herbens.data.run_data import load_run_data
@@ -421,20 +422,30 @@ def test_unwritable_directory_keeps_earlier_outputs(shared_tmp):
         assert leftovers(folder) == []
 
 
-def test_training_into_an_unwritable_output_directory(tiny_herbarium, shared_tmp, capsys):
-    data = shared_tmp / "herbarium"
-    shutil.copytree(tiny_herbarium, data)
-    for folder, _, files in os.walk(data):  # readable by the unprivileged user too
+def readable_copy(source: Path, target: Path) -> Path:
+    """Copy a file tree where every user can read it (folders 0755, files 0644)."""
+    shutil.copytree(source, target)
+    for folder, _, files in os.walk(target):
         os.chmod(folder, 0o755)
         for name in files:
             os.chmod(os.path.join(folder, name), 0o644)
+    return target
+
+
+def test_training_into_an_unwritable_output_directory(tiny_herbarium, shared_tmp, capsys, monkeypatch):
+    data = readable_copy(tiny_herbarium, shared_tmp / "herbarium")
+    # As root the run goes on as `nobody`, who may not enter the checkout at all (a clone inside a
+    # private 0700 folder): the recipes, base included, come from a readable copy, and what
+    # training imports is imported first (this Python's own files may be under /root too).
+    recipes = readable_copy(ROOT / "recipes", shared_tmp / "recipes")
+    monkeypatch.setattr(config, "RECIPES_DIR", recipes)
+    monkeypatch.setattr(config, "BASE_RECIPE", recipes / "_base.yaml")
     out = shared_tmp / "runs"
     out.mkdir()
-    # As root the run goes on as `nobody`, who may not read this Python's own files (a Python
-    # under /root): import what training needs first.
     importlib.import_module("herbens.training")
     with unwritable(out):
-        status = train_tiny(data, out, extra=["name=denied", "train.epochs=1"])
+        status = train_tiny(data, out, recipe=str(recipes / "demo_ce.yaml"),
+                            extra=["name=denied", "train.epochs=1"])
     assert status == 2
     message = capsys.readouterr().err
     assert f"cannot create run directory {out / 'denied'}" in message

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from herbens.cli import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
 from herbens.evaluate import evaluate_predictions
+from herbens.logits import write_logits
 from herbens.report import (plot_f1_vs_cost, plot_family_accuracy, plot_history, plot_throughput,
                             plot_training_bins, write_report)
 
@@ -29,28 +28,14 @@ def taxonomy() -> Taxonomy:
                     [3, 7, 12, 18, 25, 33, 41, 55, 62, 78, 85, 96])
 
 
-class FakeSplit:
-    """Stands in for herbens.logits.LogitsSplit."""
-
-    def __init__(self, scores, labels, taxonomy_hash):
-        self.image_ids = [str(i) for i in range(len(labels))]
-        self.meta = {"taxonomy_hash": taxonomy_hash}
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self._scores = np.asarray(scores, dtype=np.float16)
-
-    def level(self, name):
-        return self._scores
-
-
 def history(epochs: int, with_lr: bool = True) -> list[dict]:
     return [{"epoch": e + 1, "step": 10 * (e + 1), "train_loss": 3.0 / (e + 1),
              **({"lr": 0.1 * (1 - e / epochs)} if with_lr else {}), "images_per_second": 50.0 + e,
              "epoch_time_s": 2.0, "val_species_macro_f1": 0.2 * (e + 1)} for e in range(epochs)]
 
 
-def make_run(root: Path, name: str, splits: dict, *, metrics: bool = True, hist=None,
-             seed: int = 0) -> Path:
-    """A run folder with taxonomy.json, optional metrics.json/history.jsonl, fake val logits."""
+def make_run(root: Path, name: str, *, metrics: bool = True, hist=None, seed: int = 0) -> Path:
+    """A run folder with taxonomy.json, optional metrics.json/history.jsonl, real val logits."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     tax = taxonomy()
@@ -59,7 +44,8 @@ def make_run(root: Path, name: str, splits: dict, *, metrics: bool = True, hist=
     labels = np.repeat(np.arange(12), 4)
     scores = rng.normal(size=(len(labels), 12))
     scores[np.arange(len(labels)), labels] += rng.uniform(0, 3, size=len(labels))  # mostly right
-    splits[run_dir] = FakeSplit(scores, labels, tax.hash)
+    write_logits(run_dir, "val", [str(i) for i in range(len(labels))], {"species": scores},
+                 {"taxonomy_hash": tax.hash}, labels=labels)
     if metrics:
         (run_dir / "metrics.json").write_text(json.dumps({
             "run": name, "backbone": "test_vit", "params": 1234, "epochs": 3,
@@ -69,22 +55,6 @@ def make_run(root: Path, name: str, splits: dict, *, metrics: bool = True, hist=
     if hist is not None:
         (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hist))
     return run_dir
-
-
-@pytest.fixture()
-def fake_logits(monkeypatch):
-    """Replace herbens.logits with a module serving the fake splits registered by make_run."""
-    splits: dict = {}
-
-    def read_logits(run_dir, split):
-        if Path(run_dir) not in splits or split != "val":
-            raise HerbensError(f"{run_dir}: no logits/{split}")
-        return splits[Path(run_dir)]
-
-    module = types.ModuleType("herbens.logits")
-    module.read_logits = read_logits
-    monkeypatch.setitem(sys.modules, "herbens.logits", module)
-    return splits
 
 
 def assert_labelled(fig):
@@ -116,10 +86,10 @@ def test_plots_without_data_are_skipped():
     assert plot_throughput([]) is None and plot_f1_vs_cost([]) is None
 
 
-def test_report_figures_html_and_notes(tmp_path, fake_logits, capsys):
+def test_report_figures_html_and_notes(tmp_path, capsys):
     runs = tmp_path / "runs"
-    full = make_run(runs, "full", fake_logits, hist=history(3))
-    bare = make_run(runs, "bare", fake_logits, metrics=False, seed=1)  # no metrics, no history
+    full = make_run(runs, "full", hist=history(3))
+    bare = make_run(runs, "bare", metrics=False, seed=1)  # no metrics, no history
     (runs / "notes.txt").write_text("not a run")
     sub = tmp_path / "sub.csv"  # a submission cannot be scored without --solution/--metadata
     sub.write_text("Id,Predicted\n0,100\n")
@@ -147,7 +117,7 @@ def test_report_figures_html_and_notes(tmp_path, fake_logits, capsys):
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
-def test_report_survives_runs_without_anything(tmp_path, fake_logits):
+def test_report_survives_runs_without_anything(tmp_path):
     run_dir = tmp_path / "empty_run"
     run_dir.mkdir()
     (run_dir / "history.jsonl").write_text('{"epoch": 1, "train_loss": 2.0}\n{"epoch": 2, "tra')

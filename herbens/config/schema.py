@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from herbens.config.components import node_error, resolve_losses, resolve_node, suggestion
+from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.data.metadata import FORMATS
 
 RESUMABLE = {"resumable": True}
@@ -69,6 +70,9 @@ class Data(Section):
                                                  "error (stop) | skip (warn, count, replace)")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training images "
                                                             "(smoke tests)")
+    max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description=(
+        "images with more pixels are refused from their header before decoding (decompression "
+        "bombs); null: no limit"))
 
 
 class Model(Section):
@@ -253,6 +257,9 @@ class Infer(Section):
                                                 "analysis and vote mode")
     embeddings: bool = Field(False, description="also store L2-normalised fp16 embeddings of train/val/test "
                                                 "images (embeddings/<split>/) for herbens retrieval")
+    bad_images: Literal["prior", "fail"] = Field("prior", description=(
+        "val/test images unreadable under data.bad_images=skip: prior (their rows get the training "
+        "log-prior, recorded as unreadable in the store) | fail (no logits, every such image listed)"))
 
     @field_validator("splits")
     @classmethod

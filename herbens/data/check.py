@@ -9,6 +9,7 @@ once: the same bytes are hashed and decoded, in a process pool for large dataset
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import multiprocessing
@@ -19,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from herbens.data.dataset import describe_decode_error, load_rgb
+from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, describe_decode_error, load_rgb
 from herbens.data.metadata import (ISSUE_MESSAGES, find_dataset, inspect_test_metadata,
                                    inspect_train_metadata)
 from herbens.errors import HerbensError
@@ -31,9 +32,11 @@ PROBLEMS = {
     "empty_classes": "category without any training image",
     "missing_images": "training image file missing",
     "unreadable_images": "training image file cannot be decoded",
+    "oversized_images": "training image over the pixel limit (possible decompression bomb)",
     "duplicate_test_ids": "test image_id listed more than once",
     "missing_test_images": "test image file missing",
     "unreadable_test_images": "test image file cannot be decoded",
+    "oversized_test_images": "test image over the pixel limit (possible decompression bomb)",
     "duplicate_images": "files with identical bytes",
 }
 
@@ -42,7 +45,8 @@ PROBLEMS = {
 _CHECK_DECODE_SIZE = (64, 64)
 
 
-def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> dict:
+def check_dataset(root: str | Path, workers: int = 1, progress: bool = True,
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
     """Check a dataset directory and return a report.
 
     Args:
@@ -50,6 +54,8 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
             metadata file.
         workers: processes used to read, hash and decode the image files (1: in-process).
         progress: show a tqdm progress bar (on a terminal).
+        max_pixels: images declaring more pixels are reported as oversized (and not decoded);
+            use the recipe's ``data.max_image_pixels``.
 
     Returns:
         ``{"root", "train_metadata", "test_metadata", "counts": {...}, "problems": {kind:
@@ -76,7 +82,7 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
         files = pd.concat([files, _file_table(test["file_name"], test.attrs["images_dir"], "test")],
                           ignore_index=True)
 
-    results = _scan_files(files["path"].tolist(), workers, progress)
+    results = _scan_files(files["path"].tolist(), workers, progress, max_pixels)
     _file_problems(files, results, _display_base(root, train_path), problems)
     counts = {"train_images": len(meta.images), "categories": len(meta.categories),
               "genera": int(meta.categories["genus"].nunique()),
@@ -104,9 +110,9 @@ def _display_base(root: Path, train_path: Path) -> Path:
 
 # ----- reading, hashing and decoding every file ---------------------------------------------
 
-def scan_file(path: str) -> tuple[str, str]:
-    """Read one image file once: ``("ok", content hash)``, ``("missing", "")`` or
-    ``("unreadable", reason)``."""
+def scan_file(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, str]:
+    """Read one image file once: ``("ok", content hash)``, ``("missing", "")``,
+    ``("oversized", size)`` or ``("unreadable", reason)``."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -116,21 +122,26 @@ def scan_file(path: str) -> tuple[str, str]:
         return "unreadable", f"cannot read: {exc.strerror or exc}"
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
-        load_rgb(io.BytesIO(data), _CHECK_DECODE_SIZE, name=path)
+        load_rgb(io.BytesIO(data), _CHECK_DECODE_SIZE, name=path, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        width, height = exc.size
+        return "oversized", f"{width} x {height} = {width * height:,} pixels, over {max_pixels:,}"
     except HerbensError as exc:
         cause = exc.__cause__  # the decoder's own words, without the path repeated
         return "unreadable", describe_decode_error(cause) if cause else str(exc)
     return "ok", digest
 
 
-def _scan_files(paths: list[str], workers: int, progress: bool) -> list[tuple[str, str]]:
+def _scan_files(paths: list[str], workers: int, progress: bool,
+                max_pixels: int | None) -> list[tuple[str, str]]:
     bar = tqdm(total=len(paths), desc="checking images", unit="img", disable=None if progress else True)
+    scan = functools.partial(scan_file, max_pixels=max_pixels)
     try:
         if workers <= 1 or len(paths) < 2:
-            return [_tick(bar, scan_file(p)) for p in paths]
+            return [_tick(bar, scan(p)) for p in paths]
         chunksize = max(1, min(256, len(paths) // (workers * 8)))
         with multiprocessing.get_context().Pool(workers) as pool:
-            return [_tick(bar, r) for r in pool.imap(scan_file, paths, chunksize=chunksize)]
+            return [_tick(bar, r) for r in pool.imap(scan, paths, chunksize=chunksize)]
     finally:
         bar.close()
 
@@ -148,8 +159,8 @@ def _file_problems(files: pd.DataFrame, results: list[tuple[str, str]], base: Pa
         prefix = "" if split == "train" else "test_"
         if status == "missing":
             problems[f"missing_{prefix}images"].append(shown)
-        elif status == "unreadable":
-            problems[f"unreadable_{prefix}images"].append(f"{shown}: {detail}")
+        elif status in ("unreadable", "oversized"):
+            problems[f"{status}_{prefix}images"].append(f"{shown}: {detail}")
         else:
             by_digest[detail].append(shown)
     problems["duplicate_images"] = [" = ".join(group) for group in by_digest.values() if len(group) > 1]
@@ -197,13 +208,17 @@ def register(subparsers) -> None:
                    help="processes that read and decode images (default: %(default)s)")
     p.add_argument("--show", type=int, default=5, metavar="K", help="examples listed per problem (default: 5)")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help="report images with more pixels (width x height) as oversized, the limit that "
+                        "training applies as data.max_image_pixels (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``herbens check``; returns 0 when clean, 1 when problems were found."""
-    report = check_dataset(args.data_dir, workers=args.workers, progress=not args.no_progress)
+    report = check_dataset(args.data_dir, workers=args.workers, progress=not args.no_progress,
+                           max_pixels=args.max_image_pixels)
     print(format_report(report, limit=args.show))
     if args.json:
         write_json(args.json, report)

@@ -23,10 +23,13 @@ from herbens.errors import HerbensError
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 
-# Pillow refuses images above ~179 MP as potential decompression bombs. Full-resolution
-# herbarium scans reach 100-200 MP, so allow up to ~1 gigapixel (3 GB as RGB) and still
-# refuse the absurd sizes that a malicious header would declare.
-MAX_IMAGE_PIXELS = 1 << 30
+# Decompression bombs: a small file declaring a huge image (a 20000 x 20000 PNG decodes to 1.2 GB
+# of RGB and takes seconds). Images over the limit are refused from the header alone, before any
+# pixel is decoded. The default is Pillow's own hard limit (twice its 89.5 MP warning limit):
+# 537 MB as RGB, enough for a 600 dpi scan of a 29 x 43 cm herbarium sheet (~7,000 x 10,000 px,
+# 70 MP) with room to spare, and for the 1,000 px Kaggle images by far. Settable per recipe
+# (``data.max_image_pixels``) and per check (``herbens check --max-image-pixels``).
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 _WHITE = (255, 255, 255)  # herbarium paper: transparent areas are blank sheet, not black
 _ORIENTATION_TAG = 0x0112
@@ -38,16 +41,29 @@ class BadImageWarning(UserWarning):
     """An image could not be decoded and was replaced by another (``bad_image_policy="skip"``)."""
 
 
+class ImageTooLargeError(HerbensError):
+    """An image declares more pixels than the limit (a possible decompression bomb).
+
+    Attributes:
+        size: the declared ``(width, height)``.
+    """
+
+    def __init__(self, message: str, size: tuple[int, int]):
+        super().__init__(message)
+        self.size = size
+
+
 # ----- decoding -----------------------------------------------------------------------------
 
 def allow_large_images() -> None:
-    """Raise Pillow's decompression-bomb limit to :data:`MAX_IMAGE_PIXELS` (never lower it)."""
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    """Turn Pillow's own decompression-bomb guard off: :func:`load_rgb` checks every image
+    against its settable ``max_pixels`` instead (Pillow's fixed limit would warn, then refuse,
+    below a limit the user raised)."""
+    Image.MAX_IMAGE_PIXELS = None
 
 
 def load_rgb(source: str | os.PathLike | io.BytesIO, decode_size: tuple[int, int] | None = None,
-             name: str | None = None) -> Image.Image:
+             name: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image file into an upright RGB image.
 
     Args:
@@ -57,20 +73,25 @@ def load_rgb(source: str | os.PathLike | io.BytesIO, decode_size: tuple[int, int
             box-reduced by whole factors, so the result is never smaller than this in either
             dimension (unless the file itself is).
         name: how to name the image in error messages (defaults to the path).
+        max_pixels: refuse images with more pixels than this, from the header, before
+            decoding (None: no limit).
 
     Returns:
         An RGB image with the EXIF orientation applied.
 
     Raises:
+        ImageTooLargeError: naming the file and its size when it is over ``max_pixels``.
         HerbensError: naming the file when it is missing or cannot be decoded.
     """
     name = name or str(source)
     allow_large_images()
     try:
-        img = _decode(source, decode_size)
+        img = _decode(source, decode_size, max_pixels, name)
         img = to_rgb(img)
         if decode_size:
             img = _reduce(img, decode_size)
+    except HerbensError:
+        raise
     except FileNotFoundError:
         raise HerbensError(f"image file not found: {name}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is bad
@@ -85,10 +106,15 @@ def describe_decode_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _decode(source, decode_size: tuple[int, int] | None) -> Image.Image:
-    """Open, decode (at reduced scale if asked) and turn upright."""
-    img = Image.open(source)
+def _decode(source, decode_size: tuple[int, int] | None, max_pixels: int | None, name: str) -> Image.Image:
+    """Open, check the declared size, decode (at reduced scale if asked) and turn upright."""
+    img = Image.open(source)  # reads the header only: the size is known, nothing decoded yet
     try:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageTooLargeError(f"image {name} is {img.width} x {img.height} = {img.width * img.height:,} "
+                                     f"pixels, over the limit of {max_pixels:,} (data.max_image_pixels; a "
+                                     "decompression bomb?): resize it (`herbens prepare`) or raise the limit",
+                                     size=img.size)
         orientation = img.getexif().get(_ORIENTATION_TAG, 1)
         if decode_size:
             _request_draft(img, decode_size, orientation)
@@ -185,20 +211,25 @@ class HerbariumDataset(torch.utils.data.Dataset):
         transform: callable PIL image -> tensor; ``None`` returns the PIL image.
         bad_image_policy: ``"error"`` raises HerbensError naming the file; ``"skip"`` warns once
             per file, records it in ``bad_images`` and returns the next readable image
-            ((i + 1) % n, with that image's labels) so an epoch never dies.
+            ((i + 1) % n, with that image's labels) so an epoch never dies, flagging the
+            sample ``"unreadable": True`` so that prediction never stores those scores as the
+            unreadable image's own.
         decode_size: ``(height, width)`` the transform needs at least; enables reduced-scale
             JPEG decoding (see :func:`load_rgb`).
         views: list of callables PIL -> tensor used instead of ``transform`` for test-time
             augmentation; ``"image"`` is then a tensor [V, C, H, W] (a view returning several
             crops [K, C, H, W] contributes K rows).
+        max_pixels: images with more pixels are bad images (see :func:`load_rgb`).
 
-    Each sample is ``{"image", "species", "genus", "family", "index"}``; ``index`` is always the
-    requested position ``i`` so that predictions can be gathered back by position.
+    Each sample is ``{"image", "species", "genus", "family", "index", "unreadable"}``; ``index``
+    is always the requested position ``i`` so that predictions can be gathered back by position,
+    and ``unreadable`` says that the image at ``i`` could not be decoded (another was returned).
     """
 
     def __init__(self, frame: pd.DataFrame, images_dir: str | os.PathLike, taxonomy,
                  transform: Callable | None, bad_image_policy: str = "error",
-                 decode_size: tuple[int, int] | None = None, views: Sequence[Callable] | None = None):
+                 decode_size: tuple[int, int] | None = None, views: Sequence[Callable] | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise HerbensError(f"unknown bad_image_policy {bad_image_policy!r}; "
                                f"expected one of {', '.join(BAD_IMAGE_POLICIES)}")
@@ -212,6 +243,7 @@ class HerbariumDataset(torch.utils.data.Dataset):
         self.views = list(views) if views else None
         self.decode_size = tuple(int(s) for s in decode_size) if decode_size else None
         self.bad_image_policy = bad_image_policy
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
         self.bad_images: list[str] = []
         self._bad_positions: set[int] = set()
 
@@ -225,7 +257,7 @@ class HerbariumDataset(torch.utils.data.Dataset):
         image, position = self._load_readable(index)
         species, genus, family = (int(v) for v in self.labels[position])
         return {"image": self._apply(image), "species": species, "genus": genus, "family": family,
-                "index": index}
+                "index": index, "unreadable": position != index}
 
     def _load_readable(self, index: int) -> tuple[Image.Image, int]:
         """The image at ``index`` or, under "skip", the next readable one and its position."""
@@ -235,7 +267,7 @@ class HerbariumDataset(torch.utils.data.Dataset):
             if position in self._bad_positions:
                 continue
             try:
-                return load_rgb(self.paths[position], self.decode_size), position
+                return load_rgb(self.paths[position], self.decode_size, max_pixels=self.max_pixels), position
             except HerbensError as exc:
                 if self.bad_image_policy == "error":
                     raise

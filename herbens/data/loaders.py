@@ -80,9 +80,10 @@ class TrainingDataset(HerbariumDataset):
     Items are requested by :class:`EpochKeys` keys; each sample's augmentation is seeded from
     (seed, epoch, index), so an exactly resumed run sees exactly the same pixels.
 
-    With ``bad_image_policy="skip"`` a bad file is silently replaced by the next readable one;
-    the flag travels with the batch (also out of DataLoader worker processes, whose copies of
-    the dataset the trainer cannot see) so that the trainer can count and report them.
+    With ``bad_image_policy="skip"`` a bad file is replaced by the next readable one; the
+    sample's ``"unreadable"`` flag travels with the batch (also out of DataLoader worker
+    processes, whose copies of the dataset the trainer cannot see) so that the trainer can count
+    and report them.
     """
 
     def __init__(self, *args, seed: int = 0, **kwargs):
@@ -93,9 +94,7 @@ class TrainingDataset(HerbariumDataset):
         epoch, index = divmod(int(key), len(self))
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         with seeded_rngs(sample_seed):
-            sample = super().__getitem__(index)
-        sample["unreadable"] = bool(self.bad_images) and self.paths[index] in self.bad_images
-        return sample
+            return super().__getitem__(index)
 
 
 def _loader_kwargs(num_workers: int) -> dict:
@@ -145,7 +144,8 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     sampler = build_sampler(params.pop("name"), labels, seed=cfg["seed"], **params)
     dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
                               bad_image_policy=cfg["data"]["bad_images"],
-                              decode_size=train_decode_size(cfg), seed=cfg["seed"])
+                              decode_size=train_decode_size(cfg), seed=cfg["seed"],
+                              max_pixels=cfg["data"]["max_image_pixels"])
     kwargs = _loader_kwargs(cfg["data"]["num_workers"])
     kwargs["generator"] = torch.Generator().manual_seed(int(cfg["seed"]))
     keys = EpochKeys(sampler, len(dataset))
@@ -164,13 +164,14 @@ def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cf
         data_config: the model's data config with the recipe's input size; when given, images
             are decoded at the reduced scale the views allow (:func:`eval_decode_size`).
 
-    Unreadable images follow ``data.bad_images``: under ``skip`` the row gets the next readable
-    image's scores (with a warning) so that a long run does not die while writing its logits.
+    Unreadable images follow ``data.bad_images``: under ``skip`` the sample carries the next
+    readable image's pixels flagged ``"unreadable"``, and the caller replaces those scores by
+    the ``infer.bad_images`` fallback or fails the split (:func:`herbens.infer.write_split_logits`).
     """
     dataset = HerbariumDataset(frame, images_dir, taxonomy, transform=None,
                                bad_image_policy=cfg["data"]["bad_images"],
                                decode_size=eval_decode_size(data_config, [name for name, _ in views])
                                if data_config else None,
-                               views=[fn for _, fn in views])
+                               views=[fn for _, fn in views], max_pixels=cfg["data"]["max_image_pixels"])
     return DataLoader(dataset, batch_size=batch_size or int(cfg["infer"]["batch_size"]), shuffle=False,
                       **_loader_kwargs(cfg["data"]["num_workers"]))

@@ -26,7 +26,9 @@ from herbens.ensemble import fit
 from herbens.ensemble.combine import ClassSpace, Params, needs_of, predict_chunk
 from herbens.ensemble.crossfit import Folds, evaluate_fits, scores_of, species_f1, stratified_folds
 from herbens.ensemble.options import EnsembleOptions
-from herbens.ensemble.outputs import format_table, summary, write_outputs
+from herbens.ensemble.integrity import forget_unreadable_labels, unreadable_record, warn_unverifiable_test
+from herbens.ensemble.outputs import format_table, output_paths, summary, write_outputs
+from herbens.ensemble.submission import prepare_outputs
 from herbens.ensemble.stores import (AlignedSplit, Run, align_split, auto_chunk_rows, class_space, labelled,
                                      load_runs)
 from herbens.errors import HerbensError
@@ -79,7 +81,10 @@ def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit
     opts = EnsembleOptions(weights, weight_objective, calibrate, tau, hierarchy, mode, int(vote_k), space,
                            int(top_k), None if chunk_rows is None else int(chunk_rows), align_by_category)
     opts.check(len(run_dirs))
+    prepare_outputs(output_paths(Path(output)), log)
     runs = load_runs(run_dirs)
+    warn_unverifiable_test(runs)
+    unreadable = unreadable_record(runs)
     space_ = class_space(runs, align_by_category, log)
     if opts.chunk_rows is None:
         opts.chunk_rows = auto_chunk_rows(space_.num_classes)
@@ -92,6 +97,7 @@ def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit
     pred, top, top_scores = predict_split(test, params, opts.chunk_rows, opts.top_k, progress)
     paths = write_outputs(Path(output), test, space_, pred, top, top_scores)
     result = summary(paths, runs, space_, opts, params, steps, val_info, test, levels, started)
+    result["unreadable"] = unreadable  # fallback rows per run and split (see herbens.ensemble.integrity)
     write_json(paths["json"], result)
     log(f"wrote {paths['submission']} ({len(test)} test images) and {paths['json']}")
     return result
@@ -126,6 +132,7 @@ def _validation(runs: list[Run], space: ClassSpace, opts: EnsembleOptions, log: 
                                "ensemble (or pass --weights equal --no-calibrate --tau none --hierarchy none)")
         return None
     val = align_split(runs, "val", space, exact=False, log=log)
+    forget_unreadable_labels(val)
     if val.labels is None or not (val.labels >= 0).any():
         if opts.needs_val:
             raise HerbensError(f"run '{runs[0].path}': logits/val carry no labels (labels.npy), needed to "

@@ -22,7 +22,7 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.ensemble.combine import Chunk, ClassSpace
 from herbens.errors import HerbensError
-from herbens.logits import LogitsSplit, logits_dir, read_logits
+from herbens.logits import LogitsSplit, check_finite, logits_dir, read_logits
 
 # Default chunk: about 16 MB of float32 per run and level (270 rows at 15,501 classes). Small
 # enough for the allocator to reuse freed blocks instead of faulting in fresh pages each
@@ -229,14 +229,7 @@ class AlignedSplit:
                 for v in range(arr.shape[1])]
 
     def _check_finite(self, block: np.ndarray, r: int, what: str, start: int) -> np.ndarray:
-        # A row sum is finite iff every value is (float16 values cannot overflow a float32 sum),
-        # and costs one read instead of a boolean matrix.
-        finite = np.isfinite(block.sum(axis=1))
-        if not finite.all():
-            bad = self.image_ids[start + int(np.argmin(finite))]
-            raise HerbensError(f"{self._split(r).where}: {what} logits are not finite "
-                               f"(NaN or inf; first at image id {bad!r})")
-        return block
+        return check_finite(block, self._split(r).where, what, self.image_ids[start:start + len(block)])
 
 
 def _read_float32(arr: np.ndarray, rows: slice | np.ndarray, view: int | None,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
+from herbens.fileio import atomic_write, remove_stale_temporaries
 
 HEADER = ["Id", "Predicted"]
 _INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
@@ -47,6 +47,37 @@ def write_submission(path: str | os.PathLike, ids: Sequence, category_ids: Seque
     with atomic_write(path, newline="") as handle:
         frame.to_csv(handle, index=False)
     return path
+
+
+def prepare_outputs(paths: Mapping[str, Path], log: Callable[[str], None] = print) -> list[str]:
+    """Before writing a submission and its companions: clean up and say what will be replaced.
+
+    Removes the temporaries that killed writers left beside any of ``paths`` (also those of an
+    output this run will not write, e.g. a top-k file), reports a submission CSV whose JSON
+    sidecar is missing (an earlier run died between the two, so nothing says how the CSV was
+    made), and reports every existing output about to be overwritten.
+
+    Args:
+        paths: output kind -> path; ``submission`` is the CSV and ``json`` its sidecar.
+        log: where the messages go.
+
+    Returns:
+        The messages logged.
+    """
+    messages = []
+    for path in paths.values():
+        for stale in remove_stale_temporaries(path):
+            messages.append(f"removed {stale}, left by an interrupted earlier run")
+    csv, sidecar = paths.get("submission"), paths.get("json")
+    if csv is not None and sidecar is not None and csv.exists() and not sidecar.exists():
+        messages.append(f"{csv} has no JSON sidecar {sidecar.name} (an earlier run stopped before "
+                        "finishing it): it is overwritten now")
+    for path in paths.values():
+        if path.exists():
+            messages.append(f"overwriting existing {path}")
+    for message in messages:
+        log(message)
+    return messages
 
 
 def read_submission(path: str | os.PathLike, expected_ids: Iterable | None = None,
