@@ -20,7 +20,7 @@ from herbens.cli import main
 from herbens.data.dataset import BadImageWarning
 from herbens.data.metadata import load_test_metadata
 from herbens.data.taxonomy import Taxonomy
-from herbens.ensemble.combine import ensemble_runs
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.ensemble.submission import prepare_outputs
 from herbens.errors import HerbensError
 from herbens.evaluate import evaluate_inputs
