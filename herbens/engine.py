@@ -53,7 +53,8 @@ class TrainParts:
 
 
 def _targets(batch: dict, levels) -> dict:
-    return {level: batch[level] for level in levels}
+    """Each level's labels, and the teacher's sparse targets when distilling."""
+    return {key: value for key, value in batch.items() if key in levels or key.startswith("teacher.")}
 
 
 def train_step(parts: TrainParts, batch: dict, state: TrainState) -> dict:

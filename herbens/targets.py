@@ -123,13 +123,15 @@ class TargetsSplit:
         return rows
 
 
-def read_targets(run_dir: str | os.PathLike, split: str, *, taxonomy=None) -> TargetsSplit:
+def read_targets(run_dir: str | os.PathLike, split: str, *, taxonomy=None, check_values: bool = True) -> TargetsSplit:
     """Open and check one split's sparse targets.
 
     Args:
         run_dir: directory holding ``targets/<split>/``.
         split: split name (``train`` for distillation).
         taxonomy: when given, the stored taxonomy hash and class counts must match it.
+        check_values: also read every value once (indices in range, finite); a loader worker
+            reopening a store its trainer already checked skips this.
 
     Raises:
         HerbensError: naming the directory and the problem (missing or half-written store,
@@ -153,7 +155,7 @@ def read_targets(run_dir: str | os.PathLike, split: str, *, taxonomy=None) -> Ta
     for level, shape in (meta.get("levels") or {}).items():
         if level not in LEVELS:
             raise HerbensError(f"{where}: unknown level {level!r} in meta.json")
-        levels[level] = _open_level(path, level, shape, len(image_ids), where)
+        levels[level] = _open_level(path, level, shape, len(image_ids), where, check_values)
     if not levels:
         raise HerbensError(f"{where}: meta.json lists no levels")
     if taxonomy is not None:
@@ -161,7 +163,7 @@ def read_targets(run_dir: str | os.PathLike, split: str, *, taxonomy=None) -> Ta
     return TargetsSplit(run_dir, split, image_ids, meta, levels)
 
 
-def _open_level(path: Path, level: str, shape, rows: int, where: str) -> SparseTargets:
+def _open_level(path: Path, level: str, shape, rows: int, where: str, check_values: bool) -> SparseTargets:
     if not (isinstance(shape, dict) and all(isinstance(shape.get(k), int) for k in ("k", "classes"))):
         raise HerbensError(f"{where}: meta.json levels.{level} must give integer 'k' and 'classes'")
     k, num_classes = shape["k"], shape["classes"]
@@ -170,7 +172,8 @@ def _open_level(path: Path, level: str, shape, rows: int, where: str) -> SparseT
         expected = (rows,) if name == "rest" else (rows, k)
         arrays[name] = _open_npy(path / f"{level}.{name}.npy", expected, rows, where, mmap=True,
                                  expected_dtype=dtype)
-    _check_values(arrays, num_classes, f"{where}, level {level}")
+    if check_values:
+        _check_values(arrays, num_classes, f"{where}, level {level}")
     return SparseTargets(arrays["classes"], arrays["logp"], arrays["rest"], num_classes)
 
 
@@ -272,3 +275,58 @@ def open_targets_writer(run_dir: str | os.PathLike, split: str, image_ids: Seque
             writer._close(sync=False)
         write_json(tmp / "image_ids.json", ids)
         write_json(tmp / "meta.json", full_meta)  # last: marks a complete directory
+
+
+class TeacherRows:
+    """The teacher targets of a training dataset's rows, for its ``__getitem__``.
+
+    Picklable into DataLoader workers: only the path and the row map travel; each process
+    memory-maps the (already checked) store itself on first use.
+
+    Args:
+        run_dir: directory holding ``targets/train/``.
+        rows: store row of each dataset row (:meth:`TargetsSplit.rows_of`).
+        levels: the levels to distil.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, rows: np.ndarray, levels: Sequence[str], split: str = "train"):
+        self.run_dir, self.split = Path(run_dir), split
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.levels = tuple(levels)
+        self._store: TargetsSplit | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}
+
+    def sample(self, index: int) -> dict[str, np.ndarray]:
+        """``{"teacher.<level>.classes" | ".logp" | ".rest": array}`` of dataset row ``index``."""
+        if self._store is None:
+            self._store = read_targets(self.run_dir, self.split, check_values=False)
+        out = {}
+        for level in self.levels:
+            for name, value in self._store.level(level).rows(int(self.rows[index])).items():
+                out[f"teacher.{level}.{name}"] = value
+        return out
+
+
+def teacher_for_training(distill_cfg: dict, train_frame, taxonomy, levels: Sequence[str]):
+    """The teacher of a student run (or None): its rows for ``train_frame`` and the loss options.
+
+    Checked before any training: the store exists, has the run's taxonomy, and holds every
+    training image of the student (by image id, so row order does not matter).
+
+    Returns:
+        ``(TeacherRows, {"levels", "alpha", "temperature"})`` or ``(None, None)`` when
+        ``distill.teacher`` is null.
+    """
+    if not distill_cfg.get("teacher"):
+        return None, None
+    store = read_targets(distill_cfg["teacher"], "train", taxonomy=taxonomy)
+    shared = [level for level in levels if level in store.levels]
+    if not shared:
+        raise HerbensError(f"distill.teacher {distill_cfg['teacher']}: its targets cover {', '.join(store.levels)}, "
+                           f"none of this recipe's levels ({', '.join(levels)})")
+    rows = store.rows_of(train_frame["image_id"].astype(str).tolist())
+    options = {"levels": shared, "alpha": float(distill_cfg["alpha"]),
+               "temperature": float(distill_cfg["temperature"])}
+    return TeacherRows(distill_cfg["teacher"], rows, shared), options

@@ -37,6 +37,7 @@ from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
 from herbens.models.net import build_model
 from herbens.optim import build_optimizer, build_schedule, scaled_lr
+from herbens.targets import teacher_for_training
 
 
 def prepare_run_dir(cfg: dict, resume: bool, overwrite: bool) -> Path:
@@ -151,14 +152,18 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     accelerator.wait_for_everyone()
     levels = tuple(cfg["levels"])
     check_mixup_compatible(cfg["levels"], cfg["augment"])
+    teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, levels)
+    if teacher is not None and (cfg["augment"]["mixup"] or cfg["augment"]["cutmix"]):
+        raise HerbensError("distill.teacher cannot be combined with mixup/cutmix (the teacher's targets "
+                           "describe the unmixed images): set augment.mixup=0 and augment.cutmix=0")
 
     model = build_model(cfg, data.taxonomy)
     data_config = model_data_config(model.data_config, cfg["input"])
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
-                                   build_train_transform(data_config, cfg["augment"]), cfg)
+                                   build_train_transform(data_config, cfg["augment"]), cfg, teacher=teacher)
     val_loader = predict_loader(data.val, data.images_dir, data.taxonomy,
                                 build_tta_views(["center"], data_config), cfg, data_config=data_config)
-    criterion = build_criterion(cfg["levels"], data.taxonomy).to(accelerator.device)
+    criterion = build_criterion(cfg["levels"], data.taxonomy, distill).to(accelerator.device)
     # A P x K batch sampler sets the batch size itself (P classes x K images).
     batch = sampler.batch_size if getattr(sampler, "is_batch_sampler", False) else int(cfg["train"]["batch_size"])
     global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes

@@ -85,9 +85,10 @@ class TrainingDataset(HerbariumDataset):
     the dataset the trainer cannot see) so that the trainer can count and report them.
     """
 
-    def __init__(self, *args, seed: int = 0, **kwargs):
+    def __init__(self, *args, seed: int = 0, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = int(seed)
+        self.teacher = teacher  # herbens.targets.TeacherRows when distilling
 
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self))
@@ -95,6 +96,8 @@ class TrainingDataset(HerbariumDataset):
         with seeded_rngs(sample_seed):
             sample = super().__getitem__(index)
         sample["unreadable"] = bool(self.bad_images) and self.paths[index] in self.bad_images
+        if self.teacher is not None:
+            sample.update(self.teacher.sample(index))
         return sample
 
 
@@ -141,10 +144,11 @@ def train_decode_size(cfg: dict) -> tuple[int, int] | None:
     return math.ceil(k * height), math.ceil(k * width)
 
 
-def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: dict):
+def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: dict, teacher=None):
     """Shuffled (or re-balanced) training loader; returns (loader, sampler with set_epoch).
 
-    Samples carry ``"unreadable"`` (see :class:`TrainingDataset`). The loader has its own
+    Samples carry ``"unreadable"`` (see :class:`TrainingDataset`) and, with ``teacher``
+    (:class:`herbens.targets.TeacherRows`), their own teacher targets. The loader has its own
     seeded generator, so starting an epoch (or resuming one) draws nothing from torch's global
     generator, which the trainer checkpoints.
     """
@@ -154,7 +158,7 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     batch_size = int(cfg["train"]["batch_size"])
     dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
                               bad_image_policy=cfg["data"]["bad_images"],
-                              decode_size=train_decode_size(cfg), seed=cfg["seed"])
+                              decode_size=train_decode_size(cfg), seed=cfg["seed"], teacher=teacher)
     kwargs = _loader_kwargs(cfg["data"]["num_workers"])
     kwargs["generator"] = torch.Generator().manual_seed(int(cfg["seed"]))
     if name == "pk":

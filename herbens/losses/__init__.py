@@ -58,8 +58,11 @@ def build_level_loss(name: str, level: str, num_classes: int, counts, **params) 
     return cls(level=level, num_classes=num_classes, counts=counts, **params)
 
 
-def build_criterion(levels_cfg: dict, taxonomy) -> HierarchicalLoss:
+def build_criterion(levels_cfg: dict, taxonomy, distill: dict | None = None) -> HierarchicalLoss:
     """The training criterion from a recipe's ``levels`` block (null levels are skipped).
+
+    ``distill`` (from :func:`herbens.targets.teacher_for_training`) mixes the distilled
+    levels' losses with the teacher's soft targets.
 
     Raises:
         HerbensError: unknown loss or parameter, or a loss paired with the wrong head.
@@ -76,4 +79,4 @@ def build_criterion(levels_cfg: dict, taxonomy) -> HierarchicalLoss:
                                          taxonomy.level_counts(level), **(spec.get("loss_params") or {}))
         weights[level] = spec.get("weight", 1.0)
     maps = {level: taxonomy.level_map(level) for level in LEVELS}
-    return HierarchicalLoss(losses, weights, maps)
+    return HierarchicalLoss(losses, weights, maps, distill=distill)
