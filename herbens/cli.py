@@ -28,6 +28,9 @@ COMMAND_MODULES = {
     "evaluate": "herbens.evaluate",
     "report": "herbens.report",
     "recipes": "herbens.recipes",
+    "export": "herbens.bundle.export",
+    "predict": "herbens.predict",
+    "openset": "herbens.openset",
 }
 
 

@@ -2,7 +2,8 @@
 
 Synthesises a small herbarium, trains the demo recipes (different backbones and loss
 families), ensembles them into ``submissions/demo.csv``, scores everything against the
-synthetic test solution, writes a report, and prints one table.
+synthetic test solution, writes a report, exports the ensemble into ``bundles/demo`` and
+names a few test sheets from it, measures the open-set flag, and prints one table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 
 from herbens.config import load_config
 from herbens.data.taxonomy import Taxonomy
-from herbens.fileio import read_json, write_json
+from herbens.fileio import atomic_write, read_json, write_json
 from herbens.metrics import level_scores
 
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
@@ -79,8 +80,12 @@ def print_table(rows: list[tuple[str, dict, float | None]]) -> None:
               f"{scores['family_macro_f1']:>11.3f}{wall}")
 
 
-def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = None) -> dict:
-    """Run the whole demo under ``workdir``; returns the scores table as a dict."""
+def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = None, openset: bool = True) -> dict:
+    """Run the whole demo under ``workdir``; returns the scores table as a dict.
+
+    With ``openset``, the first recipe is also trained without 10 % of the species and the
+    open-set evaluation (AUROC, flag rates) is printed and returned under ``"openset"``.
+    """
     from herbens.ensemble.combine import ensemble_runs
     from herbens.training import fit
 
@@ -110,10 +115,18 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     rows.append(("ensemble", score_submission(submission, root, taxonomy), ensemble_time))
 
     _write_report(workdir, run_dirs, submission, root)
+    _bundle_and_predict(workdir, submission, root)
+    extra = {}
+    if openset:
+        from herbens.openset import run_open_set
+
+        print(f"\n== open set: {recipes[0]} trained without 10 % of the species ==")
+        extra["openset"] = run_open_set(recipes[0], [f"data.root={root}"] + list(overrides or []),
+                                        workdir / "runs" / "openset", share=0.1, seed=0)
     print_table(rows)
     total = time.perf_counter() - start
     print(f"\nsubmission: {submission}    total wall time: {total:.0f} s")
-    return {name: scores for name, scores, _ in rows} | {"wall_time_s": total}
+    return {name: scores for name, scores, _ in rows} | extra | {"wall_time_s": total}
 
 
 def _write_report(workdir: Path, run_dirs: list[Path], submission: Path, root: Path) -> None:
@@ -126,6 +139,25 @@ def _write_report(workdir: Path, run_dirs: list[Path], submission: Path, root: P
     print(f"report: {out}")
 
 
+def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int = 6) -> None:
+    """Export the ensemble into ``bundles/demo`` and name a few test sheets from the bundle alone."""
+    from herbens.bundle.export import export_bundle
+    from herbens.data.metadata import load_test_metadata
+    from herbens.predict import predict_command
+
+    print("\n== exporting the ensemble into a bundle and predicting from it ==")
+    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo")
+    test = load_test_metadata(root / "test_metadata.json").head(sheets)
+    listing = workdir / "bundles" / "demo_sheets.txt"
+    with atomic_write(listing) as handle:
+        handle.writelines(f"{Path(test.attrs['images_dir']).resolve() / f}\n" for f in test["file_name"])
+    out = workdir / "submissions" / "demo_bundle_predictions.csv"
+    predict_command(bundle, listing, out, html=out.with_suffix(".html"), top_k=3, progress=False)
+    frame = pd.read_csv(out)
+    print(frame[["path", "decision", "scientific_name_1", "probability_1"]]
+          .assign(path=frame["path"].map(lambda p: Path(p).name)).to_string(index=False))
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="synthesise a herbarium, train, ensemble, score and report (CPU, minutes)",
@@ -133,10 +165,12 @@ def register(subparsers) -> None:
                     "runs/demo_*/, submissions/demo.csv and reports/demo/ under --workdir.")
     parser.add_argument("--workdir", default=".", type=Path, help="where data/, runs/, submissions/ go")
     parser.add_argument("--recipes", nargs="+", default=list(DEMO_RECIPES), help="recipes to train")
+    parser.add_argument("--no-openset", dest="openset", action="store_false",
+                        help="skip the open-set evaluation (one more training run)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every recipe")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_demo(args.workdir, args.recipes, args.overrides)
+    run_demo(args.workdir, args.recipes, args.overrides, args.openset)
     return 0

@@ -15,3 +15,9 @@ def test_demo_runs_every_stage(tmp_path):
     submission = read_submission(tmp_path / "submissions" / "demo.csv")
     assert len(submission) == 120  # 30 species x 4 test images
     assert (tmp_path / "reports" / "demo" / "index.html").exists()
+    # The ensemble exported into a bundle that named test sheets on its own.
+    assert (tmp_path / "bundles" / "demo" / "manifest.json").exists()
+    predicted = (tmp_path / "submissions" / "demo_bundle_predictions.csv").read_text().splitlines()
+    assert len(predicted) == 1 + 6
+    assert (tmp_path / "submissions" / "demo_bundle_predictions.html").exists()
+    assert 0.0 <= scores["openset"]["auroc"] <= 1.0 and len(scores["openset"]["held_out_category_ids"]) == 3

@@ -1,0 +1,292 @@
+"""``herbens export RUN_OR_ENSEMBLE_JSON -o bundles/NAME``: a self-contained model bundle.
+
+The source is a run directory (a one-member bundle) or the JSON record ``herbens ensemble``
+writes beside its CSV (one member per run, with the fitted combination). The back-off and
+open-set thresholds are fitted here, on the members' labelled validation logits combined
+exactly as at prediction time (:mod:`herbens.bundle.scoring`). The layout is described in
+:mod:`herbens.bundle.load`; the folder is written atomically, the manifest last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from herbens.bundle import thresholds as th
+from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, MANIFEST, ONNX, RECIPE, WEIGHTS, file_hash,
+                                 load_bundle)
+from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
+                                    params_record, single_run_params)
+from herbens.data.taxonomy import LEVELS, Taxonomy
+from herbens.errors import HerbensError
+from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+
+
+# ----------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------
+def resolve_source(source: str | Path) -> tuple[list[Path], object, dict | None]:
+    """Member run directories, the combination params and the ensemble record (None for a run)."""
+    source = Path(source)
+    if source.is_dir():
+        if not (source / "config.yaml").is_file():
+            raise HerbensError(f"{source}: not a run directory (no config.yaml)")
+        return [source], single_run_params(), None
+    if source.suffix.lower() == ".csv" and source.with_suffix(".json").is_file():
+        source = source.with_suffix(".json")
+    record = read_json(source)
+    if not isinstance(record, dict) or "runs" not in record:
+        raise HerbensError(f"{source}: not an ensemble record (no 'runs'); give a run directory or "
+                           "the .json that herbens ensemble writes beside its CSV")
+    if record.get("align_by_category") and any((record.get("dropped_species") or {}).values()):
+        raise HerbensError(f"{source}: an ensemble aligned by category with dropped species cannot be exported")
+    runs = [_run_path(entry["path"], source) for entry in record["runs"]]
+    return runs, fitted_params(record, len(runs)), record
+
+
+def _run_path(path: str, record_file: Path) -> Path:
+    """A run path of an ensemble record: as written (relative to where ensemble ran), else
+    relative to the record's folder."""
+    for candidate in (Path(path), record_file.parent / path):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise HerbensError(f"{record_file}: run {path} not found (no config.yaml there)")
+
+
+# ----------------------------------------------------------------------------------------
+# Validation rows: scores, thresholds
+# ----------------------------------------------------------------------------------------
+def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val", *, labelled_only: bool = True):
+    """A split's rows common to the members, combined as a bundle combines them, chunk by chunk.
+
+    Returns:
+        ``(RowSummary, species labels or None)``; with ``labelled_only`` only labelled rows
+        (an error when there are none).
+    """
+    from herbens.ensemble.combine import align_split, auto_chunk_rows, class_space, labelled, load_runs
+
+    runs = load_runs(run_dirs, splits=(split,))
+    missing = [run for run in runs if split not in run.splits]
+    if missing:
+        raise HerbensError(f"run '{missing[0].path}': no logits/{split}, needed to fit the bundle's thresholds")
+    space = class_space(runs)
+    rows = align_split(runs, split, space, exact=False, log=lambda _: None)
+    if labelled_only:
+        if rows.labels is None or not (rows.labels >= 0).any():
+            raise HerbensError(f"run '{runs[0].path}': logits/{split} carry no labels, needed to fit thresholds")
+        rows = labelled(rows)
+    levels = needed_levels(params)
+    parts = []
+    for chunk in rows.chunks(auto_chunk_rows(space.num_classes), levels=levels):
+        members = [{lv: chunk.get(r, lv) for lv in levels} for r in range(len(runs))]
+        parts.append(th.summarize(combine_members(members, params, space), ood_score))
+    return th.RowSummary.concat(parts), (None if rows.labels is None else np.asarray(rows.labels))
+
+
+def validation_rows(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str):
+    """Labelled validation rows: ``(RowSummary, truth per level, species labels)``."""
+    rows, labels = split_rows(run_dirs, params, ood_score, "val")
+    truth = {lv: np.asarray(taxonomy.level_indices(lv, labels)) for lv in LEVELS}
+    return rows, truth, labels
+
+
+def _json_thresholds(values: dict) -> dict:
+    return {k: (None if not np.isfinite(v) else float(v)) for k, v in values.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Members
+# ----------------------------------------------------------------------------------------
+def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, log: Callable) -> dict:
+    """Write one member (EMA weights when the run has them); returns its provenance entry."""
+    from safetensors.torch import save_model
+
+    from herbens.data.transforms import model_data_config
+    from herbens.infer import load_run_model
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if Taxonomy.load(run_dir / "taxonomy.json") != taxonomy:
+        raise HerbensError(f"run '{run_dir}': its taxonomy differs from the first member's")
+    model = load_run_model(run_dir, cfg, taxonomy).eval()
+    folder.mkdir(parents=True)
+    save_model(model, str(folder / WEIGHTS))
+    shutil.copyfile(run_dir / "config.yaml", folder / RECIPE)
+    data_config = model_data_config(model.data_config, cfg["input"])
+    levels = [lv for lv in LEVELS if lv in cfg["levels"]]
+    write_json(folder / DATA_CONFIG, {
+        "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
+        "views": list(cfg["infer"]["tta"]), "tta_space": cfg["infer"]["tta_space"],
+        "precision": cfg["train"]["precision"], "levels": levels})
+    if onnx:
+        from herbens.bundle.onnx_export import export_onnx
+
+        exporter = export_onnx(model, levels, data_config, folder / ONNX)
+        log(f"member {folder.name}: ONNX graph written ({exporter} exporter, checked against PyTorch)")
+    metrics = run_dir / "metrics.json"
+    return {"name": folder.name, "run": str(run_dir), "backbone": cfg["model"]["backbone"],
+            "weights": "ema" if (run_dir / "model_ema.pt").exists() else "final",
+            "git_revision": cfg.get("git_revision"), "views": list(cfg["infer"]["tta"]),
+            "input_size": list(data_config["input_size"]),
+            "val": read_json(metrics).get("val", {}) if metrics.exists() else {},
+            "data_root": cfg["data"]["root"]}
+
+
+def names_table(taxonomy: Taxonomy, data_root: str | None, log: Callable) -> pd.DataFrame:
+    """Scientific name, authors, genus and family per species (authors from the metadata's
+    categories when it can still be read, else empty)."""
+    authors = _authors(data_root, log)
+    return pd.DataFrame({
+        "category_id": taxonomy.category_ids,
+        "scientific_name": taxonomy.species_names,
+        "authors": [authors.get(int(c), "") for c in taxonomy.category_ids],
+        "genus": [taxonomy.genus_names[g] for g in taxonomy.species_to_genus],
+        "family": [taxonomy.family_names[f] for f in taxonomy.species_to_family],
+    })
+
+
+def _authors(data_root: str | None, log: Callable) -> dict[int, str]:
+    from herbens.data.metadata import find_dataset
+
+    try:
+        train_file, _ = find_dataset(Path(data_root or ""))
+        categories = read_json(train_file).get("categories", [])
+    except (HerbensError, AttributeError):
+        log("note: training metadata not found; the bundle's names table has no authors")
+        return {}
+    return {int(c.get("category_id", c.get("id"))): str(c.get("authors") or "") for c in categories
+            if isinstance(c, dict) and ("category_id" in c or "id" in c)}
+
+
+# ----------------------------------------------------------------------------------------
+# The whole export
+# ----------------------------------------------------------------------------------------
+def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, target_precision: float = 0.95,
+                  ood_score: str = "msp", ood_keep: float = 0.95, folds: int = 2, seed: int = 0,
+                  log: Callable[[str], None] = print) -> Path:
+    """Export a run or an ensemble into a self-contained bundle folder.
+
+    Args:
+        source: a run directory or an ensemble's JSON record (or its CSV, the JSON beside it).
+        out: the bundle folder (replaced atomically if it exists).
+        onnx: also write one ONNX graph per member, checked against PyTorch with onnxruntime.
+        target_precision: precision each back-off level's threshold must reach on validation.
+        ood_score: ``msp`` or ``energy``; ``ood_keep``: share of known validation images kept.
+        folds: cross-fitting folds for the out-of-sample threshold report.
+
+    Returns:
+        The bundle folder.
+    """
+    from herbens.metrics import level_scores
+
+    if ood_score not in th.OOD_SCORES:
+        raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
+    run_dirs, params, record = resolve_source(source)
+    taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
+    rows, truth, labels = validation_rows(run_dirs, params, taxonomy, ood_score)
+    fitted = th.cross_fit(rows, truth, target_precision, ood_keep, folds, seed)
+    log(th.format_report(fitted))
+    val_scores = level_scores(labels, rows.top["species"], taxonomy)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        members = [export_member(run, tmp / "members" / f"m{i}_{run.name}", taxonomy, onnx, log)
+                   for i, run in enumerate(run_dirs)]
+        taxonomy.save(tmp / "taxonomy.json")
+        frame = names_table(taxonomy, members[0]["data_root"], log)
+        with atomic_write(tmp / "names.csv", newline="") as handle:
+            frame.to_csv(handle, index=False)
+        bundle = {
+            "format_version": FORMAT_VERSION,
+            "name": out.name,
+            "members": [m["name"] for m in members],
+            "taxonomy_hash": taxonomy.hash,
+            "ensemble": params_record(params),
+            "thresholds": {**fitted, "thresholds": _json_thresholds(fitted["thresholds"]), "ood_score": ood_score},
+            "val_scores": val_scores,
+            "provenance": {"source": str(source), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "python": platform.python_version(), "members": members,
+                           "ensemble_val": (record or {}).get("val")},
+        }
+        write_json(tmp / "bundle.json", bundle)
+        (tmp / "README.md").write_text(model_card(bundle, taxonomy))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION,
+                                    "files": {p.relative_to(tmp).as_posix(): file_hash(p) for p in files}})
+        load_bundle(tmp)  # refuse to publish a bundle that does not load
+    log(f"wrote bundle {out} ({len(members)} member(s), {taxonomy.num_classes('species')} species)")
+    return out
+
+
+def model_card(bundle: dict, taxonomy: Taxonomy) -> str:
+    """The bundle's README: what it was trained on, scores per level, intended use and limits."""
+    members = bundle["provenance"]["members"]
+    fit = bundle["thresholds"]
+    scores = bundle["val_scores"]
+    lines = [f"# Model card: {bundle['name']}", "",
+             f"herbens bundle of {len(members)} member(s) naming herbarium specimens among "
+             f"{taxonomy.num_classes('species')} species, {taxonomy.num_classes('genus')} genera and "
+             f"{taxonomy.num_classes('family')} families ({int(taxonomy.counts.sum())} training images; "
+             f"taxonomy {taxonomy.hash}).", "", "## Members", "",
+             "| member | backbone | input | views | weights | git revision |", "|---|---|---|---|---|---|"]
+    for m in members:
+        lines.append(f"| {m['name']} | {m['backbone']} | {m['input_size'][1]}x{m['input_size'][2]} | "
+                     f"{' '.join(m['views'])} | {m['weights']} | {m['git_revision'] or '-'} |")
+    lines += ["", f"Trained on: {members[0]['data_root']}.", "",
+              "## Validation scores (the bundle's combined prediction, in sample for fitted ensemble values)", "",
+              "| level | macro-F1 | accuracy |", "|---|---|---|"]
+    for lv in LEVELS:
+        lines.append(f"| {lv} | {scores.get(f'{lv}_macro_f1', float('nan')):.4f} | "
+                     f"{scores.get(f'{lv}_accuracy', float('nan')):.4f} |")
+    lines += ["", "## Back-off and open set", "", "```", th.format_report(
+        {**fit, "thresholds": {k: (np.inf if v is None else v) for k, v in fit["thresholds"].items()}}), "```", "",
+        "## Intended use", "",
+        "Suggesting names for newly digitised herbarium sheets of the flora it was trained on, for a "
+        "botanist to confirm. A species is named only when its probability reaches the species "
+        "threshold; otherwise the genus or family alone, or unknown.", "",
+        "## Limits", "",
+        "- It only knows the species listed in names.csv: a sheet of any other species gets one of "
+        "them or, at best, `unknown` (the OOD flag catches only part of them; measure it with `herbens openset`).",
+        "- Thresholds were fitted on the validation split; precision on another collection (other "
+        "institutions, imaging, regions) may be lower.",
+        "- Rare species (few training images) are named less reliably than common ones.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    """Add the ``export`` verb."""
+    p = subparsers.add_parser(
+        "export", help="write a self-contained model bundle from a run or an ensemble",
+        description="Export a run directory or an ensemble's JSON record into a folder that alone "
+                    "predicts: safetensors weights per member, data configs, recipes, taxonomy with "
+                    "names and authors, fitted ensemble values, back-off and open-set thresholds "
+                    "(fitted on validation), provenance, a model card and a manifest of file hashes.")
+    p.add_argument("source", help="run directory, or the .json written by herbens ensemble")
+    p.add_argument("-o", "--output", required=True, help="bundle folder, e.g. bundles/NAME")
+    p.add_argument("--onnx", action="store_true", help="also write one ONNX graph per member (checked)")
+    p.add_argument("--target-precision", type=float, default=0.95,
+                   help="precision each back-off level must reach on validation (default: %(default)s)")
+    p.add_argument("--ood-score", choices=th.OOD_SCORES, default="msp",
+                   help="open-set score: max softmax probability or energy (default: %(default)s)")
+    p.add_argument("--ood-keep", type=float, default=0.95,
+                   help="share of known validation images the OOD threshold keeps (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``herbens export``."""
+    if args.folds < 2:
+        raise HerbensError("--folds must be at least 2")
+    export_bundle(args.source, args.output, onnx=args.onnx, target_precision=args.target_precision,
+                  ood_score=args.ood_score, ood_keep=args.ood_keep, folds=args.folds)
+    return 0

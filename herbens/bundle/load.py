@@ -1,0 +1,149 @@
+"""Open a model bundle: check every file against the manifest, then rebuild its members.
+
+Layout of ``bundles/<name>/`` (written by :mod:`herbens.bundle.export`)::
+
+    manifest.json          sha256 of every other file (checked at load)
+    bundle.json            members, levels, fitted ensemble values, thresholds, provenance
+    taxonomy.json          class order, hierarchy and training counts (herbens Taxonomy)
+    names.csv              category_id, scientific_name, authors, genus, family per species
+    README.md              model card
+    members/<name>/        model.safetensors, data_config.json, config.yaml [, model.onnx]
+
+Loading reads nothing outside the folder: no run directory, no metadata, no network (the
+trunk is built with ``pretrained=False`` and the weights come from the safetensors file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from herbens.data.taxonomy import Taxonomy
+from herbens.ensemble.combine import ClassSpace, Params
+from herbens.errors import HerbensError
+from herbens.fileio import read_json
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+DATA_CONFIG = "data_config.json"
+RECIPE = "config.yaml"
+ONNX = "model.onnx"
+
+
+def file_hash(path: Path) -> str:
+    """sha256 hex digest of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_manifest(root: Path) -> dict[str, str]:
+    """Check that every file the manifest lists exists with its recorded hash.
+
+    Raises:
+        HerbensError: naming the bundle and the first missing or altered file.
+    """
+    if not (root / MANIFEST).is_file():
+        raise HerbensError(f"{root}: not a herbens bundle (no {MANIFEST})")
+    manifest = read_json(root / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise HerbensError(f"{root / MANIFEST}: no 'files' table")
+    for name, expected in files.items():
+        path = root / name
+        if not path.is_file():
+            raise HerbensError(f"bundle {root}: file {name} is missing")
+        if file_hash(path) != expected:
+            raise HerbensError(f"bundle {root}: file {name} was altered (sha256 differs from the manifest)")
+    return files
+
+
+@dataclass
+class Member:
+    """One model of the bundle, ready to predict."""
+
+    name: str
+    model: object                 # HierarchicalNet in eval mode
+    data_config: dict             # timm data config: input_size, mean, std, interpolation, crop_pct
+    views: list[str]              # test-time views
+    tta_space: str                # how views are averaged (logit | prob)
+    precision: str                # the run's mixed precision (used on CUDA only)
+    levels: tuple[str, ...]
+    onnx_path: Path | None
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its members and everything needed to turn their logits into names."""
+
+    path: Path
+    record: dict
+    taxonomy: Taxonomy
+    names: pd.DataFrame
+    members: list[Member]
+    params: Params
+    space: ClassSpace
+    thresholds: dict
+    ood_score: str
+
+
+def thresholds_from_json(values: dict) -> dict:
+    """Stored thresholds (None: a level never reached its target precision) as floats."""
+    return {k: (float("inf") if v is None else float(v)) for k, v in values.items()}
+
+
+def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
+    """Verify and load a bundle; members are moved to ``device`` in eval mode.
+
+    Raises:
+        HerbensError: naming the missing or altered file, or a malformed record.
+    """
+    from herbens.bundle.scoring import class_space_of, fitted_params
+
+    root = Path(path)
+    verify_manifest(root)
+    record = read_json(root / "bundle.json")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise HerbensError(f"{root / 'bundle.json'}: unsupported bundle format {record.get('format_version')!r}")
+    taxonomy = Taxonomy.load(root / "taxonomy.json")
+    names = pd.read_csv(root / "names.csv", keep_default_na=False)
+    if names["category_id"].tolist() != taxonomy.category_ids.tolist():
+        raise HerbensError(f"{root / 'names.csv'}: category_ids do not match taxonomy.json")
+    try:
+        members = [_load_member(root / "members" / name, name, taxonomy, device) for name in record["members"]]
+        params = fitted_params(record["ensemble"], len(members))
+        thresholds, ood_score = thresholds_from_json(record["thresholds"]["thresholds"]), record["thresholds"]["ood_score"]
+    except KeyError as exc:
+        raise HerbensError(f"{root}: bundle.json or a member's {DATA_CONFIG} lacks the key {exc}") from None
+    return Bundle(root, record, taxonomy, names, members, params, class_space_of(taxonomy, len(members)),
+                  thresholds, ood_score)
+
+
+def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Member:
+    import torch
+    from safetensors.torch import load_model
+
+    from herbens.models.net import build_model
+
+    cfg = yaml.safe_load((folder / RECIPE).read_text())
+    # No download, no local pretrained file: every weight comes from the bundle.
+    model = build_model({**cfg, "model": {**cfg["model"], "pretrained": False, "pretrained_file": None}}, taxonomy)
+    try:
+        load_model(model, str(folder / WEIGHTS), strict=True)
+    except (RuntimeError, OSError) as exc:
+        raise HerbensError(f"{folder / WEIGHTS}: weights do not fit the recipe's model: {exc}") from None
+    model.to(torch.device(device)).eval()
+    data = read_json(folder / DATA_CONFIG)
+    data_config = {**data["data_config"], "input_size": tuple(data["data_config"]["input_size"]),
+                   "mean": tuple(data["data_config"]["mean"]), "std": tuple(data["data_config"]["std"])}
+    onnx_path = folder / ONNX
+    return Member(name, model, data_config, list(data["views"]), data["tta_space"], data["precision"],
+                  tuple(data["levels"]), onnx_path if onnx_path.is_file() else None)
+

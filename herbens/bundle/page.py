@@ -1,0 +1,94 @@
+"""A self-contained HTML page of predictions: one card per image, filters by decision.
+
+Thumbnails are embedded as JPEG data URIs and the style and filter script are inline, so the
+page opens anywhere (no network, no files beside it).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from herbens.errors import HerbensError
+from herbens.fileio import atomic_write
+
+THUMB = 180  # long edge of the thumbnails in pixels
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1em;background:#f6f5f0;color:#222}
+.bar{margin:.5em 0 1em} .bar label{margin-right:1.2em}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #ccc;border-radius:6px;padding:8px;width:300px}
+.card img{max-width:100%;max-height:180px;display:block;margin:auto}
+.path{font-size:11px;color:#666;word-break:break-all}
+.decision{font-weight:bold;padding:1px 6px;border-radius:4px;color:#fff}
+.d-species{background:#2a7a2a}.d-genus{background:#b07a10}.d-family{background:#a05020}.d-unknown{background:#777}
+.sp{font-size:13px;margin:3px 0}.sp i{font-style:italic}
+.pbar{background:#e4e4e4;height:6px;border-radius:3px}.pbar div{background:#3b6fb6;height:6px;border-radius:3px}
+"""
+
+_SCRIPT = """
+function applyFilters(){
+  var unknownOnly=document.getElementById('f-unknown').checked;
+  var genusOnly=document.getElementById('f-genus').checked;
+  var cards=document.querySelectorAll('.card');
+  for(var i=0;i<cards.length;i++){
+    var d=cards[i].getAttribute('data-decision');
+    var show=(!unknownOnly&&!genusOnly)||(unknownOnly&&d==='unknown')||(genusOnly&&d==='genus');
+    cards[i].style.display=show?'':'none';
+  }
+}
+"""
+
+
+def thumbnail_uri(path: str) -> str:
+    """A small JPEG of the image as a data URI (empty when it cannot be read again)."""
+    from herbens.data.dataset import load_rgb
+
+    try:
+        image = load_rgb(path, decode_size=(THUMB, THUMB))
+    except HerbensError:
+        return ""
+    image.thumbnail((THUMB, THUMB))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def card(item: dict) -> str:
+    """One image's card: thumbnail, decision, top-k names with probability bars, genus/family."""
+    e = html.escape
+    species = "".join(
+        f'<div class="sp"><i>{e(sp["scientific_name"])}</i> {e(sp["authors"])} '
+        f'({sp["category_id"]}) {100 * sp["probability"]:.1f} %'
+        f'<div class="pbar"><div style="width:{100 * sp["probability"]:.1f}%"></div></div></div>'
+        for sp in item["species"])
+    uri = thumbnail_uri(item["path"])
+    image = f'<img alt="{e(Path(item["path"]).name)}" src="{uri}">' if uri else ""
+    return (f'<div class="card" data-decision="{e(item["decision"])}">{image}'
+            f'<div class="path">{e(item["path"])}</div>'
+            f'<p><span class="decision d-{e(item["decision"])}">{e(item["decision"])}</span> '
+            f'genus <i>{e(item["genus"])}</i> {100 * item["genus_probability"]:.1f} %, '
+            f'family {e(item["family"])} {100 * item["family_probability"]:.1f} %</p>{species}</div>')
+
+
+def render_page(items: list[dict], title: str) -> str:
+    """The whole HTML document."""
+    counts = {}
+    for item in items:
+        counts[item["decision"]] = counts.get(item["decision"], 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>{len(items)} images: {html.escape(summary)}</p>"
+            '<div class="bar"><label><input type="checkbox" id="f-unknown" onchange="applyFilters()"> unknown only</label>'
+            '<label><input type="checkbox" id="f-genus" onchange="applyFilters()"> genus only</label></div>'
+            f'<div class="cards">{"".join(card(item) for item in items)}</div></body></html>\n')
+
+
+def write_page(path: Path, items: list[dict], bundle) -> None:
+    """Write the page atomically."""
+    with atomic_write(path, encoding="utf-8") as handle:
+        handle.write(render_page(items, f"herbens predictions ({bundle.path.name})"))

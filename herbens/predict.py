@@ -1,0 +1,318 @@
+"""``herbens predict BUNDLE INPUT -o predictions.csv``: name new specimens from a bundle alone.
+
+INPUT is an image, a folder (searched recursively for image files) or a CSV / text list of
+paths. Each member predicts the images with its own test-time views and data config, exactly
+as ``herbens infer`` does (same decoding, same view averaging, logits rounded to float16 as the
+logits store keeps them); :mod:`herbens.bundle.scoring` combines the members as ``herbens
+ensemble`` does; :mod:`herbens.bundle.thresholds` decides species / genus / family / unknown.
+Unreadable images are reported one per line and the others still predicted (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from herbens.bundle import thresholds as th
+from herbens.errors import HerbensError
+from herbens.fileio import atomic_write
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+LIST_SUFFIXES = {".csv", ".txt", ".lst"}
+PATH_COLUMNS = ("path", "file", "file_name", "filename", "image")
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+def collect_inputs(source: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image paths to predict, and ``(path, reason)`` for entries that are skipped.
+
+    Raises:
+        HerbensError: when ``source`` does not exist or yields no image at all.
+    """
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        paths = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped = [(str(p), "not an image file (by its extension)") for p in files
+                   if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if not paths:
+            raise HerbensError(f"{source}: no image files found (searched recursively for "
+                               f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+        return paths, skipped
+    if source.is_file() and source.suffix.lower() in LIST_SUFFIXES:
+        paths = _listed_paths(source)
+        if not paths:
+            raise HerbensError(f"{source}: the list names no image")
+        return paths, []
+    if source.is_file():
+        return [str(source)], []
+    raise HerbensError(f"input {source} does not exist")
+
+
+def _listed_paths(listing: Path) -> list[str]:
+    """Paths from a CSV (column path/file_name/..., else the first) or a text file (one a line);
+    relative paths are relative to the list's folder."""
+    if listing.suffix.lower() == ".csv":
+        try:
+            frame = pd.read_csv(listing, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise HerbensError(f"{listing}: not a readable CSV ({exc})") from None
+        column = next((c for c in frame.columns if c.lower() in PATH_COLUMNS), frame.columns[0] if len(frame.columns) else None)
+        entries = frame[column].tolist() if column is not None else []
+    else:
+        entries = listing.read_text().splitlines()
+    entries = [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
+    return [e if os.path.isabs(e) else str(listing.parent / e) for e in entries]
+
+
+# ----------------------------------------------------------------------------------------
+# Member logits
+# ----------------------------------------------------------------------------------------
+class _Images:
+    """Dataset over paths with a member's views; an unreadable file gives its error, not a crash."""
+
+    def __init__(self, paths: list[str], views, decode_size):
+        from herbens.data.dataset import HerbariumDataset
+
+        self.inner = HerbariumDataset(pd.DataFrame({"file_name": paths}), "", None, transform=None,
+                                      decode_size=decode_size, views=[fn for _, fn in views])
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            return {"index": i, "image": self.inner[i]["image"], "error": None}
+        except HerbensError as exc:
+            return {"index": i, "image": None, "error": str(exc)}
+
+
+def _collate(items: list[dict]) -> dict:
+    import torch
+
+    ok = [it for it in items if it["error"] is None]
+    return {"index": [it["index"] for it in ok], "images": torch.stack([it["image"] for it in ok]) if ok else None,
+            "errors": [(it["index"], it["error"]) for it in items if it["error"] is not None]}
+
+
+def member_logits(member, paths: list[str], classes: dict[str, int], batch_size: int, device: str,
+                  workers: int, progress: Callable) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """Per-level logits ``[n, C]`` of one member (rows of failed images stay NaN) and the errors
+    by row."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from herbens.data.transforms import build_tta_views, eval_decode_size
+    from herbens.engine import combine_views
+
+    views = build_tta_views(member.views, member.data_config)
+    dataset = _Images(paths, views, eval_decode_size(member.data_config, member.views))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+    out = {lv: np.full((len(paths), n), np.nan, dtype=np.float32) for lv, n in classes.items()}
+    errors: dict[int, str] = {}
+    autocast = _autocast(member.precision, device)
+    with torch.no_grad():
+        for batch in loader:
+            errors.update(batch["errors"])
+            if batch["images"] is not None:
+                images = batch["images"].to(device)
+                v = images.shape[1]
+                with autocast:
+                    outputs = member.model(images.flatten(0, 1))
+                for lv in classes:
+                    per_view = outputs[lv].float().view(-1, v, outputs[lv].shape[-1])
+                    # float16 rounding as in the logits store, so the bundle predicts what
+                    # `herbens infer` + `herbens ensemble` predict for the same images.
+                    out[lv][batch["index"]] = combine_views(per_view, member.tta_space).cpu().numpy() \
+                        .astype(np.float16).astype(np.float32)
+            progress(len(batch["index"]) + len(batch["errors"]))
+    return out, errors
+
+
+def _autocast(precision: str, device: str):
+    import contextlib
+
+    import torch
+
+    if device.startswith("cuda") and precision in ("fp16", "bf16"):
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Predictions:
+    """Per predicted image: its path, top-k species, best genus/family, decision."""
+
+    paths: list[str]
+    top_species: np.ndarray       # [n, k] species indices
+    top_probs: np.ndarray         # [n, k]
+    rows: th.RowSummary
+    decisions: np.ndarray
+    failures: list[tuple[str, str]]
+
+
+def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
+                  workers: int = 0, block: int = 1024, progress: bool = True) -> Predictions:
+    """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
+    from tqdm.auto import tqdm
+
+    from herbens.bundle.scoring import combine_members, needed_levels
+    from herbens.ensemble.combine import top_k_columns
+
+    levels = needed_levels(bundle.params)
+    classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
+    bar = tqdm(total=len(paths) * len(bundle.members), desc="predict", unit="img", disable=None if progress else True)
+    kept, tops, probs, rows, failures = [], [], [], [], {}
+    for start in range(0, len(paths), block):
+        part = paths[start:start + block]
+        logits, failed = [], set()
+        for member in bundle.members:
+            out, errors = member_logits(member, part, classes, batch_size, device, workers, bar.update)
+            logits.append(out)
+            failed |= set(errors)
+            for i, message in errors.items():
+                failures.setdefault(start + i, message)
+        good = np.array([i for i in range(len(part)) if i not in failed], dtype=np.int64)
+        if not len(good):
+            continue
+        level_probs = combine_members([{lv: m[lv][good] for lv in levels} for m in logits], bundle.params, bundle.space)
+        top = top_k_columns(level_probs.scores, top_k)
+        kept += [part[i] for i in good]
+        tops.append(bundle.space.species[top])
+        probs.append(np.take_along_axis(level_probs.species, top, axis=1))
+        rows.append(th.summarize(level_probs, bundle.ood_score))
+    bar.close()
+    failure_list = [(paths[i], failures[i]) for i in sorted(failures)]
+    if not kept:
+        return Predictions([], np.zeros((0, top_k), np.int64), np.zeros((0, top_k)), None, np.array([]), failure_list)
+    summary = th.RowSummary.concat(rows)
+    return Predictions(kept, np.concatenate(tops), np.concatenate(probs), summary,
+                       th.decide(summary, bundle.thresholds), failure_list)
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------
+def records(bundle, pred: Predictions) -> list[dict]:
+    """One JSON-ready dict per image."""
+    names, tax = bundle.names, bundle.taxonomy
+    out = []
+    for i, path in enumerate(pred.paths):
+        species = [{"category_id": int(names.category_id[s]), "scientific_name": names.scientific_name[s],
+                    "authors": names.authors[s], "probability": float(p)}
+                   for s, p in zip(pred.top_species[i], pred.top_probs[i])]
+        out.append({"path": path, "decision": pred.decisions[i], "species": species,
+                    "genus": tax.genus_names[pred.rows.top["genus"][i]],
+                    "genus_probability": float(pred.rows.confidence["genus"][i]),
+                    "family": tax.family_names[pred.rows.top["family"][i]],
+                    "family_probability": float(pred.rows.confidence["family"][i]),
+                    "ood_score": float(pred.rows.ood[i])})
+    return out
+
+
+def as_frame(items: list[dict], top_k: int) -> pd.DataFrame:
+    """The CSV table: one row per image, the top-k species as numbered columns."""
+    table = []
+    for item in items:
+        row = {"path": item["path"], "decision": item["decision"]}
+        for j, sp in enumerate(item["species"][:top_k], start=1):
+            row.update({f"category_id_{j}": sp["category_id"], f"scientific_name_{j}": sp["scientific_name"],
+                        f"authors_{j}": sp["authors"], f"probability_{j}": round(sp["probability"], 6)})
+        row.update({k: item[k] for k in ("genus", "genus_probability", "family", "family_probability", "ood_score")})
+        table.append(row)
+    return pd.DataFrame(table)
+
+
+def write_outputs(output: Path, fmt: str, items: list[dict], top_k: int, failures, bundle) -> None:
+    """Write the CSV or JSON atomically."""
+    if fmt == "json":
+        with atomic_write(output) as handle:
+            json.dump({"bundle": str(bundle.path), "thresholds": _finite(bundle.thresholds),
+                       "predictions": items, "failed": [{"path": p, "error": e} for p, e in failures]},
+                      handle, indent=2)
+            handle.write("\n")
+        return
+    with atomic_write(output, newline="") as handle:
+        as_frame(items, top_k).to_csv(handle, index=False, float_format="%.6g")
+
+
+def _finite(values: dict) -> dict:
+    return {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}
+
+
+def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path | None = None, top_k: int = 5,
+                    batch_size: int = 32, device: str = "cpu", workers: int = 0, progress: bool = True,
+                    log: Callable[[str], None] = print) -> int:
+    """Everything ``herbens predict`` does; returns the exit status (1 when some image failed)."""
+    from herbens.bundle.load import load_bundle
+
+    if top_k < 1:
+        raise HerbensError("--top-k must be at least 1")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HerbensError("--device cuda: no CUDA device is available")
+    bundle = load_bundle(bundle_path, device=device)
+    paths, skipped = collect_inputs(source)
+    pred = predict_paths(bundle, paths, top_k=top_k, batch_size=batch_size, device=device, workers=workers,
+                         progress=progress)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    for path, error in pred.failures:
+        print(f"failed {path}: {error}", file=sys.stderr)
+    items = records(bundle, pred) if pred.paths else []
+    write_outputs(Path(output), fmt, items, top_k, pred.failures, bundle)
+    if html is not None:
+        from herbens.bundle.page import write_page
+
+        write_page(Path(html), items, bundle)
+    counts = {d: sum(1 for it in items if it["decision"] == d) for d in th.DECISIONS}
+    log(f"wrote {output}: {len(items)} image(s) predicted ("
+        + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"), {len(pred.failures)} unreadable"
+        + (f", {len(skipped)} non-image file(s) skipped" if skipped else ""))
+    return 1 if pred.failures else 0
+
+
+def register(subparsers) -> None:
+    """Add the ``predict`` verb."""
+    p = subparsers.add_parser(
+        "predict", help="name new specimen images with a bundle (species / genus / family / unknown)",
+        description="Predict images (a file, a folder searched recursively, or a CSV/text list of "
+                    "paths) with an exported bundle: top-k species with authors and probabilities, "
+                    "the most probable genus and family, and a back-off decision.")
+    p.add_argument("bundle", help="bundle folder written by herbens export")
+    p.add_argument("input", help="image, folder, or .csv/.txt list of paths")
+    p.add_argument("-o", "--output", default="predictions.csv", help="output file (default: %(default)s)")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", dest="fmt")
+    p.add_argument("--html", nargs="?", const=True, default=None, metavar="PAGE",
+                   help="also write a self-contained HTML page (default: OUTPUT with .html)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``herbens predict``."""
+    html = None
+    if args.html is not None:
+        html = Path(args.output).with_suffix(".html") if args.html is True else Path(args.html)
+    return predict_command(args.bundle, args.input, args.output, fmt=args.fmt, html=html, top_k=args.top_k,
+                           batch_size=args.batch_size, device=args.device, workers=args.workers,
+                           progress=not args.quiet)
