@@ -71,3 +71,76 @@ def test_distillation_with_mixup_is_refused(tiny_herbarium, tmp_path, capsys):
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=s", f"distill.teacher={teacher}",
                                                        "augment.mixup=0.2"]) == 2
     assert "cannot be combined with mixup" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_herbarium, tiny_run, tmp_path_factory):
+    """A two-run ensemble of the tiny herbarium and its teacher folder (``herbens teach``)."""
+    import shutil
+
+    from herbens.cli import main
+    from herbens.ensemble.combine import ensemble_runs
+
+    work = tmp_path_factory.mktemp("teach")
+    runs = work / "runs"
+    shutil.copytree(tiny_run, runs / "tiny")
+    assert train_tiny(tiny_herbarium, runs, recipe="demo_seesaw", extra=["name=tiny2", "train.epochs=1", "seed=5"]) == 0
+    submission = work / "ens.csv"
+    ensemble_runs([runs / "tiny", runs / "tiny2"], submission, progress=False, log=lambda _: None)
+    assert main(["teach", str(submission.with_suffix(".json")), "-o", str(work / "teacher"), "--k", "3"]) == 0
+    return work / "teacher", runs
+
+
+def test_teacher_targets_are_the_bundle_predictions_of_the_training_images(teacher, tiny_herbarium):
+    from herbens.bundle.load import load_bundle
+    from herbens.data.run_data import load_run_data
+    from herbens.predict import block_probabilities
+    from herbens.targets import read_targets
+    import yaml
+
+    folder, runs = teacher
+    taxonomy = Taxonomy.load(folder / "taxonomy.json")
+    store = read_targets(folder, "train", taxonomy=taxonomy)
+    data = load_run_data(yaml.safe_load((runs / "tiny" / "config.yaml").read_text()), runs / "tiny", reuse_split=True)
+    assert sorted(store.image_ids) == sorted(data.train["image_id"].astype(str))
+    assert (folder / "split.csv").read_bytes() == (runs / "tiny" / "split.csv").read_bytes()
+    # The slow way: predict the same training images with the bundle and compare every level.
+    paths = [str(data.images_dir / f) for f in data.train["file_name"]]
+    (_, good, probs, errors), = list(block_probabilities(load_bundle(folder / "bundle"), paths, progress=False))
+    assert not errors and len(good) == len(paths)
+    rows = store.rows_of(data.train["image_id"].astype(str).tolist())
+    for level in ("species", "genus", "family"):
+        stored = store.level(level).rows(rows)
+        dense = probs.level(level).astype(np.float64)
+        k = min(3, dense.shape[1])
+        assert stored["classes"].shape == (len(paths), k)
+        np.testing.assert_array_equal(stored["classes"][:, 0], dense.argmax(axis=1))
+        np.testing.assert_allclose(np.exp(stored["logp"]), np.take_along_axis(dense, stored["classes"], 1), rtol=1e-4,
+                                   atol=1e-6)
+        np.testing.assert_allclose(stored["rest"], 1 - np.take_along_axis(dense, stored["classes"], 1).sum(1), atol=1e-5)
+
+
+def test_student_of_a_written_teacher_trains(teacher, tiny_herbarium, tmp_path):
+    folder, _ = teacher
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=student", "train.epochs=1",
+                                                       f"distill.teacher={folder}"]) == 0
+    record = _history(tmp_path / "student")[-1]
+    assert all(np.isfinite(record[f"loss_{level}_distill"]) for level in ("species", "genus", "family"))
+
+
+def test_teach_refuses_members_with_different_splits(teacher, tmp_path, capsys):
+    import shutil
+
+    from herbens.cli import main
+    from herbens.ensemble.combine import ensemble_runs
+
+    _, runs = teacher
+    other = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", other / "a")
+    shutil.copytree(runs / "tiny2", other / "b")
+    split = other / "b" / "split.csv"
+    split.write_text("\n".join(split.read_text().splitlines()[:-1]) + "\n")
+    ensemble_runs([other / "a", other / "b"], tmp_path / "e.csv", progress=False, log=lambda _: None)
+    assert main(["teach", str(tmp_path / "e.json"), "-o", str(tmp_path / "t")]) == 2
+    assert "split.csv differs" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "targets").exists()
