@@ -57,8 +57,25 @@ def _targets(batch: dict, levels) -> dict:
     return {key: value for key, value in batch.items() if key in levels or key.startswith("teacher.")}
 
 
-def train_step(parts: TrainParts, batch: dict, state: TrainState) -> dict:
-    """Forward, loss, backward and (on a sync step) optimizer update; returns loss parts."""
+def window_loss_scale(position: int, total_batches: int, grad_accum: int) -> float:
+    """Factor on a micro-batch's loss so that each accumulation window averages its own batches.
+
+    Accelerate divides every micro-batch's loss by ``grad_accum``, and also steps at the end of
+    an epoch whose length is not a multiple of it; that last, partial window holds only
+    ``total_batches % grad_accum`` micro-batches, whose gradients would otherwise be too small.
+
+    Args:
+        position: the micro-batch's 0-based position in its epoch.
+    """
+    full = total_batches - total_batches % grad_accum
+    return 1.0 if position < full else grad_accum / (total_batches - full)
+
+
+def train_step(parts: TrainParts, batch: dict, state: TrainState, loss_scale: float = 1.0) -> dict:
+    """Forward, loss, backward and (on a sync step) optimizer update; returns loss parts.
+
+    ``loss_scale`` multiplies the loss before backward (:func:`window_loss_scale`).
+    """
     acc = parts.accelerator
     with acc.accumulate(parts.model):
         images = batch["image"]
@@ -68,7 +85,7 @@ def train_step(parts: TrainParts, batch: dict, state: TrainState) -> dict:
             images, targets["species"] = parts.mixup(images, hard["species"])
         outputs = parts.model(images, targets=hard)
         losses = parts.criterion(outputs, targets)
-        acc.backward(losses["loss"])
+        acc.backward(losses["loss"] * loss_scale)
         if acc.sync_gradients and parts.clip_grad:
             acc.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
         parts.optimizer.step()
@@ -77,7 +94,7 @@ def train_step(parts: TrainParts, batch: dict, state: TrainState) -> dict:
             state.step += 1
             parts.schedule.step(state.step)
             if parts.ema is not None:
-                parts.ema.update(acc.unwrap_model(parts.model), step=state.step)
+                parts.ema.update(acc.unwrap_model(parts.model, keep_torch_compile=False), step=state.step)
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
@@ -101,7 +118,8 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
     bar = tqdm(total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
                disable=not acc.is_main_process, leave=False, dynamic_ncols=True)
     for batch in loader:
-        losses = train_step(parts, batch, state)
+        scale = window_loss_scale(state.batch_in_epoch, total_batches, acc.gradient_accumulation_steps)
+        losses = train_step(parts, batch, state, scale)
         if "unreadable" in batch and batch["unreadable"].any():
             unreadable.update(batch["index"][batch["unreadable"]].tolist())
         state.batch_in_epoch += 1

@@ -7,6 +7,7 @@ which rebuilds the model from the run's ``config.yaml`` and final weights.
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,18 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
                     if keep_views:
                         writer.write_views(level, first, record[f"{level}.views"][rows_here])
     accelerator.wait_for_everyone()
+
+
+def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException) -> str:
+    """What to say when writing logits fails after training: the weights are safe, and how to finish.
+
+    Args:
+        splits: the splits whose logits are still missing, the failed one first.
+    """
+    weights = ", ".join(name for name in ("model.pt", "model_ema.pt") if (Path(run_dir) / name).exists())
+    command = f"herbens infer {shlex.quote(str(run_dir))} --split {' '.join(splits)}"
+    return (f"training finished and its weights are saved ({weights} in {run_dir}), but writing the "
+            f"{splits[0]} logits failed: {exc}. Finish the run without retraining: {command}")
 
 
 def _consecutive_runs(ordered: np.ndarray) -> list[tuple[int, int]]:

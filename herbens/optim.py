@@ -6,6 +6,8 @@ parameters train at the full learning rate (they start from scratch).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
@@ -61,6 +63,20 @@ def build_optimizer(model: torch.nn.Module, extra_params: list, opt_cfg: dict, l
         raise HerbensError(f"optimizer.name={opt_cfg['name']!r}: {exc}") from None
 
 
+def epoch_updates(batches: int, grad_accum: int) -> int:
+    """Optimizer updates in an epoch of ``batches`` micro-batches.
+
+    Accelerate (``sync_with_dataloader``, its default) also steps at the end of the loader when
+    the last window is partial, so an epoch has ceil(batches / grad_accum) updates.
+    """
+    return max(1, math.ceil(batches / grad_accum))
+
+
+def group_lr_scales(optimizer) -> list[float]:
+    """Each group's ``lr_scale`` (timm's layer decay stores it there; 1.0 elsewhere)."""
+    return [float(group.get("lr_scale", 1.0)) for group in optimizer.param_groups]
+
+
 class StepSchedule:
     """Per-optimizer-step LR schedule with one interface for timm and torch schedulers.
 
@@ -88,17 +104,23 @@ class StepSchedule:
 
 
 def build_schedule(optimizer, sched_cfg: dict, epochs: int, updates_per_epoch: int, lr: float) -> StepSchedule:
-    """LR schedule from the recipe: cosine with warm-up (timm), one-cycle (torch) or none."""
+    """LR schedule from the recipe: cosine with warm-up (timm), one-cycle (torch) or none.
+
+    Every schedule honours the groups' ``lr_scale`` (layer decay): timm's schedulers apply it
+    themselves; for one-cycle it scales each group's peak, for none the constant rate.
+    """
     name = sched_cfg["name"]
     total = max(1, epochs * updates_per_epoch)
     if name == "none":
+        for group, scale in zip(optimizer.param_groups, group_lr_scales(optimizer)):
+            group["lr"] = lr * scale
         return StepSchedule(None, "none")
     if name == "onecycle":
         # The NAFlora-1M baseline: cosine rise from peak/div_factor over pct_start of the
         # steps, cosine fall to peak/div_factor^2 (0.007 -> 0.7 -> 7e-5 in the paper).
         div = float(sched_cfg["div_factor"])
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total + 1,
+            optimizer, max_lr=[lr * scale for scale in group_lr_scales(optimizer)], total_steps=total + 1,
             pct_start=float(sched_cfg["pct_start"]), anneal_strategy="cos", div_factor=div,
             final_div_factor=div, cycle_momentum=False)
         return StepSchedule(sched, "torch")

@@ -26,13 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run from its latest checkpoint (exact mid-epoch resume)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run directory of the same name and start again")
+    parser.add_argument("--check", action="store_true",
+                        help="only run the preflight (build everything, try every end-of-run step on a few "
+                             "images, check files and disk space) and print what the run would do")
 
 
 def run(args: argparse.Namespace) -> int:
     from herbens.config import load_config
-    from herbens.training import fit
+    from herbens.training import check, fit
 
     cfg = load_config(args.recipe, args.overrides)
+    if args.check:
+        plan = check(cfg, resume=args.resume, overwrite=args.overwrite)
+        print(plan.summary())
+        print(f"preflight passed: {cfg['name']} is ready to train")
+        return 0
     run_dir = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run written to {run_dir}")
     return 0

@@ -7,12 +7,14 @@ weights -> logits for val/test -> metrics.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,27 +33,58 @@ from herbens.data.transforms import build_train_transform, build_tta_views, mode
 from herbens.engine import TrainParts, TrainState, current_lr, predict, train_one_epoch
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
-from herbens.infer import write_split_logits
+from herbens.infer import logits_failure_message, write_split_logits
 from herbens.losses import build_criterion
 from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
 from herbens.models.net import build_model
-from herbens.optim import build_optimizer, build_schedule, scaled_lr
+from herbens.preflight import Plan, run_preflight
+from herbens.optim import build_optimizer, build_schedule, scaled_lr, epoch_updates
 from herbens.targets import teacher_for_training
 
 
-def prepare_run_dir(cfg: dict, resume: bool, overwrite: bool) -> Path:
-    """The run's folder: refuse to silently mix a new run into an old one."""
-    run_dir = Path(cfg["output_dir"]) / cfg["name"]
-    if run_dir.exists() and not resume:
+# What a run writes before its first checkpoint; a folder holding nothing else is a failed start.
+START_FILES = ("config.yaml", "taxonomy.json", "split.csv", "history.jsonl", "checkpoints", "trackers")
+
+
+def failed_start(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run that died before its first checkpoint wrote."""
+    if not run_dir.is_dir() or latest_checkpoint(run_dir) is not None:
+        return False
+    names = {p.name for p in run_dir.iterdir()}
+    return bool(names) and names <= set(START_FILES)
+
+
+def clear_failed_start(run_dir: Path) -> None:
+    """Remove what a run wrote before its first checkpoint, and the folder once it is empty."""
+    for name in START_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only when empty
+
+
+def start_mode(run_dir: Path, resume: bool, overwrite: bool) -> str:
+    """How to start in ``run_dir``: ``resume``, ``overwrite``, ``clear`` (a failed start) or ``new``.
+
+    Reads only, so that every process decides alike before the main one deletes anything;
+    refuses to silently mix a new run into an old one.
+    """
+    if failed_start(run_dir):
+        return "clear"  # also under --resume: there is nothing to resume
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise HerbensError(f"--resume: {run_dir} has no checkpoint to resume from")
+        return "resume"
+    if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
-            shutil.rmtree(run_dir)
-        elif any(run_dir.iterdir()):
-            raise HerbensError(f"run directory {run_dir} already exists: pass --resume to continue it, "
-                               f"--overwrite to start again, or choose another name=...")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise HerbensError(f"--resume: {run_dir} has no checkpoint to resume from")
-    return run_dir
+            return "overwrite"
+        raise HerbensError(f"run directory {run_dir} already exists: pass --resume to continue it, "
+                           f"--overwrite to start again, or choose another name=...")
+    return "new"
 
 
 def launched_on_cpus_only() -> bool:
@@ -65,12 +98,36 @@ def launched_on_cpus_only() -> bool:
     return world_size > 1 and not torch.cuda.is_available()
 
 
-def build_accelerator(cfg: dict) -> Accelerator:
+def tracker_names(cfg: dict) -> list[str]:
+    """``train.trackers``, each an Accelerate tracker that is installed."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [str(name) for name in cfg["train"].get("trackers") or []]
+    known = [name for name in LoggerType.list() if name != "all"]
+    for name in names:
+        if name not in known:
+            raise HerbensError(f"train.trackers: unknown tracker {name!r}; choose from {', '.join(known)}")
+        if LoggerType(name) not in get_available_trackers():
+            raise HerbensError(f"train.trackers: {name} is not installed (pip install {name})")
+    return names
+
+
+def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
+    """Accelerator for the recipe's precision, accumulation and trackers (logging into
+    ``run_dir/trackers``; ``run_dir`` defaults to ``output_dir/name``)."""
+    from accelerate.utils import ProjectConfiguration
+
+    run_dir = Path(run_dir or Path(cfg["output_dir"]) / str(cfg["name"]))
     precision = str(cfg["train"]["precision"])
     if precision not in ("no", "fp16", "bf16"):
         raise HerbensError(f"train.precision must be no, fp16 or bf16, got {precision!r}")
+    trackers = tracker_names(cfg)
     return Accelerator(mixed_precision=precision, cpu=launched_on_cpus_only(),
-                       gradient_accumulation_steps=int(cfg["train"]["grad_accum"]))
+                       gradient_accumulation_steps=int(cfg["train"]["grad_accum"]),
+                       log_with=trackers or None,
+                       project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                           logging_dir=str(run_dir / "trackers")))
 
 
 def git_revision() -> str | None:
@@ -83,11 +140,7 @@ def git_revision() -> str | None:
 
 
 def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
-    """Config, taxonomy and split: what makes the run reproducible."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HerbensError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from exc
+    """Config, taxonomy and split: what makes the run reproducible (the folder exists: preflight)."""
     save_config({**cfg, "git_revision": git_revision()}, run_dir / "config.yaml")
     data.taxonomy.save(run_dir / "taxonomy.json")
     save_split(run_dir / "split.csv", data.val["image_id"].tolist())
@@ -128,35 +181,36 @@ def append_history(run_dir: Path, state: TrainState) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
-def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train one run end to end and return its directory.
+@dataclass
+class TrainingSetup:
+    """A run's built parts, prepared by Accelerate, before any training step."""
 
-    Args:
-        cfg: resolved configuration (:func:`herbens.config.load_config`).
-        resume: continue from the run's latest checkpoint (same sample order, optimizer,
-            schedule, EMA, loss state and step counter).
-        overwrite: delete an existing run directory of the same name first.
-    """
-    wall_start = time.perf_counter()
-    accelerator = build_accelerator(cfg)
-    run_dir = prepare_run_dir(cfg, resume, overwrite) if accelerator.is_main_process else \
-        Path(cfg["output_dir"]) / cfg["name"]
-    accelerator.wait_for_everyone()
-    set_seed(int(cfg["seed"]))
-    if cfg["train"]["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator: Accelerator
+    data: RunData
+    model: torch.nn.Module        # prepared (and compiled, with model.compile)
+    plain_model: torch.nn.Module  # the same weights, unwrapped and uncompiled: saved and averaged
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    ema: object
+    loader: object
+    sampler: object
+    val_loader: object
+    data_config: dict
+    mixup: object
+    batch: int                    # images per process and micro-batch
+    global_batch: int
+    lr: float
+    updates_per_epoch: int
 
-    data = load_run_data(cfg, run_dir, reuse_split=resume)
-    if accelerator.is_main_process and not resume:
-        write_run_header(run_dir, cfg, data)
-    accelerator.wait_for_everyone()
-    levels = tuple(cfg["levels"])
+
+def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingSetup:
+    """Model, loaders, loss, optimizer, schedule and EMA, prepared by Accelerate."""
     check_mixup_compatible(cfg["levels"], cfg["augment"])
-    teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, levels)
+    teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, tuple(cfg["levels"]))
     if teacher is not None and (cfg["augment"]["mixup"] or cfg["augment"]["cutmix"]):
         raise HerbensError("distill.teacher cannot be combined with mixup/cutmix (the teacher's targets "
                            "describe the unmixed images): set augment.mixup=0 and augment.cutmix=0")
-
     model = build_model(cfg, data.taxonomy)
     data_config = model_data_config(model.data_config, cfg["input"])
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
@@ -169,33 +223,159 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
     lr = scaled_lr(cfg["optimizer"], global_batch)
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
+    # The plain module is what gets saved and averaged: a compiled wrapper's state_dict keys
+    # carry an `_orig_mod.` prefix that a freshly built model (herbens infer) does not know.
+    plain_model = model
     if cfg["model"]["compile"]:
         model = torch.compile(model)
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
-    updates_per_epoch = max(1, len(loader) // int(cfg["train"]["grad_accum"]))
-    schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates_per_epoch, lr)
-    ema = build_ema(cfg, accelerator.unwrap_model(model))
+    updates = epoch_updates(len(loader), int(cfg["train"]["grad_accum"]))
+    schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates, lr)
+    return TrainingSetup(accelerator, data, model, plain_model, criterion, optimizer, schedule,
+                         build_ema(cfg, plain_model), loader, sampler, val_loader, data_config,
+                         build_mixup(cfg, data.taxonomy.num_classes("species")), batch, global_batch, lr, updates)
+
+
+def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
+    """Accelerator, run folder decision, data, built parts and preflight: everything before epoch 1.
+
+    Returns ``(setup, plan, resume, run_dir)``; ``resume`` is False when the folder held only a
+    failed start (nothing to resume), which is then cleared (unless ``dry``).
+    """
+    run_dir = Path(cfg["output_dir"]) / cfg["name"]
+    accelerator = build_accelerator(cfg, run_dir)
+    mode = start_mode(run_dir, resume, overwrite)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not dry and mode in ("clear", "overwrite"):
+        if mode == "clear":
+            accelerator.print(f"{run_dir} holds only a start that failed before its first checkpoint: "
+                              f"starting it again")
+            clear_failed_start(run_dir)
+        else:
+            shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+    resume = mode == "resume"
+    set_seed(int(cfg["seed"]))
+    if cfg["train"]["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    data = load_run_data(cfg, run_dir, reuse_split=resume)
+    setup = build_setup(cfg, accelerator, data)
+    plan = run_preflight(cfg, setup, run_dir)
+    accelerator.wait_for_everyone()
+    return setup, plan, resume, run_dir
+
+
+def check(cfg: dict, resume: bool = False, overwrite: bool = False) -> Plan:
+    """Run only the preflight (``herbens train --check``): build everything, train nothing.
+
+    Leaves the file system as it found it (a run folder that did not exist is removed again).
+    """
+    run_dir = Path(cfg["output_dir"]) / cfg["name"]
+    created = _first_missing(run_dir)
+    try:
+        setup, plan, _, _ = _start(cfg, resume, overwrite, dry=True)
+        setup.accelerator.end_training()
+    finally:
+        _remove_created(run_dir, created)
+    return plan
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what creating it would add)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_created(run_dir: Path, created: Path | None) -> None:
+    """Remove the run folder and the parents this process created, as far as they are empty.
+
+    Only empty folders go: another run started at the same time into a new output_dir keeps its own.
+    """
+    if created is None:
+        return
+    for folder in (run_dir, *run_dir.parents):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        if folder == created:
+            break
+
+
+def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train one run end to end and return its directory.
+
+    The preflight (:mod:`herbens.preflight`) runs first; a run that fails before its first
+    checkpoint removes what it wrote, so that retrying the same command starts cleanly.
+
+    Args:
+        cfg: resolved configuration (:func:`herbens.config.load_config`).
+        resume: continue from the run's latest checkpoint (same sample order, optimizer,
+            schedule, EMA, loss state and step counter).
+        overwrite: delete an existing run directory of the same name first.
+    """
+    wall_start = time.perf_counter()
+    run_dir = Path(cfg["output_dir"]) / cfg["name"]
+    created = _first_missing(run_dir)
+    try:
+        setup, plan, resume, run_dir = _start(cfg, resume, overwrite, dry=False)
+    except BaseException:
+        _remove_created(run_dir, created)
+        raise
+    accelerator = setup.accelerator
+    accelerator.print(plan.summary())
     state = TrainState()
-    for obj in (schedule, state, criterion) + ((ema,) if ema is not None else ()):
-        accelerator.register_for_checkpointing(obj)
-    if resume:
-        load_checkpoint(accelerator, latest_checkpoint(run_dir))
+    try:
+        if accelerator.is_main_process and not resume:
+            write_run_header(run_dir, cfg, setup.data)
+        accelerator.wait_for_everyone()
+        for obj in (setup.schedule, state, setup.criterion) + ((setup.ema,) if setup.ema is not None else ()):
+            accelerator.register_for_checkpointing(obj)
+        if resume:
+            load_checkpoint(accelerator, latest_checkpoint(run_dir))
+        accelerator.init_trackers(cfg["name"], config=_flat_config(cfg))
+        parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
+                           tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"])
+        _train_epochs(cfg, parts, setup.loader, setup.sampler, setup.val_loader, state, run_dir, setup.data.taxonomy)
+    except BaseException:
+        if accelerator.is_main_process and not resume and latest_checkpoint(run_dir) is None:
+            clear_failed_start(run_dir)
+            _remove_created(run_dir, created)
+        raise
 
-    parts = TrainParts(accelerator, model, criterion, optimizer, schedule, levels,
-                       mixup=build_mixup(cfg, data.taxonomy.num_classes("species")), ema=ema,
-                       clip_grad=cfg["train"]["clip_grad"])
-    _train_epochs(cfg, parts, loader, sampler, val_loader, state, run_dir, data.taxonomy)
-
-    eval_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-    _save_weights(accelerator, run_dir, model, ema)
-    for split in cfg["infer"]["splits"]:
-        write_split_logits(accelerator, eval_model, cfg, data, data_config, run_dir, split)
+    ema = setup.ema
+    eval_model = ema.module if ema is not None else accelerator.unwrap_model(setup.model)
+    _save_weights(accelerator, run_dir, setup.plain_model, ema)
+    _write_all_logits(accelerator, eval_model, cfg, setup, run_dir)
     if accelerator.is_main_process:
-        _write_metrics(cfg, run_dir, state, data, accelerator, time.perf_counter() - wall_start,
+        _write_metrics(cfg, run_dir, state, setup.data, accelerator, time.perf_counter() - wall_start,
                        sum(p.numel() for p in eval_model.parameters()))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def _write_all_logits(accelerator, eval_model, cfg: dict, setup: TrainingSetup, run_dir: Path) -> None:
+    """The logits of every ``infer.splits``; a failure says how to finish without retraining."""
+    splits = list(cfg["infer"]["splits"])
+    for done, split in enumerate(splits):
+        try:
+            write_split_logits(accelerator, eval_model, cfg, setup.data, setup.data_config, run_dir, split)
+        except Exception as exc:
+            raise HerbensError(logits_failure_message(run_dir, splits[done:], exc)) from exc
+
+
+def _flat_config(cfg: dict, prefix: str = "") -> dict:
+    """The recipe as flat ``a.b`` keys with scalar values (what trackers store as hyperparameters)."""
+    flat = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
 
 
 def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: TrainState, run_dir: Path,
@@ -227,6 +407,7 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
         record.update(images_per_second=stats["images_per_second"], epoch_time_s=stats["epoch_time_s"], **scores)
         state.history.append(record)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
+        acc.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=state.step)
         if acc.is_main_process:
             append_history(run_dir, state)
             acc.print(f"epoch {epoch + 1}/{cfg['train']['epochs']}  loss {record['train_loss']:.4f}  "
@@ -252,11 +433,12 @@ def _report_unreadable(acc, dataset, found: list[int], known: set[int], epoch: i
 
 
 def _save_weights(accelerator, run_dir: Path, model, ema) -> None:
-    """Final weights (and EMA weights), written atomically by the main process."""
+    """Final weights of the plain (unwrapped, uncompiled) ``model`` and of the EMA, written
+    atomically by the main process."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    weights = {"model.pt": accelerator.unwrap_model(model).state_dict()}
+    weights = {"model.pt": model.state_dict()}
     if ema is not None:
         weights["model_ema.pt"] = ema.module.state_dict()
     for name, state_dict in weights.items():

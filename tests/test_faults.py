@@ -24,10 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-import yaml
 
 from conftest import TINY_OVERRIDES, train_tiny
 from fault_writer import image_ids, write_generation
@@ -351,15 +349,16 @@ def test_disk_full_while_saving_a_training_checkpoint(small_disk, tiny_herbarium
     command = [sys.executable, "-m", "herbens.cli", "train", "demo_ce", f"data.root={tiny_herbarium}",
                f"output_dir={out}", "name=full", *TINY_OVERRIDES, "train.epochs=1"]
     done = small_disk.run(command)
-    # torch reports a failed write only as an internal assertion; herbens adds the free space.
-    assert_clear_error(done, f"cannot save checkpoint {out / 'full' / 'checkpoints'}", "free on that disk")
     run = out / "full"
-    # What was written before the disk filled up is intact.
-    assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "full"
-    Taxonomy.load(run / "taxonomy.json")
-    assert len(pd.read_csv(run / "split.csv")) > 0
-    assert latest_checkpoint(run) is None
-    assert [p.name for p in checkpoint_dir(run).iterdir()] == []  # the partial checkpoint is gone
+    if small_disk.tmpfs:
+        # A disk without room for the run's checkpoints is refused by the preflight, before epoch 1.
+        assert_clear_error(done, f"output_dir: {run} has", "free, but the run needs about")
+    else:
+        # Room on the disk but a cap on every file: the first checkpoint fails to save.
+        # torch reports a failed write only as an internal assertion; herbens adds the free space.
+        assert_clear_error(done, f"cannot save checkpoint {run / 'checkpoints'}", "free on that disk")
+    # A start that failed before its first checkpoint leaves nothing in the way of a retry.
+    assert not run.exists()
 
 
 # ----- unwritable directory ---------------------------------------------------------------

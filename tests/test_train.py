@@ -129,3 +129,201 @@ def test_consecutive_runs_split_shuffled_gathers_into_contiguous_blocks():
 
     assert _consecutive_runs(np.array([0, 1, 2, 5, 6, 9])) == [(0, 3), (3, 5), (5, 6)]
     assert _consecutive_runs(np.array([4])) == [(0, 1)]
+
+
+# ----- end-of-run fixes: schedule length, partial windows, compiled weights, layer decay -----
+
+class _ToyNet(torch.nn.Module):
+    """One linear layer with the trainer's model interface (``targets=`` and a dict out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, images, targets=None):
+        return {"species": self.fc(images)}
+
+
+class _ToyLoss(torch.nn.Module):
+    def forward(self, outputs, targets):
+        return {"loss": torch.nn.functional.cross_entropy(outputs["species"], targets["species"])}
+
+
+def test_each_accumulation_window_averages_its_own_micro_batches():
+    # 7 micro-batches with grad_accum=3: windows of 3, 3 and a last partial window of 1, which
+    # Accelerate also steps. Plain SGD with lr=1 moves the weights by minus the window's gradient.
+    from accelerate import Accelerator
+
+    from herbens.engine import TrainParts, TrainState, train_one_epoch
+    from herbens.optim import epoch_updates
+
+    torch.manual_seed(0)
+    batches = [{"image": torch.randn(4, 3), "species": torch.randint(0, 2, (4,))} for _ in range(7)]
+    model, reference = _ToyNet(), _ToyNet()
+    reference.load_state_dict(model.state_dict())
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer, loader = acc.prepare(model, optimizer, torch.utils.data.DataLoader(batches, batch_size=None))
+    steps = []
+
+    class Recorder:
+        def step(self, num_updates):
+            steps.append([p.detach().clone() for p in model.parameters()])
+
+    parts = TrainParts(acc, model, _ToyLoss(), optimizer, Recorder(), ("species",))
+    state = TrainState()
+    train_one_epoch(parts, loader, state, len(loader))
+    assert state.step == len(steps) == epoch_updates(7, 3) == 3
+
+    for window, after in zip(([0, 1, 2], [3, 4, 5], [6]), steps):
+        grads = []
+        for i in window:  # the obviously correct reference: the mean loss over the window
+            reference.zero_grad()
+            torch.nn.functional.cross_entropy(reference(batches[i]["image"])["species"], batches[i]["species"]).backward()
+            grads.append([p.grad.clone() for p in reference.parameters()])
+        with torch.no_grad():
+            for p, *g in zip(reference.parameters(), *grads):
+                p -= torch.stack(g).mean(0)
+        for mine, ref in zip(after, reference.parameters()):
+            torch.testing.assert_close(mine, ref.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_grad_accum_run_completes_with_the_schedule_at_its_end(tiny_herbarium, tmp_path, scheduler):
+    extra = ["name=acc", "train.epochs=3", "train.grad_accum=3", "train.batch_size=4", f"scheduler.name={scheduler}",
+             "scheduler.warmup_epochs=0", "infer.splits=[val]"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra) == 0
+    run = tmp_path / "acc"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    images = len(json.loads((tiny_herbarium / "train_metadata.json").read_text())["images"])
+    batches = (images - len(pd.read_csv(run / "split.csv"))) // 4
+    assert batches % 3 != 0  # the case under test: a last, partial window every epoch
+    peak = cfg["optimizer"]["lr"]
+    final = peak / cfg["scheduler"]["div_factor"] ** 2 if scheduler == "onecycle" else cfg["scheduler"]["min_lr"]
+    assert history[-1]["step"] == 3 * -(-batches // 3)  # ceil(batches / 3) updates per epoch
+    assert history[-1]["lr"] == pytest.approx(final, rel=1e-6)
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
+def test_layer_decay_scales_every_groups_learning_rate(taxonomy, scheduler):
+    from herbens.config import load_config
+    from herbens.models.net import build_model
+    from herbens.optim import build_optimizer, build_schedule
+
+    cfg = load_config("demo_ce", ["optimizer.layer_decay=0.5", f"scheduler.name={scheduler}"])
+    model = build_model(cfg, taxonomy)
+    optimizer = build_optimizer(model, [], cfg["optimizer"], lr=0.01)
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    assert len(set(scales)) > 2 and max(scales) == 1.0  # several trunk depths, heads at full LR
+    schedule = build_schedule(optimizer, cfg["scheduler"], epochs=2, updates_per_epoch=5, lr=0.01)
+    for step in range(1, 11):
+        full = [g["lr"] for g, s in zip(optimizer.param_groups, scales) if s == 1.0]
+        assert len(set(full)) == 1
+        if scheduler == "none":
+            assert full[0] == 0.01
+        for group, scale in zip(optimizer.param_groups, scales):
+            assert group["lr"] == pytest.approx(full[0] * scale, rel=1e-9)
+        schedule.step(step)
+
+
+@pytest.mark.slow
+def test_compiled_run_writes_weights_that_infer_loads(tiny_herbarium, tmp_path):
+    extra = ["name=compiled", "train.epochs=1", "model.compile=true", "train.ema=true", "infer.splits=[val]"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra) == 0
+    run = tmp_path / "compiled"
+    for name in ("model.pt", "model_ema.pt"):
+        keys = torch.load(run / name, weights_only=True).keys()
+        assert not [k for k in keys if "_orig_mod" in k], name
+    assert cli_main(["infer", str(run), "--split", "val", "test", "--tta", "center"]) == 0
+    assert read_logits(run, "test").meta["views"] == ["center"]
+
+
+# ----- failed starts and failed endings --------------------------------------------------------
+
+def test_a_run_failing_before_its_first_checkpoint_removes_what_it_wrote(tiny_herbarium, tmp_path, monkeypatch):
+    import herbens.training
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(herbens.training, "_train_epochs", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"])
+    assert not (tmp_path / "r").exists()
+    monkeypatch.undo()
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 0  # no flag needed
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"]])
+def test_a_retry_clears_a_start_killed_before_its_first_checkpoint(tiny_herbarium, tmp_path, flags, capsys):
+    # What a SIGKILL during epoch 1 leaves: the run header and a partial checkpoint folder.
+    run = tmp_path / "r"
+    (run / "checkpoints" / "epoch0000-step00000001").mkdir(parents=True)
+    for name in ("config.yaml", "taxonomy.json", "split.csv"):
+        (run / name).write_text("from a start that died\n")
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"], flags=flags) == 0
+    assert "failed before its first checkpoint" in capsys.readouterr().out
+    assert (run / "model.pt").exists() and yaml.safe_load((run / "config.yaml").read_text())["name"] == "r"
+
+
+def test_a_folder_with_other_files_is_not_taken_for_a_failed_start(tiny_herbarium, tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("x\n")
+    (run / "notes.txt").write_text("mine\n")
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_logits_failure_after_training_says_how_to_finish(tiny_herbarium, tmp_path, monkeypatch, capsys):
+    import herbens.training
+
+    real = herbens.training.write_split_logits
+
+    def fail_on_test(accelerator, model, cfg, data, data_config, run_dir, split, views=None):
+        if split == "test":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(accelerator, model, cfg, data, data_config, run_dir, split, views)
+
+    monkeypatch.setattr(herbens.training, "write_split_logits", fail_on_test)
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 2
+    message = capsys.readouterr().err.strip()
+    run = tmp_path / "r"
+    command = f"herbens infer {run} --split test"
+    assert "weights are saved (model.pt" in message and "simulated" in message and message.endswith(command)
+    monkeypatch.undo()
+    assert cli_main(command.split()[1:]) == 0
+    assert len(read_logits(run, "test").image_ids) == len(load_test_metadata(tiny_herbarium / "test_metadata.json"))
+
+
+# ----- trackers ----------------------------------------------------------------------------------
+
+def test_tensorboard_receives_the_history_numbers(tiny_herbarium, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ["name=tb", "train.epochs=2", "train.trackers=[tensorboard]", "infer.splits=[val]"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra) == 0
+    run = tmp_path / "tb"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "trackers" / "tb")).Reload()
+    for key in ("train_loss", "loss_species", "loss_family", "lr", "images_per_second", "val_species_macro_f1"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [h["step"] for h in history]
+        np.testing.assert_allclose([e.value for e in logged], [h[key] for h in history], rtol=1e-6)
+
+
+def test_unknown_or_missing_tracker_is_a_clear_error(tiny_herbarium, tmp_path, capsys):
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["train.trackers=[tensorbored]"]) == 2
+    assert "train.trackers: unknown tracker 'tensorbored'" in capsys.readouterr().err
+    missing = [n for n in LoggerType.list() if n != "all" and LoggerType(n) not in get_available_trackers()]
+    if missing:
+        assert train_tiny(tiny_herbarium, tmp_path, extra=[f"train.trackers=[{missing[0]}]"]) == 2
+        assert f"train.trackers: {missing[0]} is not installed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
