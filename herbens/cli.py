@@ -32,6 +32,7 @@ COMMAND_MODULES = {
     "export": "herbens.bundle.export",
     "predict": "herbens.predict",
     "openset": "herbens.openset",
+    "teach": "herbens.teach",
 }
 
 

@@ -52,8 +52,9 @@ class TrainParts:
     clip_grad: float | None = None
 
 
-def _targets(batch: dict, levels) -> dict:
-    return {level: batch[level] for level in levels}
+def batch_targets(batch: dict, levels) -> dict:
+    """Each level's labels, and the teacher's sparse targets when distilling."""
+    return {key: value for key, value in batch.items() if key in levels or key.startswith("teacher.")}
 
 
 def window_loss_scale(position: int, total_batches: int, grad_accum: int) -> float:
@@ -78,7 +79,7 @@ def train_step(parts: TrainParts, batch: dict, state: TrainState, loss_scale: fl
     acc = parts.accelerator
     with acc.accumulate(parts.model):
         images = batch["image"]
-        hard = _targets(batch, parts.levels)
+        hard = batch_targets(batch, parts.levels)
         targets = dict(hard)
         if parts.mixup is not None:
             images, targets["species"] = parts.mixup(images, hard["species"])

@@ -325,23 +325,24 @@ def _npy_header(file: Path, where: str) -> tuple[tuple[int, ...], np.dtype, bool
         raise HerbensError(f"{where}: {file} is not a valid .npy file ({exc})") from None
 
 
-def _open_npy(file: Path, shape: tuple[int, ...], rows: int, where: str, mmap: bool) -> np.ndarray:
+def _open_npy(file: Path, shape: tuple[int, ...], rows: int, where: str, mmap: bool,
+              expected_dtype: np.dtype = DTYPE) -> np.ndarray:
     got_shape, dtype, fortran, offset = _npy_header(file, where)
     if got_shape != shape:
         raise HerbensError(f"{where}: {file.name} has shape {got_shape} but meta.json says {shape}")
     if shape[0] != rows:
         raise HerbensError(f"{where}: {file.name} has {shape[0]} rows for {rows} image ids")
-    if dtype != DTYPE:
-        raise HerbensError(f"{where}: {file.name} is {dtype}; expected {DTYPE.name}")
+    if dtype != expected_dtype:
+        raise HerbensError(f"{where}: {file.name} is {dtype}; expected {np.dtype(expected_dtype).name}")
     if fortran:
         raise HerbensError(f"{where}: {file.name} is Fortran-ordered; rows must be contiguous")
-    expected = offset + int(np.prod(shape)) * DTYPE.itemsize
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
     size = file.stat().st_size
     if size != expected:
         raise HerbensError(f"{where}: {file.name} is {size} bytes, expected {expected} "
                            f"({'truncated' if size < expected else 'trailing data'})")
     if int(np.prod(shape)) == 0:
-        return np.zeros(shape, DTYPE)  # numpy cannot memory-map an empty array
+        return np.zeros(shape, dtype)  # numpy cannot memory-map an empty array
     return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
@@ -390,25 +391,25 @@ def _duplicates(ids: Sequence[str], limit: int = 5) -> str:
 # Writing
 # ----------------------------------------------------------------------------------------
 class _NpyFile:
-    """A float16 ``.npy`` file of fixed shape, filled by plain positioned writes.
+    """A ``.npy`` file of fixed shape and dtype (float16 by default), filled by plain positioned writes.
 
     Plain writes rather than a writable memory map: written pages then belong to the page
     cache, not to the writer's resident memory, which stays at one block however big the file.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, ...]):
-        self.path, self.shape = path, shape
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * DTYPE.itemsize
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype = DTYPE):
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
         with open(path, "wb") as handle:
             np.lib.format.write_array_header_1_0(
-                handle, {"descr": np.lib.format.dtype_to_descr(DTYPE), "fortran_order": False, "shape": shape})
+                handle, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
             self.offset = handle.tell()
             handle.truncate(self.offset + self.row_bytes * shape[0])  # full size (sparse until written)
         self.handle = open(path, "r+b")
 
     def write_rows(self, start: int, block: np.ndarray) -> None:
         self.handle.seek(self.offset + start * self.row_bytes)
-        self.handle.write(np.ascontiguousarray(block, dtype=DTYPE).data)
+        self.handle.write(np.ascontiguousarray(block, dtype=self.dtype).data)
 
     def close(self, sync: bool) -> None:
         if self.handle.closed:

@@ -164,37 +164,52 @@ class Predictions:
     failures: list[tuple[str, str]]
 
 
-def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
-                  workers: int = 0, block: int = 1024, progress: bool = True) -> Predictions:
-    """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
+def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, device: str = "cpu", workers: int = 0,
+                        block: int = 1024, progress: bool = True):
+    """Yield ``(start, good, probabilities, errors)`` per block of ``block`` paths.
+
+    ``good`` are the block's rows (0-based within the block) every member could read,
+    ``probabilities`` their :class:`herbens.bundle.scoring.LevelProbabilities` and ``errors``
+    ``{row: message}`` for the others. Memory holds one block per member.
+    """
     from tqdm.auto import tqdm
 
     from herbens.bundle.scoring import combine_members, needed_levels
-    from herbens.ensemble.combine import top_k_columns
 
     levels = needed_levels(bundle.params)
     classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
     bar = tqdm(total=len(paths) * len(bundle.members), desc="predict", unit="img", disable=None if progress else True)
-    kept, tops, probs, rows, failures = [], [], [], [], {}
     for start in range(0, len(paths), block):
         part = paths[start:start + block]
-        logits, failed = [], set()
+        logits, errors = [], {}
         for member in bundle.members:
-            out, errors = member_logits(member, part, classes, batch_size, device, workers, bar.update)
+            out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update)
             logits.append(out)
-            failed |= set(errors)
-            for i, message in errors.items():
-                failures.setdefault(start + i, message)
-        good = np.array([i for i in range(len(part)) if i not in failed], dtype=np.int64)
-        if not len(good):
+            for i, message in failed.items():
+                errors.setdefault(i, message)
+        good = np.array([i for i in range(len(part)) if i not in errors], dtype=np.int64)
+        probs = combine_members([{lv: m[lv][good] for lv in levels} for m in logits], bundle.params, bundle.space) \
+            if len(good) else None
+        yield start, good, probs, errors
+    bar.close()
+
+
+def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
+                  workers: int = 0, block: int = 1024, progress: bool = True) -> Predictions:
+    """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
+    from herbens.ensemble.combine import top_k_columns
+
+    kept, tops, probs, rows, failures = [], [], [], [], {}
+    for start, good, level_probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
+                                                               workers=workers, block=block, progress=progress):
+        failures.update({start + i: message for i, message in errors.items()})
+        if level_probs is None:
             continue
-        level_probs = combine_members([{lv: m[lv][good] for lv in levels} for m in logits], bundle.params, bundle.space)
         top = top_k_columns(level_probs.scores, top_k)
-        kept += [part[i] for i in good]
+        kept += [paths[start + i] for i in good]
         tops.append(bundle.space.species[top])
         probs.append(np.take_along_axis(level_probs.species, top, axis=1))
         rows.append(th.summarize(level_probs, bundle.ood_score))
-    bar.close()
     failure_list = [(paths[i], failures[i]) for i in sorted(failures)]
     if not kept:
         return Predictions([], np.zeros((0, top_k), np.int64), np.zeros((0, top_k)), None, np.array([]), failure_list)

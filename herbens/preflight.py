@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 
 from herbens.data.loaders import predict_loader
 from herbens.data.transforms import build_tta_views, view_row_names
-from herbens.engine import combine_views
+from herbens.engine import batch_targets, combine_views
 from herbens.errors import HerbensError
 from herbens.optim import SGD_FAMILY, build_optimizer, build_schedule
 
@@ -147,8 +147,7 @@ def check_schedule(optimizer, sched_cfg: dict, epochs: int, updates_per_epoch: i
 
 def few_train_images(dataset, levels) -> dict:
     """A tiny batch of real, augmented training images (the first ones of the split)."""
-    batch = default_collate([dataset[i] for i in range(min(FEW, len(dataset)))])
-    return {key: batch[key] for key in ("image", *levels)}
+    return default_collate([dataset[i] for i in range(min(FEW, len(dataset)))])
 
 
 def check_train_step(model, criterion, batch: dict, levels, opt_cfg: dict, lr: float, accelerator,
@@ -157,7 +156,7 @@ def check_train_step(model, criterion, batch: dict, levels, opt_cfg: dict, lr: f
     model, criterion = copy.deepcopy(model).train(), copy.deepcopy(criterion)
     optimizer = build_optimizer(model, list(criterion.parameters()), opt_cfg, lr)
     images = batch["image"].to(accelerator.device)
-    hard = {level: batch[level].to(accelerator.device) for level in levels}
+    hard = {key: value.to(accelerator.device) for key, value in batch_targets(batch, levels).items()}
     targets = dict(hard)
     if mixup is not None:
         images, targets["species"] = mixup(images, hard["species"])

@@ -40,6 +40,7 @@ from herbens.metrics import macro_f1
 from herbens.models.net import build_model
 from herbens.preflight import Plan, run_preflight
 from herbens.optim import build_optimizer, build_schedule, scaled_lr, epoch_updates
+from herbens.targets import teacher_for_training
 
 
 # What a run writes before its first checkpoint; a folder holding nothing else is a failed start.
@@ -208,13 +209,14 @@ class TrainingSetup:
 
 def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingSetup:
     """Model, loaders, loss, optimizer, schedule and EMA, prepared by Accelerate."""
+    teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, tuple(cfg["levels"]))
     model = build_model(cfg, data.taxonomy)
     data_config = model_data_config(model.data_config, cfg["input"])
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
-                                   build_train_transform(data_config, cfg["augment"]), cfg)
+                                   build_train_transform(data_config, cfg["augment"]), cfg, teacher=teacher)
     val_loader = predict_loader(data.val, data.images_dir, data.taxonomy,
                                 build_tta_views(["center"], data_config), cfg, data_config=data_config)
-    criterion = build_criterion(cfg["levels"], data.taxonomy).to(accelerator.device)
+    criterion = build_criterion(cfg["levels"], data.taxonomy, distill).to(accelerator.device)
     # A P x K batch sampler sets the batch size itself (P classes x K images).
     batch = sampler.batch_size if getattr(sampler, "is_batch_sampler", False) else int(cfg["train"]["batch_size"])
     global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes

@@ -6,8 +6,9 @@ For every recipe it builds herbens' own components (data, model, loader, criteri
 schedule, :func:`herbens.engine.train_step`, :func:`herbens.checkpoint.save_checkpoint`) the way
 :func:`herbens.training.fit` does, runs ``--epochs`` epochs, saves a checkpoint under
 ``OUT/<recipe>/`` and writes ``OUT/<recipe>/rank<r>.pt`` with what this rank saw and holds:
-per-step losses, the labels of its own batches, the criterion's state (Seesaw counts) and the
-model's parameters (sub-center ArcFace ``W`` included), before and after training.
+per-step losses, the labels of its own batches, the criterion's state (Seesaw counts), the
+model's parameters (sub-center ArcFace ``W`` included), before and after training, and (with
+``distill.teacher``) the image id and teacher targets of every sample it trained on.
 
 The test compares the ranks' files: DDP and the Seesaw all-reduce must leave them identical.
 """
@@ -33,6 +34,7 @@ from herbens.engine import TrainParts, TrainState, train_step  # noqa: E402
 from herbens.losses import build_criterion  # noqa: E402
 from herbens.models.net import build_model  # noqa: E402
 from herbens.optim import build_optimizer, build_schedule, scaled_lr  # noqa: E402
+from herbens.targets import teacher_for_training  # noqa: E402
 from herbens.training import build_accelerator  # noqa: E402
 
 
@@ -49,9 +51,10 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
     model = build_model(cfg, data.taxonomy)
     initial = parameters(model)
     data_config = model_data_config(model.data_config, cfg["input"])
+    teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, tuple(cfg["levels"]))
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
-                                   build_train_transform(data_config, cfg["augment"]), cfg)
-    criterion = build_criterion(cfg["levels"], data.taxonomy).to(accelerator.device)
+                                   build_train_transform(data_config, cfg["augment"]), cfg, teacher=teacher)
+    criterion = build_criterion(cfg["levels"], data.taxonomy, distill).to(accelerator.device)
     lr = scaled_lr(cfg["optimizer"], int(cfg["train"]["batch_size"]) * accelerator.num_processes)
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -60,13 +63,16 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
     for obj in (schedule, state, criterion):
         accelerator.register_for_checkpointing(obj)
     parts = TrainParts(accelerator, model, criterion, optimizer, schedule, tuple(cfg["levels"]))
-    losses, labels = [], {level: [] for level in cfg["levels"]}
+    losses, labels, taught = [], {level: [] for level in cfg["levels"]}, []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         model.train()
         for batch in loader:
             for level in labels:
                 labels[level].append(batch[level].cpu())
+            if teacher is not None:
+                ids = data.train["image_id"].iloc[batch["index"].cpu().numpy()].astype(str).tolist()
+                taught += zip(ids, batch["teacher.species.rest"].cpu().tolist())
             losses.append(train_step(parts, batch, state)["loss"])
     save_checkpoint(accelerator, run_dir, state, keep=1)
     torch.save({
@@ -75,6 +81,7 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
         "losses": losses,
         "labels": {level: torch.cat(v).tolist() for level, v in labels.items()},
         "criterion": {k: v.cpu() for k, v in criterion.state_dict().items()},
+        "taught": taught,
         "initial": initial,
         "final": parameters(accelerator.unwrap_model(model)),
     }, run_dir / f"rank{accelerator.process_index}.pt")

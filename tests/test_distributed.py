@@ -190,3 +190,32 @@ def test_subcenter_arcface_weights_trained_and_identical(probe):
     sub_centers = config["levels"]["species"]["head_params"]["sub_centers"]
     assert ranks[0]["final"][key].shape[1] == 6 * sub_centers  # 6 species in the tiny herbarium
     assert_loss_decreases(ranks)
+
+
+def test_every_image_gets_its_own_teacher_row(tiny_herbarium, tmp_path):
+    """Each sample's teacher targets travel with it through accelerate's sharding: the planted
+    teacher encodes each image's id in its remaining mass, and each rank's samples must carry
+    their own image's value."""
+    from herbens.targets import open_targets_writer
+
+    meta = load_train_metadata(tiny_herbarium / "train_metadata.json")
+    taxonomy = Taxonomy.from_metadata(meta)
+    ids = meta.images["image_id"].astype(str).tolist()
+    fingerprint = {image_id: (i + 1) / (4 * len(ids)) for i, image_id in enumerate(ids)}  # the rest mass
+    c = taxonomy.num_classes("species")
+    with open_targets_writer(tmp_path / "teacher", "train", ids, {"species": (1, c)},
+                             {"taxonomy_hash": taxonomy.hash}) as writer:
+        probs = np.full((len(ids), c), 0.0)
+        rest = np.array([fingerprint[i] for i in ids])
+        probs[:, 0] = 1 - rest
+        probs[:, 1:] = (rest / (c - 1))[:, None]
+        writer.write("species", 0, np.log(probs))
+    torchrun(ROOT / "tests" / "dist_probe.py",
+             [str(tmp_path / "out"), "demo_ce", "--epochs", "1", "--overrides", f"data.root={tiny_herbarium}",
+              *COMMON, *PROBE_OVERRIDES, f"distill.teacher={tmp_path / 'teacher'}"])
+    ranks = load_ranks(tmp_path / "out" / "demo_ce")
+    seen = [pair for r in ranks for pair in r["taught"]]
+    assert ranks[0]["taught"] and ranks[1]["taught"]
+    assert {i for i, _ in ranks[0]["taught"]}.isdisjoint({i for i, _ in ranks[1]["taught"]})
+    for image_id, value in seen:
+        assert value == pytest.approx(fingerprint[image_id], abs=1e-6), image_id

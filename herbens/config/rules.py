@@ -38,6 +38,9 @@ def check_rules(cfg: dict, source: str) -> None:
             raise HerbensError(f"{source}: levels.{level}.head: head {head} is trained by its margin loss: "
                                f"add {{name: {sorted(margin_losses)[0]}}} to levels.{level}.loss, got "
                                f"{', '.join(names)}")
+    if cfg["distill"]["teacher"] and (cfg["augment"]["mixup"] or cfg["augment"]["cutmix"]):
+        raise HerbensError(f"{source}: distill.teacher cannot be combined with augment.mixup/cutmix (the "
+                           "teacher's targets describe the unmixed images): set augment.mixup=0 and augment.cutmix=0")
     sampler = cfg["sampler"]
     if sampler["name"] == "pk" and any(LOSSES[loss["name"]].needs_class_batches
                                        for spec in cfg["levels"].values() for loss in spec["loss"]):

@@ -282,6 +282,15 @@ class Infer(Section):
         return names
 
 
+class Distill(Section):
+    teacher: str | None = Field(None, description="folder holding targets/train/ written by herbens teach "
+                                                  "(null: no distillation)")
+    temperature: float = Field(1.0, gt=0, description="softens teacher and student alike; the KL term is "
+                                                      "scaled by T^2")
+    alpha: float = Field(0.5, ge=0, le=1, description="share of the distillation term in each distilled "
+                                                      "level's loss (the rest: the level's own loss)")
+
+
 class Recipe(Section):
     """The whole resolved recipe."""
 
@@ -305,3 +314,5 @@ class Recipe(Section):
     train: Train = Field({}, description="the training loop")
     infer: Infer = Field({}, description="logits written at the end of training and by herbens infer",
                          json_schema_extra=RESUMABLE)
+    distill: Distill = Field({}, description="knowledge distillation (Hinton et al. 2015) from an ensemble's "
+                                             "sparse soft targets (herbens teach)")

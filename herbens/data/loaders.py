@@ -86,15 +86,19 @@ class TrainingDataset(HerbariumDataset):
     and report them.
     """
 
-    def __init__(self, *args, seed: int = 0, **kwargs):
+    def __init__(self, *args, seed: int = 0, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = int(seed)
+        self.teacher = teacher  # herbens.targets.TeacherRows when distilling
 
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self))
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         with seeded_rngs(sample_seed):
-            return super().__getitem__(index)
+            sample = super().__getitem__(index)
+        if self.teacher is not None:
+            sample.update(self.teacher.sample(index))
+        return sample
 
 
 def _loader_kwargs(num_workers: int) -> dict:
@@ -132,10 +136,11 @@ def train_decode_size(cfg: dict) -> tuple[int, int] | None:
     return math.ceil(k * height), math.ceil(k * width)
 
 
-def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: dict):
+def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: dict, teacher=None):
     """Shuffled (or re-balanced) training loader; returns (loader, sampler with set_epoch).
 
-    Samples carry ``"unreadable"`` (see :class:`TrainingDataset`). The loader has its own
+    Samples carry ``"unreadable"`` (see :class:`TrainingDataset`) and, with ``teacher``
+    (:class:`herbens.targets.TeacherRows`), their own teacher targets. The loader has its own
     seeded generator, so starting an epoch (or resuming one) draws nothing from torch's global
     generator, which the trainer checkpoints.
     """
@@ -145,7 +150,7 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
                               bad_image_policy=cfg["data"]["bad_images"],
                               decode_size=train_decode_size(cfg), seed=cfg["seed"],
-                              max_pixels=cfg["data"]["max_image_pixels"])
+                              max_pixels=cfg["data"]["max_image_pixels"], teacher=teacher)
     kwargs = _loader_kwargs(cfg["data"]["num_workers"])
     kwargs["generator"] = torch.Generator().manual_seed(int(cfg["seed"]))
     keys = EpochKeys(sampler, len(dataset))

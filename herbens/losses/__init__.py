@@ -43,11 +43,13 @@ def build_level_loss(name: str, level: str, num_classes: int, counts, **params) 
     return LOSSES[name](level=level, num_classes=num_classes, counts=counts, **params)
 
 
-def build_criterion(levels_cfg: dict, taxonomy) -> HierarchicalLoss:
+def build_criterion(levels_cfg: dict, taxonomy, distill: dict | None = None) -> HierarchicalLoss:
     """The training criterion from a resolved recipe's ``levels`` block.
 
     Each level's ``loss`` is a list of nodes ``{name, weight, **params}``, summed with their
-    weights; the level's own ``weight`` is its share of the total.
+    weights; the level's own ``weight`` is its share of the total. ``distill`` (from
+    :func:`herbens.targets.teacher_for_training`) mixes the distilled levels' losses with the
+    teacher's soft targets.
     """
     losses, weights = {}, {}
     for level, spec in levels_cfg.items():
@@ -60,4 +62,4 @@ def build_criterion(levels_cfg: dict, taxonomy) -> HierarchicalLoss:
         losses[level] = WeightedLosses(terms, term_weights)
         weights[level] = spec["weight"]
     maps = {level: taxonomy.level_map(level) for level in LEVELS}
-    return HierarchicalLoss(losses, weights, maps)
+    return HierarchicalLoss(losses, weights, maps, distill=distill)

@@ -15,6 +15,7 @@ from torch import nn
 
 from herbens.errors import HerbensError
 from herbens.losses.base import LevelLoss, mixup_error
+from herbens.losses.distill import sparse_kl_div
 
 
 class HierarchicalLoss(nn.Module):
@@ -24,11 +25,15 @@ class HierarchicalLoss(nn.Module):
         losses: per level, its :class:`WeightedLosses`.
         weights: per level, its share of the total.
         level_maps: per level, species index -> level index (``Taxonomy.level_map``).
+        distill: ``{"levels": [...], "alpha": a, "temperature": T}`` to mix each of those levels'
+            loss with the distillation term: ``(1 - a) * loss + a * T^2 KL`` against the teacher
+            targets that travel in the batch (``teacher.<level>.classes|logp|rest``).
     """
 
     def __init__(self, losses: dict[str, WeightedLosses], weights: dict[str, float],
-                 level_maps: dict[str, np.ndarray]):
+                 level_maps: dict[str, np.ndarray], distill: dict | None = None):
         super().__init__()
+        self.distill = dict(distill) if distill else None
         if not losses:
             raise HerbensError("no loss configured: every level is null")
         self.losses = nn.ModuleDict(losses)
@@ -45,7 +50,8 @@ class HierarchicalLoss(nn.Module):
         Returns:
             ``{"loss": weighted sum (to backprop), "<level>": the level's loss before its level
             weight (detached)}``, plus ``"<level>/<name>"`` per term of a level with several
-            losses (unweighted, detached).
+            losses (unweighted, detached) and ``"<level>_distill"`` (the distillation term) for
+            distilled levels.
         """
         total = None
         parts = {}
@@ -54,9 +60,21 @@ class HierarchicalLoss(nn.Module):
             parts[level] = value.detach()
             if len(terms) > 1:
                 parts.update({f"{level}/{name}": term.detach() for name, term in zip(loss_fn.names, terms)})
+            if self.distill and level in self.distill["levels"]:
+                kd = self.distillation(level, outputs, targets)
+                parts[f"{level}_distill"] = kd.detach()
+                value = (1.0 - self.distill["alpha"]) * value + self.distill["alpha"] * kd
             weighted = self.weights[level] * value
             total = weighted if total is None else total + weighted
         return {"loss": total, **parts}
+
+    def distillation(self, level: str, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``T^2 KL(teacher || student)`` of one level from the batch's sparse teacher targets."""
+        key = f"teacher.{level}"
+        if f"{key}.classes" not in targets:
+            raise HerbensError(f"distillation of level {level!r}: the batch carries no teacher targets")
+        return sparse_kl_div(outputs[level], targets[f"{key}.classes"], targets[f"{key}.logp"],
+                             targets[f"{key}.rest"], self.distill["temperature"])
 
     def level_target(self, level: str, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """Target of ``level``: derived from a soft species target, else the given hard labels."""

@@ -1,0 +1,116 @@
+"""``herbens teach ENSEMBLE.json -o runs/NAME``: an ensemble's soft targets for its training images.
+
+The teacher is exactly the ensemble its JSON record describes: it is exported into
+``<out>/bundle/`` (:func:`herbens.bundle.export.export_bundle`) and the training images are
+predicted through the bundle (:func:`herbens.predict.block_probabilities`: each member's own
+test-time views and data config, combined with the ensemble's fitted weights, temperatures, tau
+and alpha/beta). Per level, the top-K classes and log-probabilities of every training image and
+the remaining mass go into ``<out>/targets/train/`` (:mod:`herbens.targets`), beside the
+taxonomy and split of the member runs, block by block with bounded memory. A student recipe
+names ``<out>`` in ``distill.teacher``.
+
+The targets come from the bundle's test-time views (centre and flip by default), computed once;
+the student's augmented views are not re-predicted online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from herbens.data.taxonomy import LEVELS
+from herbens.errors import HerbensError
+
+DEFAULT_K = 64
+
+
+def member_training_images(run_dirs: list[Path]):
+    """The training frame and images folder shared by the member runs (same taxonomy and split)."""
+    from herbens.data.run_data import load_run_data
+
+    first = run_dirs[0]
+    for run in run_dirs[1:]:
+        for name in ("taxonomy.json", "split.csv"):
+            if (run / name).read_bytes() != (first / name).read_bytes():
+                raise HerbensError(f"run '{run}': its {name} differs from run '{first}'; the teacher's training "
+                                   "images must be the same for every member (train them with the same data.root, "
+                                   "data.split_seed and data.limit_train)")
+    cfg = yaml.safe_load((first / "config.yaml").read_text())
+    data = load_run_data(cfg, first, reuse_split=True)
+    return data.train, data.images_dir, data.taxonomy
+
+
+def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, batch_size: int = 32,
+                  device: str = "cpu", workers: int = 0, progress: bool = True,
+                  log: Callable[[str], None] = print) -> Path:
+    """Export the ensemble ``source`` into ``out/bundle`` and write its training-split targets.
+
+    Args:
+        source: an ensemble's JSON record (or a run directory: a one-model teacher).
+        out: the teacher folder (``taxonomy.json``, ``split.csv``, ``bundle/``, ``targets/train/``).
+        k: species classes kept per image (genus and family keep min(k, classes)).
+
+    Raises:
+        HerbensError: on a source the exporter refuses, members that disagree on their training
+            images, or training images no member can read (listed, nothing written).
+    """
+    from herbens.bundle.export import export_bundle, resolve_source
+    from herbens.bundle.load import load_bundle
+    from herbens.predict import block_probabilities
+    from herbens.targets import open_targets_writer
+
+    if k < 1:
+        raise HerbensError(f"--k must be at least 1, got {k}")
+    out = Path(out)
+    run_dirs, _, _ = resolve_source(source)
+    frame, images_dir, taxonomy = member_training_images(run_dirs)
+    export_bundle(source, out / "bundle", log=log)
+    bundle = load_bundle(out / "bundle", device=device)
+    paths = [str(images_dir / name) for name in frame["file_name"]]
+    ids = frame["image_id"].astype(str).tolist()
+    shapes = {level: (k, taxonomy.num_classes(level)) for level in LEVELS}
+    meta = {"taxonomy_hash": taxonomy.hash, "teacher": str(source), "bundle": str(out / "bundle"),
+            "views": {m.name: m.views for m in bundle.members}}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("taxonomy.json", "split.csv"):
+        shutil.copyfile(run_dirs[0] / name, out / name)
+    with open_targets_writer(out, "train", ids, shapes, meta) as writer:
+        for start, good, probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
+                                                              workers=workers, progress=progress):
+            if errors:
+                listed = "; ".join(f"{paths[start + i]}: {m}" for i, m in sorted(errors.items())[:3])
+                raise HerbensError(f"{len(errors)} training image(s) could not be read, so the teacher has no "
+                                   f"targets for them (first: {listed}); fix or remove them (`herbens check`)")
+            for level in LEVELS:
+                with np.errstate(divide="ignore"):
+                    writer.write(level, start, np.log(probs.level(level)))
+    log(f"wrote teacher targets for {len(ids)} training images into {out / 'targets' / 'train'} (top {k} species)")
+    return out
+
+
+def register(subparsers) -> None:
+    """Add the ``teach`` verb."""
+    p = subparsers.add_parser(
+        "teach", help="write an ensemble's sparse soft targets for its training images (distillation)",
+        description="Export an ensemble (its JSON record) into OUT/bundle and write the top-K classes, "
+                    "log-probabilities and remaining mass of every training image into OUT/targets/train/, "
+                    "for recipes with distill.teacher=OUT.")
+    p.add_argument("source", help="ensemble JSON written by herbens ensemble (or a run directory)")
+    p.add_argument("-o", "--output", required=True, help="teacher folder, e.g. runs/final_teacher")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="classes kept per image and level (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``herbens teach``."""
+    write_teacher(args.source, args.output, k=args.k, batch_size=args.batch_size, device=args.device,
+                  workers=args.workers)
+    return 0
