@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from herbens.bundle import thresholds as th
+from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
 
@@ -81,11 +82,11 @@ def _listed_paths(listing: Path) -> list[str]:
 class _Images:
     """Dataset over paths with a member's views; an unreadable file gives its error, not a crash."""
 
-    def __init__(self, paths: list[str], views, decode_size):
+    def __init__(self, paths: list[str], views, decode_size, max_pixels: int | None):
         from herbens.data.dataset import HerbariumDataset
 
         self.inner = HerbariumDataset(pd.DataFrame({"file_name": paths}), "", None, transform=None,
-                                      decode_size=decode_size, views=[fn for _, fn in views])
+                                      decode_size=decode_size, views=[fn for _, fn in views], max_pixels=max_pixels)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -106,7 +107,8 @@ def _collate(items: list[dict]) -> dict:
 
 
 def member_logits(member, paths: list[str], classes: dict[str, int], batch_size: int, device: str,
-                  workers: int, progress: Callable) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+                  workers: int, progress: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                  ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     """Per-level logits ``[n, C]`` of one member (rows of failed images stay NaN) and the errors
     by row."""
     import torch
@@ -116,7 +118,7 @@ def member_logits(member, paths: list[str], classes: dict[str, int], batch_size:
     from herbens.engine import combine_views
 
     views = build_tta_views(member.views, member.data_config)
-    dataset = _Images(paths, views, eval_decode_size(member.data_config, member.views))
+    dataset = _Images(paths, views, eval_decode_size(member.data_config, member.views), max_pixels)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
     out = {lv: np.full((len(paths), n), np.nan, dtype=np.float32) for lv, n in classes.items()}
     errors: dict[int, str] = {}
@@ -165,7 +167,7 @@ class Predictions:
 
 
 def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, device: str = "cpu", workers: int = 0,
-                        block: int = 1024, progress: bool = True):
+                        block: int = 1024, progress: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Yield ``(start, good, probabilities, errors)`` per block of ``block`` paths.
 
     ``good`` are the block's rows (0-based within the block) every member could read,
@@ -183,7 +185,7 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
         part = paths[start:start + block]
         logits, errors = [], {}
         for member in bundle.members:
-            out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update)
+            out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update, max_pixels)
             logits.append(out)
             for i, message in failed.items():
                 errors.setdefault(i, message)
@@ -195,13 +197,15 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
 
 
 def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
-                  workers: int = 0, block: int = 1024, progress: bool = True) -> Predictions:
+                  workers: int = 0, block: int = 1024, progress: bool = True,
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
     """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
     from herbens.ensemble.combine import top_k_columns
 
     kept, tops, probs, rows, failures = [], [], [], [], {}
     for start, good, level_probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
-                                                               workers=workers, block=block, progress=progress):
+                                                               workers=workers, block=block, progress=progress,
+                                                               max_pixels=max_pixels):
         failures.update({start + i: message for i, message in errors.items()})
         if level_probs is None:
             continue
@@ -270,6 +274,7 @@ def _finite(values: dict) -> dict:
 
 def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path | None = None, top_k: int = 5,
                     batch_size: int = 32, device: str = "cpu", workers: int = 0, progress: bool = True,
+                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                     log: Callable[[str], None] = print) -> int:
     """Everything ``herbens predict`` does; returns the exit status (1 when some image failed)."""
     from herbens.bundle.load import load_bundle
@@ -284,6 +289,7 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
     bundle = load_bundle(bundle_path, device=device)
     paths, skipped = collect_inputs(source)
     pred = predict_paths(bundle, paths, top_k=top_k, batch_size=batch_size, device=device, workers=workers,
+                         max_pixels=max_pixels,
                          progress=progress)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -318,6 +324,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help="refuse images with more pixels, from their header (decompression bombs; "
+                        "default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -330,4 +339,5 @@ def run(args: argparse.Namespace) -> int:
         html = Path(args.output).with_suffix(".html") if args.html is True else Path(args.html)
     return predict_command(args.bundle, args.input, args.output, fmt=args.fmt, html=html, top_k=args.top_k,
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
+                           max_pixels=args.max_image_pixels,
                            progress=not args.quiet)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
 from herbens.data.taxonomy import LEVELS
 from herbens.errors import HerbensError
@@ -31,6 +30,7 @@ DEFAULT_K = 64
 
 def member_training_images(run_dirs: list[Path]):
     """The training frame and images folder shared by the member runs (same taxonomy and split)."""
+    from herbens.config import load_run_config
     from herbens.data.run_data import load_run_data
 
     first = run_dirs[0]
@@ -40,8 +40,7 @@ def member_training_images(run_dirs: list[Path]):
                 raise HerbensError(f"run '{run}': its {name} differs from run '{first}'; the teacher's training "
                                    "images must be the same for every member (train them with the same data.root, "
                                    "data.split_seed and data.limit_train)")
-    cfg = yaml.safe_load((first / "config.yaml").read_text())
-    data = load_run_data(cfg, first, reuse_split=True)
+    data = load_run_data(load_run_config(first), first, reuse_split=True)
     return data.train, data.images_dir, data.taxonomy
 
 

@@ -79,7 +79,7 @@ def teacher(tiny_herbarium, tiny_run, tmp_path_factory):
     import shutil
 
     from herbens.cli import main
-    from herbens.ensemble.combine import ensemble_runs
+    from herbens.ensemble.pipeline import ensemble_runs
 
     work = tmp_path_factory.mktemp("teach")
     runs = work / "runs"
@@ -95,13 +95,13 @@ def test_teacher_targets_are_the_bundle_predictions_of_the_training_images(teach
     from herbens.bundle.load import load_bundle
     from herbens.data.run_data import load_run_data
     from herbens.predict import block_probabilities
+    from herbens.config import load_run_config
     from herbens.targets import read_targets
-    import yaml
 
     folder, runs = teacher
     taxonomy = Taxonomy.load(folder / "taxonomy.json")
     store = read_targets(folder, "train", taxonomy=taxonomy)
-    data = load_run_data(yaml.safe_load((runs / "tiny" / "config.yaml").read_text()), runs / "tiny", reuse_split=True)
+    data = load_run_data(load_run_config(runs / "tiny"), runs / "tiny", reuse_split=True)
     assert sorted(store.image_ids) == sorted(data.train["image_id"].astype(str))
     assert (folder / "split.csv").read_bytes() == (runs / "tiny" / "split.csv").read_bytes()
     # The slow way: predict the same training images with the bundle and compare every level.
@@ -132,7 +132,7 @@ def test_teach_refuses_members_with_different_splits(teacher, tmp_path, capsys):
     import shutil
 
     from herbens.cli import main
-    from herbens.ensemble.combine import ensemble_runs
+    from herbens.ensemble.pipeline import ensemble_runs
 
     _, runs = teacher
     other = tmp_path / "runs"

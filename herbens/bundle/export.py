@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from herbens.bundle import thresholds as th
 from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, MANIFEST, ONNX, RECIPE, WEIGHTS, file_hash,
                                  load_bundle)
 from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
                                     params_record, single_run_params)
+from herbens.config import load_run_config, save_config
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
@@ -112,13 +111,13 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
     from herbens.data.transforms import model_data_config
     from herbens.infer import load_run_model
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = load_run_config(run_dir)
     if Taxonomy.load(run_dir / "taxonomy.json") != taxonomy:
         raise HerbensError(f"run '{run_dir}': its taxonomy differs from the first member's")
     model = load_run_model(run_dir, cfg, taxonomy).eval()
     folder.mkdir(parents=True)
     save_model(model, str(folder / WEIGHTS))
-    shutil.copyfile(run_dir / "config.yaml", folder / RECIPE)
+    save_config(cfg, folder / RECIPE)  # the resolved recipe, upgraded to this version's schema
     data_config = model_data_config(model.data_config, cfg["input"])
     levels = [lv for lv in LEVELS if lv in cfg["levels"]]
     write_json(folder / DATA_CONFIG, {
@@ -133,10 +132,16 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
     metrics = run_dir / "metrics.json"
     return {"name": folder.name, "run": str(run_dir), "backbone": cfg["model"]["backbone"],
             "weights": "ema" if (run_dir / "model_ema.pt").exists() else "final",
-            "git_revision": cfg.get("git_revision"), "views": list(cfg["infer"]["tta"]),
+            "git_revision": _provenance(run_dir).get("git_revision"), "views": list(cfg["infer"]["tta"]),
             "input_size": list(data_config["input_size"]),
             "val": read_json(metrics).get("val", {}) if metrics.exists() else {},
             "data_root": cfg["data"]["root"]}
+
+
+def _provenance(run_dir: Path) -> dict:
+    """What produced a run (``provenance.json``; empty for runs of older versions)."""
+    path = run_dir / "provenance.json"
+    return read_json(path) if path.exists() else {}
 
 
 def names_table(taxonomy: Taxonomy, data_root: str | None, log: Callable) -> pd.DataFrame:

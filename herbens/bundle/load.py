@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.combine import ClassSpace, Params
@@ -132,7 +131,9 @@ def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Me
 
     from herbens.models.net import build_model
 
-    cfg = yaml.safe_load((folder / RECIPE).read_text())
+    from herbens.config import load_run_config
+
+    cfg = load_run_config(folder)
     # No download, no local pretrained file: every weight comes from the bundle.
     model = build_model({**cfg, "model": {**cfg["model"], "pretrained": False, "pretrained_file": None}}, taxonomy)
     try:
