@@ -213,7 +213,7 @@ def test_onnx_graph_matches_pytorch(backbone, tmp_path):
     torch.manual_seed(0)
     model = HierarchicalNet(backbone, {"species": 7, "genus": 3}, {}).eval()
     size = [64, 64] if backbone == "test_vit" else [48, 32]
-    data_config = model_data_config(model.data_config, {"size": size})
+    data_config = model_data_config(model.data_config, {"size": size, "crop_pct": None})
     exporter = export_onnx(model, ["species", "genus"], data_config, tmp_path / "m.onnx")
     assert exporter in ("dynamo", "torchscript")
     images = check_inputs(data_config, count=5, seed=7)  # other inputs, another batch size than the export's
