@@ -26,9 +26,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, read_json, write_json
+from herbens.fileio import atomic_dir, write_json
 from herbens.logits import (DTYPE, FORMAT_VERSION, LogitsWriter, _check_labels, _duplicates, _fsync,
-                            _open_npy, _read_ids, _read_labels)
+                            _open_npy, _read_ids, _read_labels, read_store_meta, release_pages)
 
 KIND = "embeddings"
 MATRIX = "embeddings"  # the writer's key, and the file's stem
@@ -117,39 +117,12 @@ def read_embeddings(run_dir: str | os.PathLike, split: str, mmap: bool = True, *
 
 
 def _read_meta(path: Path, where: str, split: str) -> dict:
-    meta_path = path / "meta.json"
-    if not meta_path.exists():
-        raise HerbensError(f"{where}: {meta_path} is missing (half-written or not an embeddings directory)")
-    try:
-        meta = read_json(meta_path)
-    except HerbensError as exc:
-        raise HerbensError(f"{where}: {exc}") from None
-    if not isinstance(meta, dict):
-        raise HerbensError(f"{where}: {meta_path} is not a JSON object")
-    missing = [k for k in ("format_version", "kind", "taxonomy_hash", "shape", "dtype", "split") if k not in meta]
-    if missing:
-        raise HerbensError(f"{where}: {meta_path} lacks {', '.join(missing)}")
-    if meta["kind"] != KIND:
-        raise HerbensError(f"{where}: meta.json kind is {meta['kind']!r}, not {KIND!r}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise HerbensError(f"{where}: format_version {meta['format_version']!r} is not supported "
-                           f"(this herbens reads {FORMAT_VERSION})")
-    if meta["dtype"] != DTYPE.name:
-        raise HerbensError(f"{where}: dtype {meta['dtype']!r}; expected {DTYPE.name}")
-    if meta["split"] != split:
-        raise HerbensError(f"{where}: meta.json says split {meta['split']!r} (directory renamed?)")
+    meta = read_store_meta(path, where, split, ("taxonomy_hash", "shape", "dtype"), FORMAT_VERSION, kind=KIND)
     shape = meta["shape"]
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)
             and shape[1] > 0):
         raise HerbensError(f"{where}: meta.json shape {shape!r} is not [rows, dim > 0]")
     return meta
-
-
-def release_pages(arr: np.ndarray) -> None:
-    """Hand a memory-mapped array's resident pages back to the kernel (see the ensembler)."""
-    from herbens.ensemble.stores import _release_pages
-
-    _release_pages(arr)
 
 
 def iter_chunks(split: EmbeddingsSplit, chunk_rows: int) -> Iterator[tuple[int, int, np.ndarray]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import warnings
 from pathlib import Path
@@ -216,26 +217,42 @@ def read_logits(run_dir: str | os.PathLike, split: str, mmap: bool = True, *,
     return LogitsSplit(run_dir, split, path, image_ids, meta, arrays, views, labels)
 
 
-def _read_meta(path: Path, where: str, split: str) -> dict:
+def read_store_meta(path: Path, where: str, split: str, required: Sequence[str], format_version: int,
+                    kind: str | None = None, dtype: np.dtype | None = DTYPE) -> dict:
+    """The checked ``meta.json`` of a store directory (logits, embeddings, sparse targets).
+
+    Args:
+        required: keys that must be present (besides ``format_version`` and ``split``).
+        kind: the store's ``kind`` value, when it records one.
+        dtype: the matrices' dtype the meta must name (None: not checked).
+    """
     meta_path = path / "meta.json"
+    what = f"a {kind or 'logits'} directory"
     if not meta_path.exists():
-        raise HerbensError(f"{where}: {meta_path} is missing (half-written or not a logits directory)")
+        raise HerbensError(f"{where}: {meta_path} is missing (half-written or not {what})")
     try:
         meta = read_json(meta_path)
     except HerbensError as exc:
         raise HerbensError(f"{where}: {exc}") from None
     if not isinstance(meta, dict):
         raise HerbensError(f"{where}: {meta_path} is not a JSON object")
-    missing = [k for k in ("format_version", "taxonomy_hash", "levels", "dtype", "split") if k not in meta]
+    missing = [k for k in ("format_version", *(("kind",) if kind else ()), *required, "split") if k not in meta]
     if missing:
         raise HerbensError(f"{where}: {meta_path} lacks {', '.join(missing)}")
-    if meta["format_version"] != FORMAT_VERSION:
+    if kind and meta["kind"] != kind:
+        raise HerbensError(f"{where}: meta.json kind is {meta['kind']!r}, not {kind!r}")
+    if meta["format_version"] != format_version:
         raise HerbensError(f"{where}: format_version {meta['format_version']!r} is not supported "
-                           f"(this herbens reads {FORMAT_VERSION})")
-    if meta["dtype"] != DTYPE.name:
-        raise HerbensError(f"{where}: dtype {meta['dtype']!r}; expected {DTYPE.name}")
+                           f"(this herbens reads {format_version})")
+    if dtype is not None and meta.get("dtype") != np.dtype(dtype).name:
+        raise HerbensError(f"{where}: dtype {meta.get('dtype')!r}; expected {np.dtype(dtype).name}")
     if meta["split"] != split:
         raise HerbensError(f"{where}: meta.json says split {meta['split']!r} (directory renamed?)")
+    return meta
+
+
+def _read_meta(path: Path, where: str, split: str) -> dict:
+    meta = read_store_meta(path, where, split, ("taxonomy_hash", "levels", "dtype"), FORMAT_VERSION)
     _check_level_shapes(meta, "levels", 2, where)
     _check_level_shapes(meta, "view_levels", 3, where)
     if "species" not in meta["levels"]:
@@ -420,7 +437,31 @@ class _NpyFile:
         self.handle.close()
 
 
-class LogitsWriter:
+class BlockWriter:
+    """Files filled block by block, with a record of the rows each has received.
+
+    Subclasses create ``self._files`` (name -> :class:`_NpyFile`) and ``self._written`` (key ->
+    bool per row) and mark rows as they write them; a store is published only when every key's
+    rows were all written, so a forgotten batch cannot publish zeros.
+    """
+
+    _where: str
+    _files: dict
+    _written: dict
+
+    def _finish(self) -> None:
+        for key, done in self._written.items():
+            if not done.all():
+                raise HerbensError(f"{self._where}: {key} rows were never written "
+                                   f"(first missing row {int(np.argmin(done))})")
+        self._close(sync=True)
+
+    def _close(self, sync: bool) -> None:
+        for file in self._files.values():
+            file.close(sync)
+
+
+class LogitsWriter(BlockWriter):
     """Fills one split's matrices block by block inside a temporary directory.
 
     Obtained from :func:`open_logits_writer`; inference writes each batch as it comes so that
@@ -486,16 +527,19 @@ class LogitsWriter:
             raise HerbensError(f"{self._where}: cannot write {target.path}: {exc.strerror or exc}") from exc
         self._written[key][start:start + len(block)] = True
 
-    def _finish(self) -> None:
-        for key, done in self._written.items():
-            if not done.all():
-                raise HerbensError(f"{self._where}: {key} rows were never written "
-                                   f"(first missing row {int(np.argmin(done))})")
-        self._close(sync=True)
 
-    def _close(self, sync: bool) -> None:
-        for file in self._files.values():
-            file.close(sync)
+def release_pages(arr: np.ndarray) -> None:
+    """Hand a memory-mapped array's resident pages back to the kernel.
+
+    A memory-mapped file's pages count as this process's resident memory until unmapped;
+    dropping them (clean, file-backed: the page cache keeps them) keeps RSS at one chunk.
+    """
+    handle = getattr(arr, "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            handle.madvise(mmap.MADV_DONTNEED)
+        except (ValueError, OSError):
+            pass
 
 
 def _fsync(file: Path) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 
 from herbens.data.taxonomy import LEVELS
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, read_json, write_json
-from herbens.logits import _duplicates, _NpyFile, _open_npy, _read_ids
+from herbens.fileio import atomic_dir, write_json
+from herbens.logits import BlockWriter, _duplicates, _NpyFile, _open_npy, _read_ids, read_store_meta
 
 FORMAT_VERSION = 1
 KIND = "sparse_targets"
@@ -141,15 +141,10 @@ def read_targets(run_dir: str | os.PathLike, split: str, *, taxonomy=None, check
     run_dir = Path(run_dir)
     path = targets_dir(run_dir, split)
     where = f"targets of '{run_dir}', split '{split}'"
-    meta_path = path / "meta.json"
-    if not meta_path.exists():
-        raise HerbensError(f"{where}: {meta_path} is missing (no targets written, or half-written): "
+    if not (path / "meta.json").exists():
+        raise HerbensError(f"{where}: {path / 'meta.json'} is missing (no targets written, or half-written): "
                            "write them with `herbens teach`")
-    meta = read_json(meta_path)
-    if not isinstance(meta, dict) or meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
-        raise HerbensError(f"{where}: {meta_path} is not a version-{FORMAT_VERSION} sparse-targets description")
-    if meta.get("split") != split:
-        raise HerbensError(f"{where}: meta.json says split {meta.get('split')!r} (directory renamed?)")
+    meta = read_store_meta(path, where, split, ("taxonomy_hash", "levels"), FORMAT_VERSION, kind=KIND, dtype=None)
     image_ids = _read_ids(path, where)
     levels = {}
     for level, shape in (meta.get("levels") or {}).items():
@@ -200,7 +195,7 @@ def check_targets_taxonomy(meta: dict, levels: Mapping[str, SparseTargets], taxo
                                f"has {taxonomy.num_classes(level)}")
 
 
-class TargetsWriter:
+class TargetsWriter(BlockWriter):
     """Fills one split's sparse targets block by block; obtained from :func:`open_targets_writer`."""
 
     def __init__(self, tmp: Path, where: str, num_rows: int, shapes: Mapping[str, tuple[int, int]]):
@@ -229,17 +224,6 @@ class TargetsWriter:
         for name, block in (("classes", classes), ("logp", logp), ("rest", rest)):
             self._files[f"{level}.{name}"].write_rows(start, block)
         self._written[level][start:start + len(log_probs)] = True
-
-    def _finish(self) -> None:
-        for level, done in self._written.items():
-            if not done.all():
-                raise HerbensError(f"{self._where}: {level} rows were never written "
-                                   f"(first missing row {int(np.argmin(done))})")
-        self._close(sync=True)
-
-    def _close(self, sync: bool) -> None:
-        for file in self._files.values():
-            file.close(sync)
 
 
 @contextlib.contextmanager

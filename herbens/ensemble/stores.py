@@ -12,7 +12,6 @@ read, so that even the resident page cache of the mappings stays at one chunk.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -22,7 +21,7 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.ensemble.combine import Chunk, ClassSpace
 from herbens.errors import HerbensError
-from herbens.logits import LogitsSplit, check_finite, logits_dir, read_logits
+from herbens.logits import LogitsSplit, check_finite, logits_dir, read_logits, release_pages
 
 # Default chunk: about 16 MB of float32 per run and level (270 rows at 15,501 classes). Small
 # enough for the allocator to reuse freed blocks instead of faulting in fresh pages each
@@ -250,19 +249,8 @@ def _read_float32(arr: np.ndarray, rows: slice | np.ndarray, view: int | None,
             picked = picked[:, columns]
         block = np.empty(picked.shape, np.float32)
         block[order] = picked
-    _release_pages(arr)
+    release_pages(arr)
     return block
-
-
-def _release_pages(arr: np.ndarray) -> None:
-    # A memory-mapped file's pages count as this process's resident memory until unmapped;
-    # dropping them (clean, file-backed: the page cache keeps them) keeps RSS at one chunk.
-    handle = getattr(arr, "_mmap", None)
-    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            handle.madvise(mmap.MADV_DONTNEED)
-        except (ValueError, OSError):
-            pass
 
 
 def align_split(runs: list[Run], split: str, space: ClassSpace, *, exact: bool = True,
