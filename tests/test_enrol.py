@@ -24,11 +24,20 @@ SHOTS = 3
 
 
 @pytest.fixture(scope="module")
-def held_out(tiny_herbarium, tmp_path_factory):
-    """A run trained without one species of the tiny herbarium (with embeddings), its bundle, and
-    the held-out species' images. Returns ``(run, bundle, held_images, category_id)``."""
+def held_out(tmp_path_factory):
+    """A run trained without one species of a tiny synthetic herbarium (with embeddings), its
+    bundle, and the held-out species' images. Returns ``(run, bundle, held_images, herbarium)``.
+
+    The planted, easy case: low within-species variation (``difficulty=0.3``), so that even a
+    tiny model trained for seconds embeds a species' sheets close together.
+    """
+    from herbens.data.synth import synthesize
+
     work = tmp_path_factory.mktemp("enrol")
-    cfg = load_config("demo_ce", [f"data.root={tiny_herbarium}"])
+    herbarium = work / "herbarium"
+    synthesize(herbarium, species=6, seed=3, long_edge=64, min_images=8, max_images=14, test_per_species=2,
+               progress=False, difficulty=0.3)
+    cfg = load_config("demo_ce", [f"data.root={herbarium}"])
     split = write_open_set_data(cfg, work / "data", share=0.2, seed=1)
     assert len(split["held_out_category_ids"]) == 1
     assert train_tiny(work / "data", work / "runs", extra=["name=held", "data.format=csv", "infer.embeddings=true",
@@ -36,7 +45,7 @@ def held_out(tiny_herbarium, tmp_path_factory):
     run = work / "runs" / "held"
     bundle = export_bundle(run, work / "bundles" / "b", log=lambda _: None)
     held = pd.read_csv(work / "data" / "test_metadata.csv")["file_name"].tolist()
-    return run, bundle, held, split["held_out_category_ids"][0]
+    return run, bundle, held, herbarium
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -74,7 +83,7 @@ def test_enrolled_held_out_species_is_named_by_predict(held_out, tmp_path):
     assert len(pred) == len(held) - SHOTS
     named = pred["category_id_1"] == new_id
     chance = 1 / loaded.names.shape[0]
-    assert named.mean() >= max(0.5, 2 * chance), pred[["category_id_1", "probability_1"]]
+    assert named.mean() >= max(0.6, 3 * chance), pred[["category_id_1", "probability_1"]]
     row = pred[named].iloc[0]
     assert row["scientific_name_1"] == "Novum enrolmentum" and row["authors_1"] == "Test & Al."
     # The new genus holds only the new species, so it is the top genus wherever the species is;
@@ -133,7 +142,7 @@ def test_refusals_name_the_problem(held_out, tmp_path, capsys):
                       log=lambda _: None)
     with pytest.raises(HerbensError, match="genus Nogenus is new to it; give its family with --family"):
         enrol_species(bundle, shots, "Nogenus novus", log=lambda _: None)
-    genus, family = load_bundle(bundle).taxonomy.genus_names[0], trained.family.iloc[0]
+    genus = load_bundle(bundle).taxonomy.genus_names[0]
     wrong = "Otheraceae"
     genus_family = trained.family[trained.genus == genus].iloc[0]
     with pytest.raises(HerbensError, match=f"genus {genus} belongs to family {genus_family}, not {wrong}"):
@@ -148,7 +157,6 @@ def test_refusals_name_the_problem(held_out, tmp_path, capsys):
     assert "a trained species, which only retraining removes" in capsys.readouterr().err
     assert main(["unenrol", str(bundle), "--category-id", "999999"]) == 2
     assert "category_id 999999 is not enrolled" in capsys.readouterr().err
-    del family
 
 
 def test_bundle_without_prototypes_refuses_to_enrol(held_out, tmp_path):
@@ -161,16 +169,16 @@ def test_bundle_without_prototypes_refuses_to_enrol(held_out, tmp_path):
         enrol_species(bundle, _shots(held[:1], tmp_path / "s"), "Carex nova", family="Cyperaceae", log=lambda _: None)
 
 
-def test_nothing_enrolled_predicts_bit_identically(held_out, tiny_herbarium, tmp_path):
+def test_nothing_enrolled_predicts_bit_identically(held_out, tmp_path):
     """A bundle with prototypes but nothing enrolled (also after enrol + unenrol) predicts exactly
     what the same run's bundle without prototypes predicts."""
-    run, source, held, _ = held_out
+    run, source, held, herbarium = held_out
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "embeddings")
     plain = export_bundle(copy, tmp_path / "plain", log=lambda _: None)
     bundle = _copy(source, tmp_path)
-    images = tiny_herbarium / "test_images"
+    images = herbarium / "test_images"
     outputs = {}
     for name, target in (("plain", plain), ("prototypes", bundle)):
         outputs[name] = tmp_path / f"{name}.csv"
@@ -181,3 +189,28 @@ def test_nothing_enrolled_predicts_bit_identically(held_out, tiny_herbarium, tmp
     assert main(["predict", str(bundle), str(images), "-o", str(outputs["round_trip"]), "--quiet"]) == 0
     data = {name: path.read_bytes() for name, path in outputs.items()}
     assert data["plain"] == data["prototypes"] == data["round_trip"]
+
+
+def test_ensemble_bundle_enrols_per_member(held_out, tmp_path):
+    """Each member of an ensemble bundle gets its own prototype of the enrolled species."""
+    from herbens.ensemble.pipeline import ensemble_runs
+
+    run, _, held, _ = held_out
+    runs = [tmp_path / "runs" / name for name in ("a", "b")]
+    for target in runs:
+        shutil.copytree(run, target)
+    submission = tmp_path / "ens.csv"
+    ensemble_runs(runs, submission, progress=False, log=lambda _: None)
+    bundle = export_bundle(submission.with_suffix(".json"), tmp_path / "ens", log=lambda _: None)
+    enrol_species(bundle, _shots(held[:SHOTS], tmp_path / "s"), "Novum enrolmentum", family="Novaceae",
+                  category_id=5000, log=lambda _: None)
+    loaded = load_bundle(bundle)
+    assert len(loaded.members) == 2
+    assert sorted(p.name for p in (bundle / ENROLLED).iterdir()) == sorted(
+        ["species.json"] + [f"{m.name}.npy" for m in loaded.members])
+    assert [len(p.owners) - len(p.owners[p.owners < loaded.enrolment.num_known]) for p in loaded.enrolment.prototypes] == [1, 1]
+    from herbens.predict import predict_paths
+
+    pred = predict_paths(loaded, held[SHOTS:], progress=False)
+    named = loaded.names.category_id.to_numpy()[pred.top_species[:, 0]] == 5000
+    assert named.mean() >= 0.6
