@@ -214,3 +214,10 @@ def test_ensemble_bundle_enrols_per_member(held_out, tmp_path):
     pred = predict_paths(loaded, held[SHOTS:], progress=False)
     named = loaded.names.category_id.to_numpy()[pred.top_species[:, 0]] == 5000
     assert named.mean() >= 0.6
+
+
+def test_energy_bundle_refuses_to_enrol(held_out, tmp_path):
+    run, _, held, _ = held_out
+    bundle = export_bundle(run, tmp_path / "energy", ood_score="energy", log=lambda _: None)
+    with pytest.raises(HerbensError, match="enrolment needs the msp OOD score"):
+        enrol_species(bundle, _shots(held[:1], tmp_path / "s"), "Carex nova", family="Cyperaceae", log=lambda _: None)
