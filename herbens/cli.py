@@ -31,6 +31,8 @@ COMMAND_MODULES = {
     "recipes": "herbens.recipes",
     "export": "herbens.bundle.export",
     "predict": "herbens.predict",
+    "enrol": "herbens.bundle.enrol",
+    "unenrol": "herbens.bundle.unenrol",
     "openset": "herbens.openset",
     "teach": "herbens.teach",
 }

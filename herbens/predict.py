@@ -107,15 +107,16 @@ def _collate(items: list[dict]) -> dict:
 
 
 def member_logits(member, paths: list[str], classes: dict[str, int], batch_size: int, device: str,
-                  workers: int, progress: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-                  ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+                  workers: int, progress: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                  embeddings: bool = False) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     """Per-level logits ``[n, C]`` of one member (rows of failed images stay NaN) and the errors
-    by row."""
+    by row; with ``embeddings`` also ``"embedding"``: unit ``[n, D]`` (views combined as the
+    embeddings store combines them, :func:`herbens.engine.combine_embedding_views`)."""
     import torch
     from torch.utils.data import DataLoader
 
     from herbens.data.transforms import build_tta_views, eval_decode_size
-    from herbens.engine import combine_views
+    from herbens.engine import combine_embedding_views, combine_views
 
     views = build_tta_views(member.views, member.data_config)
     dataset = _Images(paths, views, eval_decode_size(member.data_config, member.views), max_pixels)
@@ -137,6 +138,10 @@ def member_logits(member, paths: list[str], classes: dict[str, int], batch_size:
                     # `herbens infer` + `herbens ensemble` predict for the same images.
                     out[lv][batch["index"]] = combine_views(per_view, member.tta_space).cpu().numpy() \
                         .astype(np.float16).astype(np.float32)
+                if embeddings:
+                    emb = outputs["embedding"].float()
+                    out.setdefault("embedding", np.full((len(paths), emb.shape[-1]), np.nan, dtype=np.float32))
+                    out["embedding"][batch["index"]] = combine_embedding_views(emb.view(-1, v, emb.shape[-1])).cpu().numpy()
             progress(len(batch["index"]) + len(batch["errors"]))
     return out, errors
 
@@ -181,17 +186,22 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     levels = needed_levels(bundle.params)
     classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
     bar = tqdm(total=len(paths) * len(bundle.members), desc="predict", unit="img", disable=None if progress else True)
+    enrolment = bundle.enrolment
     for start in range(0, len(paths), block):
         part = paths[start:start + block]
         logits, errors = [], {}
         for member in bundle.members:
-            out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update, max_pixels)
+            out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update, max_pixels,
+                                        embeddings=enrolment is not None)
             logits.append(out)
             for i, message in failed.items():
                 errors.setdefault(i, message)
         good = np.array([i for i in range(len(part)) if i not in errors], dtype=np.int64)
         probs = combine_members([{lv: m[lv][good] for lv in levels} for m in logits], bundle.params, bundle.space) \
             if len(good) else None
+        if probs is not None and enrolment is not None:
+            # Enrolled species: prototype scores fused with the combined head (herbens.bundle.enrolment).
+            probs = enrolment.fuse(probs, [m["embedding"][good] for m in logits])
         yield start, good, probs, errors
     bar.close()
 
@@ -211,7 +221,7 @@ def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int =
             continue
         top = top_k_columns(level_probs.scores, top_k)
         kept += [paths[start + i] for i in good]
-        tops.append(bundle.space.species[top])
+        tops.append(bundle.names_rows(top))
         probs.append(np.take_along_axis(level_probs.species, top, axis=1))
         rows.append(th.summarize(level_probs, bundle.ood_score))
     failure_list = [(paths[i], failures[i]) for i in sorted(failures)]
@@ -227,16 +237,16 @@ def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int =
 # ----------------------------------------------------------------------------------------
 def records(bundle, pred: Predictions) -> list[dict]:
     """One JSON-ready dict per image."""
-    names, tax = bundle.names, bundle.taxonomy
+    names, genera, families = bundle.names, bundle.level_names("genus"), bundle.level_names("family")
     out = []
     for i, path in enumerate(pred.paths):
         species = [{"category_id": int(names.category_id[s]), "scientific_name": names.scientific_name[s],
                     "authors": names.authors[s], "probability": float(p)}
                    for s, p in zip(pred.top_species[i], pred.top_probs[i])]
         out.append({"path": path, "decision": pred.decisions[i], "species": species,
-                    "genus": tax.genus_names[pred.rows.top["genus"][i]],
+                    "genus": genera[pred.rows.top["genus"][i]],
                     "genus_probability": float(pred.rows.confidence["genus"][i]),
-                    "family": tax.family_names[pred.rows.top["family"][i]],
+                    "family": families[pred.rows.top["family"][i]],
                     "family_probability": float(pred.rows.confidence["family"][i]),
                     "ood_score": float(pred.rows.ood[i])})
     return out

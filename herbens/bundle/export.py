@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from herbens.bundle import thresholds as th
-from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, MANIFEST, ONNX, RECIPE, WEIGHTS, file_hash,
-                                 load_bundle)
+from herbens.bundle.enrolment import export_prototypes
+from herbens.bundle.load import DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, load_bundle, write_manifest
 from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
                                     params_record, single_run_params)
 from herbens.config import load_run_config, save_config
@@ -63,13 +63,10 @@ def _run_path(path: str, record_file: Path) -> Path:
 # ----------------------------------------------------------------------------------------
 # Validation rows: scores, thresholds
 # ----------------------------------------------------------------------------------------
-def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val", *, labelled_only: bool = True):
-    """A split's rows common to the members, combined as a bundle combines them, chunk by chunk.
-
-    Returns:
-        ``(RowSummary, species labels or None)``; with ``labelled_only`` only labelled rows
-        (an error when there are none).
-    """
+def combined_chunks(run_dirs: list[Path], params, split: str = "val", *, labelled_only: bool = True):
+    """Yield ``(LevelProbabilities, species labels or None)`` per chunk of a split's rows common
+    to the members, combined as a bundle combines them; with ``labelled_only`` only labelled
+    rows (an error when there are none)."""
     from herbens.ensemble.stores import align_split, auto_chunk_rows, class_space, labelled, load_runs
 
     runs = load_runs(run_dirs, splits=(split,))
@@ -83,11 +80,23 @@ def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val",
             raise HerbensError(f"run '{runs[0].path}': logits/{split} carry no labels, needed to fit thresholds")
         rows = labelled(rows)
     levels = needed_levels(params)
-    parts = []
     for chunk in rows.chunks(auto_chunk_rows(space.num_classes), levels=levels):
         members = [{lv: chunk.get(r, lv) for lv in levels} for r in range(len(runs))]
-        parts.append(th.summarize(combine_members(members, params, space), ood_score))
-    return th.RowSummary.concat(parts), (None if rows.labels is None else np.asarray(rows.labels))
+        yield combine_members(members, params, space), chunk.labels
+
+
+def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val", *, labelled_only: bool = True):
+    """A split's rows common to the members, combined as a bundle combines them, chunk by chunk.
+
+    Returns:
+        ``(RowSummary, species labels or None)``; with ``labelled_only`` only labelled rows
+        (an error when there are none).
+    """
+    parts, labels = [], []
+    for probs, chunk_labels in combined_chunks(run_dirs, params, split, labelled_only=labelled_only):
+        parts.append(th.summarize(probs, ood_score))
+        labels.append(chunk_labels)
+    return th.RowSummary.concat(parts), (None if labels[0] is None else np.concatenate(labels))
 
 
 def validation_rows(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str):
@@ -201,8 +210,9 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     val_scores = level_scores(labels, rows.top["species"], taxonomy)
     out = Path(out)
     with atomic_dir(out) as tmp:
-        members = [export_member(run, tmp / "members" / f"m{i}_{run.name}", taxonomy, onnx, log)
-                   for i, run in enumerate(run_dirs)]
+        folders = [tmp / "members" / f"m{i}_{run.name}" for i, run in enumerate(run_dirs)]
+        members = [export_member(run, folder, taxonomy, onnx, log) for run, folder in zip(run_dirs, folders)]
+        enrolment = export_prototypes(run_dirs, folders, params, taxonomy, log, seed)
         taxonomy.save(tmp / "taxonomy.json")
         frame = names_table(taxonomy, members[0]["data_root"], log)
         with atomic_write(tmp / "names.csv", newline="") as handle:
@@ -215,15 +225,14 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
             "ensemble": params_record(params),
             "thresholds": {**fitted, "thresholds": _json_thresholds(fitted["thresholds"]), "ood_score": ood_score},
             "val_scores": val_scores,
+            "enrolment": enrolment,
             "provenance": {"source": str(source), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "python": platform.python_version(), "members": members,
                            "ensemble_val": (record or {}).get("val")},
         }
         write_json(tmp / "bundle.json", bundle)
         (tmp / "README.md").write_text(model_card(bundle, taxonomy))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION,
-                                    "files": {p.relative_to(tmp).as_posix(): file_hash(p) for p in files}})
+        write_manifest(tmp)
         load_bundle(tmp)  # refuse to publish a bundle that does not load
     log(f"wrote bundle {out} ({len(members)} member(s), {taxonomy.num_classes('species')} species)")
     return out

@@ -8,6 +8,9 @@ Layout of ``bundles/<name>/`` (written by :mod:`herbens.bundle.export`)::
     names.csv              category_id, scientific_name, authors, genus, family per species
     README.md              model card
     members/<name>/        model.safetensors, data_config.json, config.yaml [, model.onnx]
+                           [, prototypes.npy, prototype_owners.npy: known species' prototypes]
+    enrolled/              species.json, <member>.npy: species added by herbens enrol (optional;
+                           their names.csv rows follow the trained ones; see herbens.bundle.enrolment)
 
 Loading reads nothing outside the folder: no run directory, no metadata, no network (the
 trunk is built with ``pretrained=False`` and the weights come from the safetensors file).
@@ -19,12 +22,13 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.combine import ClassSpace, Params
 from herbens.errors import HerbensError
-from herbens.fileio import read_json
+from herbens.fileio import read_json, write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -41,6 +45,14 @@ def file_hash(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_manifest(root: Path) -> None:
+    """Write ``manifest.json``: the sha256 of every other file of the bundle, sorted by path
+    (export and enrolment both call it, so the same files give the same bytes)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_json(root / MANIFEST, {"format_version": FORMAT_VERSION,
+                                 "files": {p.relative_to(root).as_posix(): file_hash(p) for p in files}})
 
 
 def verify_manifest(root: Path) -> dict[str, str]:
@@ -91,6 +103,18 @@ class Bundle:
     space: ClassSpace
     thresholds: dict
     ood_score: str
+    enrolment: object = None      # herbens.bundle.enrolment.Enrolment when species are enrolled
+
+    def level_names(self, level: str) -> list[str]:
+        """Genus or family names per column (enrolled species' new ones after the trained)."""
+        source = self.enrolment if self.enrolment is not None else self.taxonomy
+        return {"genus": source.genus_names, "family": source.family_names}[level]
+
+    def names_rows(self, columns: np.ndarray) -> np.ndarray:
+        """Row of ``names.csv`` of each species column (enrolled columns follow the trained ones)."""
+        if self.enrolment is None:
+            return self.space.species[columns]
+        return np.r_[self.space.species, np.arange(len(self.enrolment.species)) + self.space.num_classes][columns]
 
 
 def thresholds_from_json(values: dict) -> dict:
@@ -106,23 +130,27 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     """
     from herbens.bundle.scoring import class_space_of, fitted_params
 
+    from herbens.bundle.enrolment import load_enrolment
+
     root = Path(path)
-    verify_manifest(root)
+    manifest = verify_manifest(root)
     record = read_json(root / "bundle.json")
     if record.get("format_version") != FORMAT_VERSION:
         raise HerbensError(f"{root / 'bundle.json'}: unsupported bundle format {record.get('format_version')!r}")
     taxonomy = Taxonomy.load(root / "taxonomy.json")
     names = pd.read_csv(root / "names.csv", keep_default_na=False)
-    if names["category_id"].tolist() != taxonomy.category_ids.tolist():
-        raise HerbensError(f"{root / 'names.csv'}: category_ids do not match taxonomy.json")
     try:
+        enrolment = load_enrolment(root, record, taxonomy, record["members"], manifest)
+        enrolled = [] if enrolment is None else [e["category_id"] for e in enrolment.species]
+        if names["category_id"].tolist() != taxonomy.category_ids.tolist() + enrolled:
+            raise HerbensError(f"{root / 'names.csv'}: category_ids do not match taxonomy.json and the enrolled species")
         members = [_load_member(root / "members" / name, name, taxonomy, device) for name in record["members"]]
         params = fitted_params(record["ensemble"], len(members))
         thresholds, ood_score = thresholds_from_json(record["thresholds"]["thresholds"]), record["thresholds"]["ood_score"]
     except KeyError as exc:
         raise HerbensError(f"{root}: bundle.json or a member's {DATA_CONFIG} lacks the key {exc}") from None
     return Bundle(root, record, taxonomy, names, members, params, class_space_of(taxonomy),
-                  thresholds, ood_score)
+                  thresholds, ood_score, enrolment)
 
 
 def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Member:

@@ -91,11 +91,11 @@ def combine_members(member_logits: Sequence[dict[str, np.ndarray]], params: Para
     scores = species_scores(chunk, params, space)
     species = np.exp(log_softmax(scores))
     tax = space.taxonomy
-    return LevelProbabilities(scores, species, _sum_within(species, space.genus_of, tax.num_classes("genus")),
-                              _sum_within(species, space.family_of, tax.num_classes("family")))
+    return LevelProbabilities(scores, species, sum_within(species, space.genus_of, tax.num_classes("genus")),
+                              sum_within(species, space.family_of, tax.num_classes("family")))
 
 
-def _sum_within(probs: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
+def sum_within(probs: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
     """Column sums of ``probs`` within each group (``groups[c]`` = group of column c)."""
     out = np.zeros((count, len(probs)), dtype=np.float64)
     np.add.at(out, groups, probs.T)

@@ -1,0 +1,390 @@
+"""Few-shot enrolment: species added to a bundle from a few images, as prototypes, no retraining.
+
+Design (the least stored state that keeps :func:`herbens.retrieval.prototypes.fuse_with_head`
+correct, the fusion that ``bench/fewshot_eval.py`` evaluates):
+
+- At export, when every member run has stored embeddings (``herbens infer RUN --embeddings``:
+  ``embeddings/train`` and ``embeddings/val``), each member folder gets the known species'
+  prototypes (``prototypes.npy`` ``[P, D]`` float32, ``prototype_owners.npy`` ``[P]``; class
+  means of the member's training embeddings, :func:`~herbens.retrieval.command.fit_prototypes`),
+  and ``bundle.json`` an ``enrolment`` record: each member's prototype temperature (fitted on its
+  validation embeddings by log-loss) and the head temperature of the bundle's combined species
+  scores (fitted on the validation rows by log-loss, ``HEAD_TEMPERATURES``). Otherwise the
+  record is ``null`` and enrolment is refused with the command that fixes it. The known
+  prototypes are needed: fusion gives the enrolled species the share of the prototype softmax
+  that the known species' prototypes leave them.
+- ``herbens enrol`` writes ``enrolled/species.json`` (one entry per enrolled species: category_id,
+  names, genus, family, images) and ``enrolled/<member>.npy`` (one prototype row per enrolled
+  species, the normalised mean of its images' embeddings in that member), appends their rows to
+  ``names.csv`` and rewrites the manifest; ``taxonomy.json`` (the trained class space and its
+  hash, which the ensemble combination needs) is never touched. Unenrolling the last species
+  removes ``enrolled/`` and the appended rows, so the bundle is byte for byte what export wrote.
+- Prediction with enrolled species: the members' head logits are combined exactly as without
+  enrolment (``scoring.combine_members``: ``[n, K]`` scores); each member scores its own
+  embedding of the image against its known + enrolled prototypes (cosine / its temperature) and
+  the members' prototype log-probabilities are averaged (equal weights: every member embeds
+  the image anyway); the average is fused with the combined scores divided by the head
+  temperature (``fuse_with_head``): ``[n, K + E]`` log-probabilities, enrolled species as columns
+  after the trained ones, genus/family probabilities summed within (new genera and families as
+  columns after the trained ones). With nothing enrolled, prediction is unchanged bit for bit
+  (this module is not called).
+- The back-off thresholds are the export's (fitted without enrolled species) and apply to the
+  fused probabilities; the energy OOD score has no meaning on fused log-probabilities, so
+  enrolment needs a bundle exported with ``--ood-score msp`` (the default).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from herbens.errors import HerbensError
+from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+
+PROTOTYPES = "prototypes.npy"
+OWNERS = "prototype_owners.npy"
+ENROLLED = "enrolled"
+SPECIES_FILE = "species.json"
+NAME_COLUMNS = ("category_id", "scientific_name", "authors", "genus", "family")
+
+
+# ----------------------------------------------------------------------------------------
+# Export: the known species' prototypes and the temperatures
+# ----------------------------------------------------------------------------------------
+def export_prototypes(run_dirs: list[Path], folders: list[Path], params, taxonomy, log: Callable,
+                      seed: int = 0) -> dict | None:
+    """Write each member's known-species prototypes; returns ``bundle.json``'s ``enrolment``
+    record, or None (with a note) when some member run has no train/val embeddings."""
+    from herbens.embeddings import embeddings_dir, read_embeddings
+    from herbens.retrieval.command import fit_prototypes
+
+    lacking = [run for run in run_dirs if not all(embeddings_dir(run, s).is_dir() for s in ("train", "val"))]
+    if lacking:
+        log(f"note: run '{lacking[0]}' has no embeddings/train and embeddings/val; the bundle cannot enrol "
+            "species (herbens infer RUN --embeddings, then export again)")
+        return None
+    temperatures = {}
+    for run, folder in zip(run_dirs, folders):
+        splits = [read_embeddings(run, s, taxonomy_hash=taxonomy.hash, num_species=taxonomy.num_classes("species"))
+                  for s in ("train", "val")]
+        for split in splits:
+            if split.labels is None or (split.labels < 0).any():
+                raise HerbensError(f"{split.where}: every row needs a species label to build the bundle's prototypes")
+        clf, fitted, _ = fit_prototypes(splits[0], splits[1], taxonomy, 1, None, seed)
+        _save_npy(folder / PROTOTYPES, clf.prototypes.vectors.astype(np.float32))
+        _save_npy(folder / OWNERS, clf.prototypes.owners.astype(np.int64))
+        temperatures[folder.name] = float(fitted["temperature"])
+    return {"head_temperature": fit_head_temperature(run_dirs, params), "prototype_temperatures": temperatures}
+
+
+def fit_head_temperature(run_dirs: list[Path], params) -> float:
+    """Temperature of the bundle's combined species scores, by log-loss on the validation rows."""
+    from herbens.bundle.export import combined_chunks
+    from herbens.retrieval.fewshot import HEAD_TEMPERATURES
+    from herbens.retrieval.prototypes import temperature_log_loss
+
+    losses = np.zeros(len(HEAD_TEMPERATURES))
+    for probs, labels in combined_chunks(run_dirs, params, "val"):
+        losses += temperature_log_loss(probs.scores, labels, HEAD_TEMPERATURES)
+    return float(HEAD_TEMPERATURES[int(np.argmin(losses))])
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # Through atomic_write: enrolment stages a bundle with hard links, so a file is never
+    # rewritten in place (that would change the original bundle's file too).
+    with atomic_write(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise HerbensError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Load: the enrolled species and how they are scored
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Enrolment:
+    """Enrolled species of a loaded bundle and what fusing them with the head needs.
+
+    Attributes:
+        species: ``enrolled/species.json`` entries, in column order (after the trained species).
+        prototypes: per member, known + enrolled :class:`~herbens.retrieval.prototypes.Prototypes`.
+        temperatures: per member, its prototype temperature.
+        head_temperature: divides the combined species scores before fusion.
+        genus_names, family_names: trained ones, then the enrolled species' new ones.
+        genus_of, family_of: genus/family column of every species column (known + enrolled).
+        num_known: trained species (columns of the head).
+    """
+
+    species: list[dict]
+    prototypes: list
+    temperatures: list[float]
+    head_temperature: float
+    genus_names: list[str]
+    family_names: list[str]
+    genus_of: np.ndarray
+    family_of: np.ndarray
+    num_known: int
+
+    def fuse(self, probs, embeddings: list[np.ndarray]):
+        """:class:`~herbens.bundle.scoring.LevelProbabilities` over known + enrolled species from
+        the combined head probabilities of ``n`` images and each member's embeddings ``[n, D]``."""
+        from herbens.bundle.scoring import LevelProbabilities, sum_within
+        from herbens.ensemble.combine import log_softmax
+        from herbens.retrieval.prototypes import cosine_scores, fuse_with_head
+
+        proto = np.mean([log_softmax(cosine_scores(e, p) / np.float32(t))
+                         for e, p, t in zip(embeddings, self.prototypes, self.temperatures)], axis=0)
+        fused = fuse_with_head(probs.scores / np.float32(self.head_temperature), proto, self.num_known)
+        species = np.exp(fused)
+        return LevelProbabilities(fused, species, sum_within(species, self.genus_of, len(self.genus_names)),
+                                  sum_within(species, self.family_of, len(self.family_names)))
+
+
+def read_species(root: Path) -> list[dict]:
+    """The enrolled species entries of a bundle folder (empty when none is enrolled)."""
+    path = root / ENROLLED / SPECIES_FILE
+    if not path.exists():
+        return []
+    record = read_json(path)
+    species = record.get("species") if isinstance(record, dict) else None
+    if not isinstance(species, list) or not species:
+        raise HerbensError(f"{path}: no 'species' list")
+    return species
+
+
+def _taxon_columns(taxonomy, species: list[dict]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Genus and family names (trained, then new ones in enrolment order) and the column of each
+    species (trained and enrolled)."""
+    genera, families = list(taxonomy.genus_names), list(taxonomy.family_names)
+    for entry in species:
+        for names, value in ((genera, entry["genus"]), (families, entry["family"])):
+            if value not in names:
+                names.append(value)
+    genus_of = np.r_[taxonomy.species_to_genus, [genera.index(e["genus"]) for e in species]].astype(np.int64)
+    family_of = np.r_[taxonomy.species_to_family, [families.index(e["family"]) for e in species]].astype(np.int64)
+    return genera, families, genus_of, family_of
+
+
+def load_enrolment(root: Path, record: dict, taxonomy, member_names: list[str], manifest: dict) -> Enrolment | None:
+    """The bundle's enrolled species (None when it has none).
+
+    Raises:
+        HerbensError: an enrolled file the manifest does not cover, a bundle without the
+            export-time prototypes, or prototype shapes that do not match.
+    """
+    from herbens.retrieval.prototypes import Prototypes
+
+    species = read_species(root)
+    if not species:
+        return None
+    folder = root / ENROLLED
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.relative_to(root).as_posix() not in manifest:
+            raise HerbensError(f"bundle {root}: file {path.relative_to(root).as_posix()} is not in the manifest")
+    setup = record.get("enrolment")
+    if not setup:
+        raise HerbensError(f"bundle {root}: has enrolled species but bundle.json has no enrolment record")
+    known = taxonomy.num_classes("species")
+    prototypes, temperatures = [], []
+    for name in member_names:
+        member = root / "members" / name
+        vectors, owners, enrolled = (_load_npy(member / PROTOTYPES), _load_npy(member / OWNERS),
+                                     _load_npy(folder / f"{name}.npy"))
+        if enrolled.ndim != 2 or len(enrolled) != len(species) or enrolled.shape[1] != vectors.shape[1]:
+            raise HerbensError(f"{folder / f'{name}.npy'}: shape {list(enrolled.shape)}, expected "
+                               f"[{len(species)}, {vectors.shape[1]}] (one prototype per enrolled species)")
+        protos = Prototypes(vectors.astype(np.float32), owners.astype(np.int64), known)
+        for j, row in enumerate(enrolled):
+            protos = protos.with_species(row[None].astype(np.float32), known + j)
+        prototypes.append(protos)
+        temperatures.append(float(setup["prototype_temperatures"][name]))
+    genera, families, genus_of, family_of = _taxon_columns(taxonomy, species)
+    return Enrolment(species, prototypes, temperatures, float(setup["head_temperature"]), genera, families,
+                     genus_of, family_of, known)
+
+
+# ----------------------------------------------------------------------------------------
+# Enrol and unenrol
+# ----------------------------------------------------------------------------------------
+def _names_rows(species: list[dict]) -> str:
+    """The ``names.csv`` lines of enrolled species, quoted as pandas writes the trained ones."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for entry in species:
+        writer.writerow([entry[c] for c in NAME_COLUMNS])
+    return buffer.getvalue()
+
+
+def _trained_names_text(root: Path, species: list[dict]) -> str:
+    """``names.csv`` without the enrolled species' rows (which export never wrote)."""
+    with open(root / "names.csv", newline="") as handle:
+        text = handle.read()
+    tail = _names_rows(species)
+    if not text.endswith(tail):
+        raise HerbensError(f"{root / 'names.csv'}: its last rows are not the enrolled species of "
+                           f"{ENROLLED}/{SPECIES_FILE}")
+    return text[:len(text) - len(tail)]
+
+
+@contextmanager
+def _staged(root: Path):
+    """A copy of the bundle (hard links where possible) that replaces it atomically on success."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    with atomic_dir(root) as tmp:
+        shutil.copytree(root, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
+        yield tmp
+
+
+def _write_species(root: Path, tmp: Path, old: list[dict], new: list[dict], vectors: dict[str, np.ndarray]) -> None:
+    """Write the enrolled state ``new`` (prototype rows ``vectors`` per member) into the staged copy."""
+    from herbens.bundle.load import load_bundle, write_manifest
+
+    names = _trained_names_text(root, old) + _names_rows(new)
+    with atomic_write(tmp / "names.csv", newline="") as handle:
+        handle.write(names)
+    if new:
+        (tmp / ENROLLED).mkdir(exist_ok=True)
+        write_json(tmp / ENROLLED / SPECIES_FILE, {"format_version": 1, "species": new})
+        for member, rows in vectors.items():
+            _save_npy(tmp / ENROLLED / f"{member}.npy", rows.astype(np.float32))
+    else:
+        shutil.rmtree(tmp / ENROLLED)
+    write_manifest(tmp)
+    load_bundle(tmp)  # refuse to publish a bundle that does not load
+
+
+def _taxon_of(bundle, species: list[dict], genus: str, family: str | None) -> tuple[str, str]:
+    """Genus and family of a new species: an existing genus keeps its family; a new genus needs one."""
+    tax = bundle.taxonomy
+    family_of_genus = {tax.genus_names[g]: tax.family_names[f]
+                       for g, f in zip(tax.species_to_genus, tax.species_to_family)}
+    family_of_genus.update({e["genus"]: e["family"] for e in species})
+    if genus in family_of_genus:
+        if family is not None and family != family_of_genus[genus]:
+            raise HerbensError(f"bundle {bundle.path}: genus {genus} belongs to family {family_of_genus[genus]}, "
+                               f"not {family}")
+        return genus, family_of_genus[genus]
+    if not family:
+        raise HerbensError(f"bundle {bundle.path}: genus {genus} is new to it; give its family with --family")
+    return genus, family
+
+
+def _checked_text(value: str, what: str) -> str:
+    value = (value or "").strip()
+    if any(c in value for c in "\r\n"):
+        raise HerbensError(f"{what} must be one line, got {value!r}")
+    return value
+
+
+def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: str | None = None,
+                  family: str | None = None, category_id: int | None = None, device: str = "cpu",
+                  batch_size: int = 32, log: Callable[[str], None] = print) -> dict:
+    """Add a species to a bundle from one or a few images; returns its entry.
+
+    Args:
+        bundle_path: bundle folder (rewritten atomically).
+        images: an image, a folder (recursive) or a list file, as ``herbens predict`` reads.
+        name: scientific name (refused when the bundle already has it).
+        authors: its authors, shown in predictions.
+        genus: default the first word of ``name``; an existing genus keeps its family.
+        family: needed when the genus is new to the bundle.
+        category_id: default one more than the largest in the bundle (refused when taken).
+
+    Raises:
+        HerbensError: a bundle exported without prototypes, a name or id it already has, a new
+            genus without family, an unreadable image.
+    """
+    from herbens.bundle.load import load_bundle
+    from herbens.predict import collect_inputs, member_logits
+    from herbens.retrieval.prototypes import species_prototype
+
+    bundle = load_bundle(bundle_path, device=device)
+    root = bundle.path
+    if not bundle.record.get("enrolment"):
+        raise HerbensError(f"bundle {root}: exported without prototypes, it cannot enrol species (herbens infer "
+                           "RUN --embeddings for every member run, then herbens export again)")
+    if bundle.ood_score != "msp":
+        raise HerbensError(f"bundle {root}: enrolment needs the msp OOD score (this bundle uses "
+                           f"{bundle.ood_score}, meaningless on fused probabilities); export with --ood-score msp")
+    name = _checked_text(name, "--name")
+    if not name:
+        raise HerbensError("--name must not be empty")
+    taken = dict(zip(bundle.names.scientific_name, bundle.names.category_id))
+    if name in taken:
+        raise HerbensError(f"bundle {root}: {name} already names category_id {taken[name]}")
+    ids = set(int(c) for c in bundle.names.category_id)
+    if category_id is None:
+        category_id = max(ids) + 1
+    elif int(category_id) in ids:
+        raise HerbensError(f"bundle {root}: category_id {category_id} is already taken")
+    species = read_species(root)
+    genus, family = _taxon_of(bundle, species, _checked_text(genus or name.split()[0], "--genus"),
+                              _checked_text(family, "--family") or None)
+    paths, _ = collect_inputs(images)
+    vectors = {}
+    for member in bundle.members:
+        out, errors = member_logits(member, paths, {}, batch_size, device, 0, lambda _: None, embeddings=True)
+        if errors:
+            first = min(errors)
+            raise HerbensError(f"cannot enrol from {paths[first]}: {errors[first]}")
+        vectors[member.name] = species_prototype(out["embedding"])
+    entry = {"category_id": int(category_id), "scientific_name": name, "authors": _checked_text(authors, "--authors"),
+             "genus": genus, "family": family, "images": [Path(p).name for p in paths]}
+    stored = {m.name: _load_npy(root / ENROLLED / f"{m.name}.npy") if species else None for m in bundle.members}
+    with _staged(root) as tmp:
+        _write_species(root, tmp, species, species + [entry],
+                       {m: v if stored[m] is None else np.concatenate([stored[m], v]) for m, v in vectors.items()})
+    log(f"enrolled {name} (category_id {category_id}, genus {genus}, family {family}) into {root} from "
+        f"{len(paths)} image(s); {len(species) + 1} enrolled species")
+    return entry
+
+
+def unenrol_species(bundle_path, *, name: str | None = None, category_id: int | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Remove an enrolled species (by name or category_id); returns its entry.
+
+    Raises:
+        HerbensError: naming the species when it is not enrolled (a trained species cannot be
+            removed), and listing the enrolled ones.
+    """
+    from herbens.bundle.load import load_bundle
+
+    if (name is None) == (category_id is None):
+        raise HerbensError("unenrol: give exactly one of --name and --category-id")
+    bundle = load_bundle(bundle_path)
+    root = bundle.path
+    species = read_species(root)
+    key, value = ("scientific_name", name.strip()) if name is not None else ("category_id", int(category_id))
+    found = [j for j, e in enumerate(species) if e[key] == value]
+    if not found:
+        trained = value in set(bundle.names[key][:bundle.taxonomy.num_classes("species")])
+        enrolled = ", ".join(f"{e['scientific_name']} ({e['category_id']})" for e in species) or "none"
+        raise HerbensError(f"bundle {root}: {key} {value!r} is "
+                           + ("a trained species, which only retraining removes" if trained else "not enrolled")
+                           + f"; enrolled species: {enrolled}")
+    j = found[0]
+    rest = species[:j] + species[j + 1:]
+    vectors = {m.name: np.delete(_load_npy(root / ENROLLED / f"{m.name}.npy"), j, axis=0) for m in bundle.members}
+    with _staged(root) as tmp:
+        _write_species(root, tmp, species, rest, vectors)
+    log(f"unenrolled {species[j]['scientific_name']} (category_id {species[j]['category_id']}) from {root}; "
+        f"{len(rest)} enrolled species left")
+    return species[j]
