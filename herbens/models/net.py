@@ -23,6 +23,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from herbens.errors import HerbensError
+from herbens.models.fused_swinv2 import fuse_window_attention
 from herbens.models.heads import build_head
 
 NECKS = ("none", "linear", "bnneck")
@@ -182,7 +183,9 @@ def trunk_out_dim(trunk: nn.Module) -> int:
 def build_model(cfg: dict, taxonomy) -> HierarchicalNet:
     """Build the network from a resolved recipe's ``model`` and ``levels`` blocks.
 
-    Levels set to ``null`` get no head. ``model.compile`` is left to the trainer.
+    Levels set to ``null`` get no head. ``model.fused_attention`` switches SwinV2 window
+    attention to fused SDPA (:mod:`herbens.models.fused_swinv2`); ``model.compile`` is left to
+    the trainer.
     """
     m = cfg["model"]
     levels = {name: spec for name, spec in cfg["levels"].items() if spec is not None}
@@ -201,6 +204,7 @@ def build_model(cfg: dict, taxonomy) -> HierarchicalNet:
         grad_checkpointing=bool(m.get("grad_checkpointing", False)),
         model_kwargs=m.get("model_kwargs") or {},
     )
+    fuse_window_attention(net.trunk, m.get("fused_attention"), m["backbone"])
     if net.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
