@@ -67,7 +67,7 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
         for batch in loader:
             for level in labels:
                 labels[level].append(batch[level].cpu())
-            losses.append(train_step(parts, batch, state)["loss"])
+            losses.append(float(train_step(parts, batch, state)["loss"]))
     save_checkpoint(accelerator, run_dir, state, keep=1)
     torch.save({
         "rank": accelerator.process_index,
