@@ -35,6 +35,7 @@ from herbens.infer import write_split_logits
 from herbens.losses import build_criterion
 from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
+from herbens.models.compiling import compile_model, compile_seconds
 from herbens.models.net import build_model
 from herbens.optim import build_optimizer, build_schedule, scaled_lr
 
@@ -164,8 +165,9 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
     lr = scaled_lr(cfg["optimizer"], global_batch)
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
-    if cfg["model"]["compile"]:
-        model = torch.compile(model)
+    # In place: the state-dict keys stay plain (no "_orig_mod." in checkpoints or weights).
+    compiled = compile_model(model, cfg["model"]["compile"], cfg["model"]["backbone"])
+    compile_start = compile_seconds()
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     updates_per_epoch = max(1, len(loader) // int(cfg["train"]["grad_accum"]))
     schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates_per_epoch, lr)
@@ -185,9 +187,13 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     _save_weights(accelerator, run_dir, model, ema)
     for split in cfg["infer"]["splits"]:
         write_split_logits(accelerator, eval_model, cfg, data, data_config, run_dir, split)
+    compile_time = compile_seconds() - compile_start
+    if compiled:
+        accelerator.print(f"model.compile={cfg['model']['compile']}: {compiled} module(s) compiled in place, "
+                          f"{compile_time:.1f} s spent compiling")
     if accelerator.is_main_process:
         _write_metrics(cfg, run_dir, state, data, accelerator, time.perf_counter() - wall_start,
-                       sum(p.numel() for p in eval_model.parameters()))
+                       sum(p.numel() for p in eval_model.parameters()), compile_time)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
@@ -259,7 +265,8 @@ def _save_weights(accelerator, run_dir: Path, model, ema) -> None:
             torch.save(state_dict, handle)
 
 
-def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, accelerator, wall: float, params: int):
+def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, accelerator, wall: float, params: int,
+                   compile_time: float):
     from herbens.logits import read_logits
     from herbens.metrics import level_scores
 
@@ -284,5 +291,6 @@ def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, acceler
             "device_count": accelerator.num_processes,
             "images_per_second": float(np.mean([r["images_per_second"] for r in state.history])) if state.history else 0.0,
             "device_hours": train_time * accelerator.num_processes / 3600.0,
+            "compile_time_s": compile_time,  # lazily, within the first training and validation steps
         },
     })
