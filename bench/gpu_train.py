@@ -1,23 +1,30 @@
-"""Training throughput: herbens' training step against a bare timm loop, measured in one run.
+"""Training throughput: herbens' training step, with and without its speed options, against bare timm.
 
 For each recipe (default: swinv2_b, convnext_b, effnetv2_s), on synthetic tensors at the recipe's
 input size with Herbarium 2022 class counts (15,501 species, 2,564 genera, 272 families):
 
-- **herbens**: ``herbens.engine.train_step`` with the recipe's model (trunk, neck, species + genus
-  + family heads), criterion, optimizer, schedule, EMA and clipping, under Accelerate at the
-  recipe's precision (bf16);
 - **bare timm**: ``timm.create_model(backbone, num_classes=15501)``, cross-entropy with label
   smoothing 0.1, the same timm optimizer, ``torch.autocast`` at the same precision, the same
-  batch and memory format.
+  batch and memory format, no host sync in the step (the baseline every ratio divides by);
+- **herbens variants**: ``herbens.engine.train_step`` with the recipe's model (trunk, neck,
+  species + genus + family heads), criterion, optimizer, schedule, EMA and clipping, under
+  Accelerate at the recipe's precision (bf16), with the speed options of :data:`VARIANTS`:
+  ``eager`` (no fused attention, no compile), ``fused`` (SwinV2 window attention through fused
+  SDPA), ``compile`` (``model.compile=true``), ``trunk`` (``model.compile=trunk``) and
+  ``fused+trunk``. Each recipe runs its :data:`DEFAULT_VARIANTS` unless ``--variants`` says
+  otherwise; a fused variant is skipped for a backbone without SwinV2 attention.
 
-Both are warmed up, then timed in alternating rounds (so clock and thermal drift hit both
-alike); images/s is the median over rounds. Weights are random (no download): speed does not
-depend on them. ``torch.compile`` is off in both (the trainer does not compile yet).
+All are built and warmed up (warm-up includes compiling; its seconds are reported), then timed
+in alternating rounds (so clock and thermal drift hit all alike); images/s is the median over
+rounds. Peak memory is each contender's own: the most its warm-up allocated above what was
+allocated before it was built. Weights are random (no download): speed does not depend on them.
+The summary is rewritten after every recipe, so a run stopped by its time limit keeps what it
+measured.
 
 Usage::
 
-    bench/gpu_train.sh                       # GPU, under 5 minutes; summary to $OUT if set
-    python bench/gpu_train.py --device cpu --tiny   # smoke test: test_* stand-ins, 2 steps
+    bench/gpu_train.sh                       # GPU, under 8 minutes; summary to $OUT if set
+    python bench/gpu_train.py --device cpu --tiny   # smoke test: tiny stand-ins, 2 steps
 """
 
 from __future__ import annotations
@@ -44,8 +51,26 @@ from herbens.data.taxonomy import LEVELS, Taxonomy  # noqa: E402
 from herbens.recipes import HERBARIUM_2022_CLASSES  # noqa: E402
 
 DEFAULT_RECIPES = ("swinv2_b", "convnext_b", "effnetv2_s")
-# --tiny: a timm test model of the same family stands in for each backbone.
-TINY_STAND_INS = {"swinv2_b": "test_vit", "convnext_b": "test_convnext", "effnetv2_s": "test_efficientnet"}
+# herbens variants: the overrides each applies to the recipe.
+VARIANTS = {
+    "eager": ["model.fused_attention=false", "model.compile=false"],
+    "fused": ["model.fused_attention=true", "model.compile=false"],
+    "compile": ["model.fused_attention=false", "model.compile=true"],
+    "trunk": ["model.fused_attention=false", "model.compile=trunk"],
+    "fused+trunk": ["model.fused_attention=true", "model.compile=trunk"],
+}
+# What each recipe measures by default (kept under 8 minutes on one GPU, compiling included).
+DEFAULT_VARIANTS = {"swinv2_b": ["eager", "fused", "fused+trunk"], "convnext_b": ["eager", "compile", "trunk"],
+                    "effnetv2_s": ["eager", "trunk"]}
+OTHER_RECIPES_VARIANTS = ["eager", "trunk"]
+# --tiny: a small model of the same family stands in for each backbone (a shrunken SwinV2, so the
+# fused attention runs), at a non-square input.
+TINY_STAND_INS = {
+    "swinv2_b": ("swinv2_tiny_window8_256", {"img_size": [64, 96], "embed_dim": 16, "depths": [2, 2],
+                                             "num_heads": [2, 4], "window_size": 4}, [64, 96]),
+    "convnext_b": ("test_convnext", {}, [64, 96]),
+    "effnetv2_s": ("test_efficientnet", {}, [64, 96]),
+}
 TINY_BATCH = 2
 
 
@@ -61,8 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
     parser.add_argument("--precision", default=None, choices=("no", "fp16", "bf16"),
                         help="default: the recipe's on a GPU, 'no' on the CPU")
-    parser.add_argument("--budget-s", type=float, default=270.0,
-                        help="skip the remaining recipes once this many seconds have passed")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="herbens variants for every recipe (default: DEFAULT_VARIANTS per recipe)")
+    parser.add_argument("--budget-s", type=float, default=390.0,
+                        help="skip the remaining contenders once this many seconds have passed")
     parser.add_argument("--out", default=os.environ.get("OUT"),
                         help="folder for gpu_train.json / gpu_train.txt (default: $OUT, if set)")
     args = parser.parse_args(argv)
@@ -86,17 +113,20 @@ def synthetic_taxonomy(classes: dict[str, int], seed: int = 0) -> Taxonomy:
         counts=rng.integers(7, 101, n_species))  # NAFlora-1M: 7 to 100 images per species
 
 
-def bench_config(name: str, args: argparse.Namespace) -> dict:
-    """The recipe, offline (random weights, no compile), with --tiny / --batch-size applied."""
-    overrides = ["model.pretrained=false", "model.pretrained_file=null", "model.compile=false"]
+def bench_config(name: str, args: argparse.Namespace, variant: str = "eager") -> dict:
+    """The recipe, offline (random weights), with a variant's overrides and --tiny / --batch-size."""
+    overrides = ["model.pretrained=false", "model.pretrained_file=null", *VARIANTS[variant]]
     if args.tiny:
-        stand_in = TINY_STAND_INS.get(name, "test_efficientnet")
-        height, width = timm.models.get_pretrained_cfg(stand_in).input_size[1:]
-        overrides += [f"model.backbone={stand_in}", "model.model_kwargs={}", f"input.size=[{height},{width}]",
-                      f"train.batch_size={TINY_BATCH}"]
+        backbone, kwargs, (height, width) = TINY_STAND_INS.get(name, ("test_efficientnet", {}, [64, 96]))
+        overrides += [f"model.backbone={backbone}", f"model.model_kwargs={json.dumps(kwargs)}",
+                      f"input.size=[{height},{width}]", f"train.batch_size={TINY_BATCH}"]
     if args.batch_size:
         overrides.append(f"train.batch_size={args.batch_size}")
     return load_config(name, overrides)
+
+
+def recipe_variants(name: str, args: argparse.Namespace) -> list[str]:
+    return list(args.variants or DEFAULT_VARIANTS.get(name, OTHER_RECIPES_VARIANTS))
 
 
 def synthetic_batch(cfg: dict, taxonomy: Taxonomy, device: torch.device, seed: int = 0) -> dict:
@@ -114,6 +144,7 @@ def herbens_step(cfg: dict, taxonomy: Taxonomy, accelerator):
     """herbens' own training step, assembled as ``herbens.training.fit`` assembles it."""
     from herbens.engine import TrainParts, TrainState, train_step
     from herbens.losses import build_criterion
+    from herbens.models.compiling import compile_model
     from herbens.models.net import build_model
     from herbens.optim import build_optimizer, build_schedule, scaled_lr
     from herbens.training import build_ema
@@ -124,6 +155,7 @@ def herbens_step(cfg: dict, taxonomy: Taxonomy, accelerator):
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
     if cfg["model"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    compile_model(model, cfg["model"]["compile"], cfg["model"]["backbone"])
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), 1000, lr)
     ema = build_ema(cfg, accelerator.unwrap_model(model))
@@ -152,7 +184,7 @@ def bare_timm_step(cfg: dict, num_classes: int, device: torch.device, precision:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def step(batch: dict) -> float:
+    def step(batch: dict) -> torch.Tensor:
         images = batch["image"].contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(model(images).float(), batch["species"], label_smoothing=0.1)
@@ -164,7 +196,7 @@ def bare_timm_step(cfg: dict, num_classes: int, device: torch.device, precision:
             loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()  # no float(): a host sync per step would slow the baseline down
 
     return step
 
@@ -184,8 +216,10 @@ def run_steps(step, batch: dict, steps: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def peak_memory_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+def allocated_gb(device: torch.device, peak: bool = False) -> float | None:
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2**30
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -194,30 +228,54 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def bench_recipe(name: str, args: argparse.Namespace, accelerator, taxonomy: Taxonomy) -> dict:
-    """Images/s of herbens and of bare timm for one recipe (see the module docstring)."""
+def warm_contender(build, batch: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Build a contender and run its warm-up: its step, compile seconds and own peak memory."""
+    from herbens.models.compiling import compile_seconds
+
+    reset_peak_memory(device)
+    before_gb, before_s = allocated_gb(device), compile_seconds()
+    step = build()
+    run_steps(step, batch, args.warmup, device)
+    peak = allocated_gb(device, peak=True)
+    return {"step": step, "compile_s": compile_seconds() - before_s,
+            "peak_memory_gb": None if peak is None else peak - before_gb}
+
+
+def bench_recipe(name: str, args: argparse.Namespace, accelerator, taxonomy: Taxonomy, start: float) -> dict:
+    """Images/s of bare timm and of each herbens variant for one recipe (see the module docstring)."""
+    from herbens.errors import HerbensError
+
     device = accelerator.device
     cfg = bench_config(name, args)
     batch = synthetic_batch(cfg, taxonomy, device)
     size = int(cfg["train"]["batch_size"])
-    reset_peak_memory(device)
-    ours = herbens_step(cfg, taxonomy, accelerator)
-    run_steps(ours, batch, args.warmup, device)
-    ours_memory = peak_memory_gb(device)  # measured before the bare model takes memory too
-    bare = bare_timm_step(cfg, taxonomy.num_classes("species"), device, accelerator.mixed_precision)
-    run_steps(bare, batch, args.warmup, device)
-    rates = {"herbens": [], "bare": []}
-    for _ in range(args.rounds):  # alternating, so drift hits both alike
-        rates["herbens"].append(size * args.steps / run_steps(ours, batch, args.steps, device))
-        rates["bare"].append(size * args.steps / run_steps(bare, batch, args.steps, device))
-    herbens_ips, bare_ips = (statistics.median(rates[k]) for k in ("herbens", "bare"))
+    contenders = {"bare timm": warm_contender(
+        lambda: bare_timm_step(cfg, taxonomy.num_classes("species"), device, accelerator.mixed_precision),
+        batch, args, device)}
+    skipped = {}
+    for variant in recipe_variants(name, args):
+        if time.perf_counter() - start > args.budget_s:
+            skipped[variant] = f"skipped: over the {args.budget_s:.0f} s budget"
+            continue
+        variant_cfg = bench_config(name, args, variant)
+        try:
+            contenders[f"herbens {variant}"] = warm_contender(
+                lambda: herbens_step(variant_cfg, taxonomy, accelerator), batch, args, device)
+        except HerbensError as exc:  # e.g. fused attention asked of a backbone without SwinV2 attention
+            skipped[variant] = f"not applicable: {exc}"
+    rates = {label: [] for label in contenders}
+    for _ in range(args.rounds):  # alternating, so drift hits all alike
+        for label, contender in contenders.items():
+            rates[label].append(size * args.steps / run_steps(contender["step"], batch, args.steps, device))
+    bare = statistics.median(rates["bare timm"])
+    rows = []
+    for label, contender in contenders.items():
+        ips = statistics.median(rates[label])
+        rows.append({"contender": label, "images_per_s": ips, "ratio_to_bare": ips / bare, "rounds": rates[label],
+                     "compile_s": contender["compile_s"], "peak_memory_gb": contender["peak_memory_gb"]})
     return {
         "recipe": name, "backbone": cfg["model"]["backbone"], "input_size": list(cfg["input"]["size"]),
-        "batch_size": size, "precision": accelerator.mixed_precision,
-        "herbens_images_per_s": herbens_ips, "bare_timm_images_per_s": bare_ips,
-        "ratio": herbens_ips / bare_ips,
-        "herbens_rounds": rates["herbens"], "bare_timm_rounds": rates["bare"],
-        "herbens_peak_memory_gb": ours_memory,
+        "batch_size": size, "precision": accelerator.mixed_precision, "contenders": rows, "skipped": skipped,
         "herbens_step_includes": {
             "levels": list(cfg["levels"]), "neck": cfg["model"]["neck"], "ema": bool(cfg["train"]["ema"]),
             "clip_grad": cfg["train"]["clip_grad"], "channels_last": bool(cfg["model"]["channels_last"]),
@@ -225,14 +283,19 @@ def bench_recipe(name: str, args: argparse.Namespace, accelerator, taxonomy: Tax
     }
 
 
-def result_line(row: dict) -> str:
+def result_lines(row: dict) -> list[str]:
     if "error" in row:
-        return f"{row['recipe']:<12} {row['error']}"
+        return [f"{row['recipe']:<12} {row['error']}"]
     height, width = row["input_size"]
-    memory = f"  peak {row['herbens_peak_memory_gb']:.1f} GiB" if row["herbens_peak_memory_gb"] else ""
-    return (f"{row['recipe']:<12} {row['backbone']:<52} {height}x{width} batch {row['batch_size']:<3} "
-            f"{row['precision']:<4}  herbens {row['herbens_images_per_s']:8.1f} img/s  "
-            f"bare timm {row['bare_timm_images_per_s']:8.1f} img/s  ratio {row['ratio']:.3f}{memory}")
+    head = f"{row['recipe']:<12} {row['backbone']} {height}x{width} batch {row['batch_size']} {row['precision']}"
+    lines = [head]
+    for c in row["contenders"]:
+        memory = f"  peak {c['peak_memory_gb']:.1f} GiB" if c["peak_memory_gb"] is not None else ""
+        compiling = f"  compile {c['compile_s']:.0f} s" if c["compile_s"] > 0 else ""
+        lines.append(f"  {c['contender']:<24} {c['images_per_s']:8.1f} img/s  ratio {c['ratio_to_bare']:.3f}"
+                     f"{memory}{compiling}")
+    lines += [f"  herbens {variant:<16} {why}" for variant, why in row["skipped"].items()]
+    return lines
 
 
 def environment(device: torch.device) -> dict:
@@ -267,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     taxonomy = synthetic_taxonomy(HERBARIUM_2022_CLASSES)
     env = environment(accelerator.device)
-    lines = [f"herbens training step vs bare timm loop on {env['device']} "
+    lines = [f"herbens training step (eager, fused attention, compiled) vs bare timm loop on {env['device']} "
              f"(torch {env['torch']}, timm {env['timm']}, {precision}, {args.steps} steps x {args.rounds} rounds)"]
     print(lines[0], flush=True)
     rows = []
@@ -276,16 +339,19 @@ def main(argv: list[str] | None = None) -> int:
             row = {"recipe": name, "error": f"skipped: over the {args.budget_s:.0f} s budget"}
         else:
             try:
-                row = bench_recipe(name, args, accelerator, taxonomy)
+                row = bench_recipe(name, args, accelerator, taxonomy, start)
             except torch.cuda.OutOfMemoryError as exc:
                 row = {"recipe": name, "error": f"out of memory ({str(exc).splitlines()[0]}): try --batch-size"}
             finally:
                 accelerator.free_memory()
                 reset_peak_memory(accelerator.device)
         rows.append(row)
-        lines.append(result_line(row))
-        print(lines[-1], flush=True)
-    lines.append(f"ratio = herbens / bare timm images per second (higher is better; 1.0 = no overhead); "
+        for line in result_lines(row):
+            lines.append(line)
+            print(line, flush=True)
+        if args.out:  # after every recipe: a run stopped by its time limit keeps what it measured
+            write_summary(args.out, {"environment": env, "args": vars(args), "results": rows}, "\n".join(lines))
+    lines.append(f"ratio = images per second / bare timm's (higher is better; 1.0 = bare timm's speed); "
                  f"total {time.perf_counter() - start:.0f} s")
     print(lines[-1], flush=True)
     if args.out:

@@ -95,7 +95,47 @@ def train_step(parts: TrainParts, batch: dict, state: TrainState, loss_scale: fl
             parts.schedule.step(state.step)
             if parts.ema is not None:
                 parts.ema.update(acc.unwrap_model(parts.model, keep_torch_compile=False), step=state.step)
-    return {k: float(v.detach()) for k, v in losses.items()}
+    # Detached device tensors, not floats: reading a value back would stall the host on every
+    # step until the GPU finishes it (see DeviceTotals).
+    return {k: v.detach() for k, v in losses.items()}
+
+
+class DeviceTotals:
+    """Per-step loss parts and unreadable-image flags, kept on the device until read back.
+
+    ``add`` queues device work only; ``read`` copies everything to the host at once (one
+    sync), which the epoch does every ``log_every`` steps and at its end. Loss parts are
+    summed in float64, as Python floats were: each float32 value converts exactly and is
+    added in the same order, so the means equal a per-step ``float()`` read-back bit for bit.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.unreadable: set[int] = set()
+        self._flagged: list[torch.Tensor] = []
+
+    def add(self, losses: dict[str, torch.Tensor], batch: dict) -> None:
+        for key, value in losses.items():
+            if key not in self.sums:
+                # MPS has no float64; float32 sums there.
+                dtype = torch.float32 if value.device.type == "mps" else torch.float64
+                self.sums[key] = torch.zeros((), dtype=dtype, device=value.device)
+            self.sums[key].add_(value)
+        if "unreadable" in batch:
+            self._flagged.append(torch.where(batch["unreadable"], batch["index"], -1))
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        """Mean loss parts over the steps added so far; also moves the flags into ``unreadable``."""
+        if self._flagged:
+            flags = torch.cat(self._flagged).cpu()
+            self.unreadable.update(flags[flags >= 0].tolist())
+            self._flagged = []
+        if not self.sums:
+            return {}
+        values = torch.stack(list(self.sums.values())).cpu().tolist()
+        return {key: value / max(self.count, 1) for key, value in zip(self.sums, values)}
 
 
 def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches: int,
@@ -111,32 +151,26 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
     """
     acc = parts.accelerator
     parts.model.train()
-    sums: dict[str, float] = {}
-    unreadable: set[int] = set()
-    count = images = 0
+    totals = DeviceTotals()
+    images = 0
     start = time.perf_counter()
     bar = tqdm(total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
                disable=not acc.is_main_process, leave=False, dynamic_ncols=True)
     for batch in loader:
         scale = window_loss_scale(state.batch_in_epoch, total_batches, acc.gradient_accumulation_steps)
-        losses = train_step(parts, batch, state, scale)
-        if "unreadable" in batch and batch["unreadable"].any():
-            unreadable.update(batch["index"][batch["unreadable"]].tolist())
+        totals.add(train_step(parts, batch, state, scale), batch)
         state.batch_in_epoch += 1
-        count += 1
         images += len(batch["image"]) * acc.num_processes
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value
         bar.update(1)
-        if count % log_every == 0:
-            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", lr=f"{current_lr(parts.optimizer):.2e}")
+        if totals.count % log_every == 0:
+            bar.set_postfix(loss=f"{totals.read()['loss']:.3f}", lr=f"{current_lr(parts.optimizer):.2e}")
         if acc.sync_gradients and on_step is not None:
             on_step()
+    out = totals.read()
     bar.close()
     elapsed = time.perf_counter() - start
-    out = {key: value / max(count, 1) for key, value in sums.items()}
     out.update(images_per_second=images / max(elapsed, 1e-9), epoch_time_s=elapsed,
-               unreadable=sorted(unreadable))
+               unreadable=sorted(totals.unreadable))
     return out
 
 

@@ -27,7 +27,7 @@ from herbens.errors import HerbensError
 HERBARIUM_2022_CLASSES = {"species": 15501, "genus": 2564, "family": 272}
 
 # A multiply-add counts as 2 FLOPs (the header says so: some papers report MACs as "FLOPs").
-COLUMNS = ("name", "backbone", "input (HxW)", "params (M)", "fwd GFLOPs (MAC=2)", "losses")
+COLUMNS = ("name", "backbone", "input (HxW)", "params (M)", "fwd GFLOPs (MAC=2)", "losses", "speed")
 
 
 class ClassCounts:
@@ -199,11 +199,15 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
     Returns:
         ``name, file, backbone, input_size [h, w], params, params_m, trunk_params, gflops,
         outputs {"embedding": D, level: C}, levels {level: {head, loss, weight}} (``head``: its
-        name; ``loss``: the loss names joined by ``+``),
+        name; ``loss``: the loss names joined by ``+``), fused_attention (the model runs fused
+        SwinV2 attention), compile (model.compile),
         description``; ``gflops`` and ``outputs`` are None when not computed.
     """
+    from herbens.models.fused_swinv2 import fused_attention_count
+
     cfg = load_config(path)
     model = build_meta_model(cfg, ClassCounts(classes))
+    fused = fused_attention_count(model) > 0  # read off the built model: what training will run
     height, width = input_hw(cfg)
     total = count_params(model)
     trunk_params = count_params(model.trunk)
@@ -223,6 +227,8 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         "outputs": outputs,
         "levels": {level: {"head": spec["head"]["name"], "loss": loss_names(spec), "weight": spec["weight"]}
                    for level, spec in cfg["levels"].items()},
+        "fused_attention": fused,
+        "compile": cfg["model"]["compile"],
         "description": header_comment(path),
     }
 
@@ -255,6 +261,13 @@ def losses_text(levels: dict) -> str:
     return " ".join(f"{level}={spec['loss']}" for level, spec in levels.items())
 
 
+def speed_text(row: dict) -> str:
+    """``fused-attn compile=trunk`` style summary of the speed options a recipe trains with."""
+    parts = (["fused-attn"] if row["fused_attention"] else []) + \
+        ([f"compile={'trunk' if row['compile'] == 'trunk' else 'model'}"] if row["compile"] else [])
+    return " ".join(parts) or "-"
+
+
 def gflops_text(gflops: float | None) -> str:
     """GFLOPs with one decimal, more for the tiny demo models, ``n/a`` when unknown."""
     if gflops is None:
@@ -269,7 +282,7 @@ def format_table(rows: list[dict]) -> str:
         height, width = row["input_size"]
         cells.append((
             row["name"], row["backbone"], f"{height}x{width}", f"{row['params_m']:.1f}",
-            gflops_text(row["gflops"]), losses_text(row["levels"])))
+            gflops_text(row["gflops"]), losses_text(row["levels"]), speed_text(row)))
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     numeric = {3, 4}  # right-align the numbers
     lines = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -282,7 +295,9 @@ def table_note() -> str:
     plural = {"species": "species", "genus": "genera", "family": "families"}
     counts = ", ".join(f"{n:,} {plural[level]}" for level, n in HERBARIUM_2022_CLASSES.items())
     return (f"params and GFLOPs include the heads at Herbarium 2022 sizes ({counts}); GFLOPs: one "
-            f"forward pass of one image at the input size, a multiply-add counted as 2 FLOPs.")
+            f"forward pass of one image at the input size, a multiply-add counted as 2 FLOPs; speed: "
+            f"fused-attn = SwinV2 window attention through fused SDPA (model.fused_attention), "
+            f"compile = torch.compile of the model or of each trunk block (model.compile).")
 
 
 def run(args: argparse.Namespace) -> int:

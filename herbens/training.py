@@ -37,6 +37,7 @@ from herbens.fileio import atomic_write, write_json
 from herbens.infer import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
 from herbens.losses import build_criterion
 from herbens.metrics import macro_f1
+from herbens.models.compiling import compile_model, compile_seconds
 from herbens.models.net import build_model
 from herbens.preflight import Plan, run_preflight
 from herbens.optim import build_optimizer, build_schedule, scaled_lr, epoch_updates
@@ -205,6 +206,7 @@ class TrainingSetup:
     global_batch: int
     lr: float
     updates_per_epoch: int
+    compiled_modules: int         # modules compiled in place (model.compile)
 
 
 def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingSetup:
@@ -222,17 +224,17 @@ def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingS
     global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
     lr = scaled_lr(cfg["optimizer"], global_batch)
     optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
-    # The plain module is what gets saved and averaged: a compiled wrapper's state_dict keys
-    # carry an `_orig_mod.` prefix that a freshly built model (herbens infer) does not know.
+    # Compiled in place (nn.Module.compile): the module saved and averaged keeps plain state-dict
+    # keys (no `_orig_mod.` prefix, which a freshly built model in herbens infer would not know).
     plain_model = model
-    if cfg["model"]["compile"]:
-        model = torch.compile(model)
+    compiled = compile_model(model, cfg["model"]["compile"], cfg["model"]["backbone"])
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     updates = epoch_updates(len(loader), int(cfg["train"]["grad_accum"]))
     schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates, lr)
     return TrainingSetup(accelerator, data, model, plain_model, criterion, optimizer, schedule,
                          build_ema(cfg, plain_model), loader, sampler, val_loader, data_config,
-                         build_mixup(cfg, data.taxonomy.num_classes("species")), batch, global_batch, lr, updates)
+                         build_mixup(cfg, data.taxonomy.num_classes("species")), batch, global_batch, lr, updates,
+                         compiled)
 
 
 def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
@@ -327,6 +329,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
         raise
     accelerator = setup.accelerator
     accelerator.print(plan.summary())
+    compile_start = compile_seconds()  # torch.compile works lazily, within the first steps
     state = TrainState()
     try:
         if accelerator.is_main_process and not resume:
@@ -353,9 +356,13 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     if cfg["infer"]["embeddings"]:
         for split in embedding_splits(setup.data):
             write_split_embeddings(accelerator, eval_model, cfg, setup.data, setup.data_config, run_dir, split)
+    compile_time = compile_seconds() - compile_start
+    if setup.compiled_modules:
+        accelerator.print(f"model.compile={cfg['model']['compile']}: {setup.compiled_modules} module(s) compiled "
+                          f"in place, {compile_time:.1f} s spent compiling")
     if accelerator.is_main_process:
         _write_metrics(cfg, run_dir, state, setup.data, accelerator, time.perf_counter() - wall_start,
-                       sum(p.numel() for p in eval_model.parameters()))
+                       sum(p.numel() for p in eval_model.parameters()), compile_time)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
@@ -450,7 +457,8 @@ def _save_weights(accelerator, run_dir: Path, model, ema) -> None:
             torch.save(state_dict, handle)
 
 
-def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, accelerator, wall: float, params: int):
+def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, accelerator, wall: float, params: int,
+                   compile_time: float):
     from herbens.logits import read_logits
     from herbens.metrics import level_scores
 
@@ -477,5 +485,6 @@ def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, acceler
             "device_count": accelerator.num_processes,
             "images_per_second": float(np.mean([r["images_per_second"] for r in state.history])) if state.history else 0.0,
             "device_hours": train_time * accelerator.num_processes / 3600.0,
+            "compile_time_s": compile_time,  # lazily, within the first training and validation steps
         },
     })

@@ -73,7 +73,7 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
             if teacher is not None:
                 ids = data.train["image_id"].iloc[batch["index"].cpu().numpy()].astype(str).tolist()
                 taught += zip(ids, batch["teacher.species.rest"].cpu().tolist())
-            losses.append(train_step(parts, batch, state)["loss"])
+            losses.append(float(train_step(parts, batch, state)["loss"]))
     save_checkpoint(accelerator, run_dir, state, keep=1)
     torch.save({
         "rank": accelerator.process_index,

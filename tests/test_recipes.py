@@ -224,3 +224,15 @@ def test_list_recipes_without_flops_is_cheap_and_complete():
     rows = list_recipes(["paper_vit_b16"], flops=False)
     assert rows[0]["gflops"] is None and rows[0]["input_size"] == [256, 256]
     assert np.isclose(rows[0]["params_m"], rows[0]["params"] / 1e6, atol=0.01)
+
+
+def test_recipes_say_which_speed_options_they_train_with():
+    rows = {row["name"]: row for row in list_recipes(["swinv2_b", "convnext_b", "resnest101", "swin_b"], flops=False)}
+    assert rows["swinv2_b"]["fused_attention"] and rows["swinv2_b"]["compile"] is False
+    assert recipes_module.speed_text(rows["swinv2_b"]) == "fused-attn"
+    for name in ("convnext_b", "resnest101"):  # measured faster compiled on an H200
+        assert rows[name]["compile"] is True and not rows[name]["fused_attention"]
+        assert recipes_module.speed_text(rows[name]) == "compile=model"
+    assert recipes_module.speed_text(rows["swin_b"]) == "-"  # Swin V1: timm's own fused attention
+    assert recipes_module.speed_text({"fused_attention": True, "compile": "trunk"}) == "fused-attn compile=trunk"
+    assert "speed" in recipes_module.format_table(list(rows.values())).splitlines()[0]

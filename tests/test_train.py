@@ -31,6 +31,7 @@ def test_run_directory_is_complete(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["species_macro_f1"] <= 1.0
     assert metrics["cost"]["device_type"] == "cpu" and metrics["cost"]["device_count"] == 1
+    assert metrics["cost"]["compile_time_s"] == 0.0  # model.compile is false
 
 
 def test_logits_cover_every_val_and_test_image_once(tiny_run, tiny_herbarium):
@@ -335,3 +336,14 @@ def test_unknown_or_missing_tracker_is_a_clear_error(tiny_herbarium, tmp_path, c
         assert train_tiny(tiny_herbarium, tmp_path, extra=[f"train.trackers=[{missing[0]}]"]) == 2
         assert f"train.trackers: {missing[0]} is not installed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_trunk_compiled_run_reports_compile_time_and_saves_plain_keys(tiny_run, tiny_herbarium, tmp_path, capsys):
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=c", "train.epochs=1", "model.compile=trunk",
+                                                       "infer.splits=[val]"]) == 0
+    assert "model.compile=trunk: 4 module(s) compiled in place" in capsys.readouterr().out  # test_resnet's blocks
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert metrics["cost"]["compile_time_s"] > 0
+    weights = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
+    assert list(weights) == list(torch.load(tiny_run / "model.pt", weights_only=True))  # no "_orig_mod."

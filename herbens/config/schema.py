@@ -89,7 +89,11 @@ class Model(Section):
     channels_last: bool = Field(False, description="NHWC memory format (faster on recent GPUs)")
     grad_checkpointing: bool = Field(False, description="recompute trunk activations in backward to "
                                                         "save memory")
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool | Literal["trunk"] = Field(False, description=(
+        "torch.compile: false | true (the whole model) | trunk (each trunk block, in place: compiles "
+        "in a fraction of the time); the compile time goes to metrics.json"))
+    fused_attention: bool | None = Field(None, description="SwinV2 window attention through fused SDPA: "
+                                                           "null (on for SwinV2 trunks) | true | false")
     model_kwargs: dict[str, Any] = Field({}, description="extra timm.create_model keywords, e.g. "
                                                          "{img_size: 256} for a ViT at 256 px")
 

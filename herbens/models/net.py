@@ -24,6 +24,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from herbens.errors import HerbensError
+from herbens.models.fused_swinv2 import fuse_window_attention
 from herbens.models.heads import build_head
 
 class IdentityNeck(nn.Module):
@@ -224,7 +225,8 @@ def build_model(cfg: dict, taxonomy) -> HierarchicalNet:
     """Build the network from a resolved recipe's ``model`` and ``levels`` blocks.
 
     ``cfg`` is resolved (:func:`herbens.config.load_config`): every node filled, dropped levels
-    absent. ``model.compile`` is left to the trainer.
+    absent. ``model.fused_attention`` switches SwinV2 window attention to fused SDPA
+    (:mod:`herbens.models.fused_swinv2`); ``model.compile`` is left to the trainer.
     """
     m = cfg["model"]
     net = HierarchicalNet(
@@ -240,6 +242,7 @@ def build_model(cfg: dict, taxonomy) -> HierarchicalNet:
         grad_checkpointing=m["grad_checkpointing"],
         model_kwargs=m["model_kwargs"],
     )
+    fuse_window_attention(net.trunk, m["fused_attention"], m["backbone"])
     if net.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
