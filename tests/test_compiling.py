@@ -12,7 +12,7 @@ from herbens.errors import HerbensError
 from herbens.models.compiling import compile_model, compile_seconds, trunk_blocks
 from herbens.models.net import build_model
 from test_fused_swinv2 import BACKBONE as SWINV2, TINY as SWINV2_TINY
-from test_models import make_cfg
+from test_models import model_cfg
 
 
 def _compiled(model: torch.nn.Module) -> list[str]:
@@ -37,7 +37,7 @@ def test_swinv2_trunk_blocks_are_its_transformer_blocks():
 
 @pytest.mark.parametrize("mode", [True, "trunk"])
 def test_compiling_in_place_keeps_modules_and_state_dict_keys(mode, taxonomy):
-    model = build_model(make_cfg("test_convnext"), taxonomy)
+    model = build_model(model_cfg("test_convnext"), taxonomy)
     keys = list(model.state_dict())
     count = compile_model(model, mode, "test_convnext")
     assert list(model.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
@@ -52,7 +52,7 @@ def test_compiling_in_place_keeps_modules_and_state_dict_keys(mode, taxonomy):
 
 
 def test_false_compiles_nothing_and_bad_modes_are_refused(taxonomy):
-    model = build_model(make_cfg(), taxonomy)
+    model = build_model(model_cfg(), taxonomy)
     assert compile_model(model, False, "test_efficientnet") == 0 and _compiled(model) == []
     with pytest.raises(HerbensError, match="model.compile must be false, true or trunk, got 'blocks'"):
         compile_model(model, "blocks", "test_efficientnet")
@@ -60,14 +60,14 @@ def test_false_compiles_nothing_and_bad_modes_are_refused(taxonomy):
 
 def test_trunk_without_block_sequences_is_refused(taxonomy):
     with torch.device("meta"):  # RegNet keeps its blocks as named attributes b1, b2, ...: none found
-        model = build_model(make_cfg("regnety_002"), taxonomy)
+        model = build_model(model_cfg("regnety_002"), taxonomy)
     with pytest.raises(HerbensError, match="model.compile=trunk: timm model 'regnety_002' exposes no repeated"):
         compile_model(model, "trunk", "regnety_002")
 
 
 @pytest.mark.slow
 def test_trunk_compiled_fused_swinv2_trains_like_eager(taxonomy):
-    eager = build_model(make_cfg(SWINV2, model_kwargs=dict(SWINV2_TINY)), taxonomy).train()
+    eager = build_model(model_cfg(SWINV2, model_kwargs=dict(SWINV2_TINY)), taxonomy).train()
     compiled = copy.deepcopy(eager)
     assert compile_model(compiled, "trunk", SWINV2) == 4
     before = compile_seconds()

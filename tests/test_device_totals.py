@@ -7,8 +7,6 @@ unreadable-image indices.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from accelerate import Accelerator
@@ -18,7 +16,7 @@ from herbens.engine import DeviceTotals, TrainParts, TrainState, train_one_epoch
 from herbens.losses import build_criterion
 from herbens.models.net import build_model
 from herbens.optim import build_optimizer, build_schedule
-from test_models import LEVELS_CFG, make_cfg
+from test_models import make_cfg
 
 STEPS, LOG_EVERY, BATCH = 5, 2, 4
 
@@ -39,10 +37,8 @@ def _parts(taxonomy, device: str = "cpu") -> TrainParts:
     accelerator = Accelerator(cpu=device == "cpu")
     cfg = make_cfg()
     model = build_model(cfg, taxonomy)
-    criterion = build_criterion(copy.deepcopy(LEVELS_CFG), taxonomy).to(accelerator.device)
-    optim_cfg = {"name": "adamw", "lr": 1e-3, "lr_base_batch": None, "weight_decay": 0.05, "momentum": 0.9,
-                 "nesterov": None, "layer_decay": None}
-    optimizer = build_optimizer(model, list(criterion.parameters()), optim_cfg, 1e-3)
+    criterion = build_criterion(cfg["levels"], taxonomy).to(accelerator.device)
+    optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], 1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = build_schedule(optimizer, {"name": "none"}, 1, STEPS, 1e-3)
     return TrainParts(accelerator, model, criterion, optimizer, schedule, ("species", "genus", "family"))

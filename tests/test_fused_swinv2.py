@@ -17,7 +17,7 @@ import torch
 from herbens.errors import HerbensError
 from herbens.models.fused_swinv2 import FusedWindowAttention, fuse_window_attention, fused_attention_count
 from herbens.models.net import build_model
-from test_models import make_cfg
+from test_models import model_cfg
 
 # 64 x 96 px, patch 4 -> 16 x 24 tokens; window 4 -> stage 1: 4 x 6 windows, stage 2: 2 x 3;
 # every second block is shifted (shift 2), so half the blocks carry a mask.
@@ -154,14 +154,14 @@ def test_attention_dropout_is_active_only_in_training():
 
 
 def test_option_null_fuses_swinv2_only_and_true_refuses_other_backbones(taxonomy):
-    swin = build_model(make_cfg(BACKBONE, model_kwargs=dict(TINY)), taxonomy)
+    swin = build_model(model_cfg(BACKBONE, model_kwargs=dict(TINY)), taxonomy)
     assert fused_attention_count(swin) == 4
     assert all(type(m) is FusedWindowAttention for m in swin.modules() if isinstance(m, FusedWindowAttention))
-    off = build_model(make_cfg(BACKBONE, model_kwargs=dict(TINY), fused_attention=False), taxonomy)
+    off = build_model(model_cfg(BACKBONE, model_kwargs=dict(TINY), fused_attention=False), taxonomy)
     assert fused_attention_count(off) == 0
-    assert fused_attention_count(build_model(make_cfg("test_vit"), taxonomy)) == 0
+    assert fused_attention_count(build_model(model_cfg("test_vit"), taxonomy)) == 0
     with pytest.raises(HerbensError, match="model.fused_attention is true but 'test_vit'"):
-        build_model(make_cfg("test_vit", fused_attention=True), taxonomy)
+        build_model(model_cfg("test_vit", fused_attention=True), taxonomy)
     images = torch.randn(2, 3, 64, 96)
     off.load_state_dict(swin.state_dict())
     torch.testing.assert_close(swin.eval()(images)["species"], off.eval()(images)["species"], rtol=1e-5, atol=1e-5)
@@ -171,7 +171,7 @@ def test_pretrained_file_loads_through_timm_into_the_fused_model(tmp_path, taxon
     source = _perturb(timm.create_model(BACKBONE, **TINY))  # with a 1000-class head, like hub weights
     path = tmp_path / "swinv2.pth"
     torch.save(source.state_dict(), path)
-    model = build_model(make_cfg(BACKBONE, model_kwargs=dict(TINY), pretrained=True, pretrained_file=str(path)),
+    model = build_model(model_cfg(BACKBONE, model_kwargs=dict(TINY), pretrained=True, pretrained_file=str(path)),
                         taxonomy)
     assert fused_attention_count(model) == 4
     expected = {k: v for k, v in source.state_dict().items() if not k.startswith("head.fc.")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -15,6 +17,11 @@ from herbens.models.net import HierarchicalNet, build_model, create_trunk
 def make_cfg(*overrides, backbone="test_efficientnet"):
     """The base recipe resolved with ``overrides`` (so nodes are as the trainer receives them)."""
     return load_config(BASE_RECIPE, [f"model.backbone={backbone}", *overrides])
+
+
+def model_cfg(backbone="test_efficientnet", **model):
+    """The base recipe with ``backbone`` and ``model.<key>`` values (JSON is YAML: overrides)."""
+    return make_cfg(*(f"model.{key}={json.dumps(value)}" for key, value in model.items()), backbone=backbone)
 
 
 def batch(taxonomy, size=4):
