@@ -1,0 +1,135 @@
+"""open_clip checkpoints in the trunk, and heads initialised from class names (no downloads).
+
+A randomly initialised open_clip model of a tiny ViT architecture (registered from a config
+file, as open_clip's own configs are) is saved in open_clip's formats and loaded into
+herbens' trunk through timm's CLIP conversion; the trunk's image embeddings and the
+text-initialised heads' logits must equal open_clip's ``encode_image`` and zero-shot logits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from herbens.config import load_config
+from herbens.errors import HerbensError
+from herbens.models.clip import class_prompts, init_text_heads, record_text_head_scales
+from herbens.models.net import build_model
+
+open_clip = pytest.importorskip("open_clip")
+
+EMBED_DIM, IMAGE, PATCH, WIDTH, LAYERS, HEADS = 24, 32, 8, 64, 2, 2
+
+
+def register_tiny_clip(folder, quick_gelu: bool) -> str:
+    """Register a tiny ViT CLIP architecture with open_clip; returns its name."""
+    name = "herbens-tiny-quickgelu" if quick_gelu else "herbens-tiny"
+    config = {"embed_dim": EMBED_DIM, "quick_gelu": quick_gelu,
+              "vision_cfg": {"image_size": IMAGE, "layers": LAYERS, "width": WIDTH,
+                             "head_width": WIDTH // HEADS, "patch_size": PATCH},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return name
+
+
+@pytest.fixture(params=[False, True], ids=["gelu", "quickgelu"])
+def clip_checkpoint(request, tmp_path):
+    """(open_clip model, its architecture name, checkpoint path, quick_gelu)."""
+    quick_gelu = request.param
+    name = register_tiny_clip(tmp_path, quick_gelu)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, device="cpu").eval()
+    with torch.no_grad():  # a trained-looking temperature, not the init value 1/0.07
+        model.logit_scale.fill_(4.2)
+        model.visual.proj.mul_(3.0)  # keep the projection far from a zero-bias no-op
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), path)  # the format of released open_clip weights
+    return model, name, path, quick_gelu
+
+
+def recipe(name: str, path, quick_gelu: bool, extra: list[str] | None = None) -> dict:
+    backbone = "vit_base_patch16_clip_quickgelu_224.openai" if quick_gelu else "vit_base_patch16_clip_224.openai"
+    kwargs = f"{{img_size: {IMAGE}, patch_size: {PATCH}, embed_dim: {WIDTH}, depth: {LAYERS}, num_heads: {HEADS}}}"
+    return load_config("demo_ce", [
+        f"model.backbone={backbone}", "model.pretrained=true", f"model.pretrained_file={path}",
+        f"model.model_kwargs={kwargs}", f"model.clip_embed_dim={EMBED_DIM}", f"model.open_clip_model={name}",
+        *(extra or [])])
+
+
+def test_open_clip_checkpoint_gives_open_clip_image_embeddings(clip_checkpoint, taxonomy):
+    model, name, path, quick_gelu = clip_checkpoint
+    net = build_model(recipe(name, path, quick_gelu), taxonomy).eval()
+    images = torch.randn(3, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        ours = net(images)["embedding"]
+        theirs = model.encode_image(images)
+    assert ours.shape == (3, EMBED_DIM)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_training_checkpoint_format_loads_too(clip_checkpoint, taxonomy, tmp_path):
+    # open_clip's trainer saves {"epoch", "name", "state_dict": DDP-prefixed keys, "optimizer"}.
+    model, name, _, quick_gelu = clip_checkpoint
+    path = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "x", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               path)
+    net = build_model(recipe(name, path, quick_gelu), taxonomy).eval()
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images)["embedding"], model.encode_image(images), rtol=1e-4, atol=1e-5)
+
+
+def test_text_initialised_heads_give_open_clip_zero_shot_logits(clip_checkpoint, taxonomy):
+    model, name, path, quick_gelu = clip_checkpoint
+    levels = ["species", "genus", "family"]
+    template = "a photo of {name}, in the family {family}."
+    cfg = recipe(name, path, quick_gelu, [f"levels.{level}.head=cosine" for level in levels]
+                 + [f"text_heads.levels=[{', '.join(levels)}]", f"text_heads.template={template}"])
+    net = build_model(cfg, taxonomy).eval()
+    scales = init_text_heads(net, cfg, taxonomy)
+    assert scales == {level: pytest.approx(torch.tensor(4.2).exp().item()) for level in levels}
+    images = torch.randn(4, 3, IMAGE, IMAGE)
+    tokenizer = open_clip.get_tokenizer(name)
+    with torch.no_grad():
+        out = net(images)
+        image = model.encode_image(images, normalize=True)
+        for level in levels:
+            text = model.encode_text(tokenizer(class_prompts(taxonomy, level, template)), normalize=True)
+            zero_shot = model.logit_scale.exp() * image @ text.T  # open_clip's zero-shot classifier
+            torch.testing.assert_close(out[level], zero_shot, rtol=1e-4, atol=1e-4)
+    # The scale travels in the config, so a model rebuilt from the run's config.yaml matches.
+    record_text_head_scales(cfg, scales)
+    rebuilt = build_model(cfg, taxonomy)
+    rebuilt.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(images)["species"], out["species"])
+
+
+def test_prompts_fill_the_taxonomic_names(taxonomy):
+    prompts = class_prompts(taxonomy, "species", "a photo of {family} {genus} {name}.")
+    assert prompts[0] == "a photo of f0 g0 a." and prompts[3] == "a photo of f1 g1 d."
+    assert class_prompts(taxonomy, "genus", "{family} {name}") == ["f0 g0", "f0 g1", "f1 g2"]
+    with pytest.raises(HerbensError, match="genus"):
+        class_prompts(taxonomy, "family", "{genus}")
+
+
+def test_text_heads_refuse_a_linear_head(clip_checkpoint, taxonomy):
+    _, name, path, quick_gelu = clip_checkpoint
+    cfg = recipe(name, path, quick_gelu, ["text_heads.levels=[species]"])
+    with pytest.raises(HerbensError, match="cosine head"):
+        init_text_heads(build_model(cfg, taxonomy), cfg, taxonomy)
+
+
+def test_non_square_non_native_size_interpolates_position_embeddings(clip_checkpoint, taxonomy):
+    # Pre-trained at 32x32 (a 4x4 grid); trained at 48x40 (6x5): timm resamples the grid at load.
+    model, name, path, quick_gelu = clip_checkpoint
+    kwargs = f"{{img_size: [48, 40], patch_size: {PATCH}, embed_dim: {WIDTH}, depth: {LAYERS}, num_heads: {HEADS}}}"
+    net = build_model(recipe(name, path, quick_gelu, [f"model.model_kwargs={kwargs}"]), taxonomy)
+    assert net.trunk.pos_embed.shape[1] == 1 + 6 * 5
+    out = net(torch.randn(2, 3, 48, 40))
+    sum(out[level].sum() for level in net.heads).backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
