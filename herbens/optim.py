@@ -109,3 +109,57 @@ def build_schedule(optimizer, sched_cfg: dict, epochs: int, updates_per_epoch: i
             min_lr=float(sched_cfg["min_lr"]), step_on_epochs=False, cooldown_epochs=0)
         return StepSchedule(sched, "timm")
     raise HerbensError(f"scheduler.name={name!r} is unknown; choose cosine, onecycle or none")
+
+
+class ProbeThenFinetuneSchedule:
+    """Linear probe, then fine-tuning: two schedules back to back on one optimizer.
+
+    The first runs over the ``freeze_trunk_epochs`` (heads only, the trunk frozen), the second
+    over the remaining epochs with its own warm-up (``train.unfreeze_warmup_epochs``), so the
+    newly trainable trunk starts at ``scheduler.warmup_lr`` rather than at the heads' LR (which
+    would wreck pre-trained features). Steps ``< switch_step`` belong to the first; checkpointed
+    through ``state_dict``.
+    """
+
+    def __init__(self, probe: StepSchedule, finetune: StepSchedule, switch_step: int):
+        self.probe = probe
+        self.finetune = finetune
+        self.switch_step = int(switch_step)
+        # Both constructors wrote the groups' starting LR; the probe's start is the one that holds.
+        probe.step(0)
+
+    def step(self, num_updates: int) -> None:
+        if num_updates < self.switch_step:
+            self.probe.step(num_updates)
+        else:
+            self.finetune.step(num_updates - self.switch_step)
+
+    def state_dict(self) -> dict:
+        return {"probe": self.probe.state_dict(), "finetune": self.finetune.state_dict(),
+                "switch_step": self.switch_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probe.load_state_dict(state["probe"])
+        self.finetune.load_state_dict(state["finetune"])
+        self.switch_step = int(state["switch_step"])
+
+
+def build_training_schedule(optimizer, sched_cfg: dict, train_cfg: dict, updates_per_epoch: int, lr: float):
+    """:func:`build_schedule` over ``train.epochs``, split in two when the trunk starts frozen.
+
+    Raises:
+        HerbensError: ``train.freeze_trunk_epochs`` outside ``0..train.epochs``, or combined
+            with the one-cycle schedule (two one-cycle schedules cannot share an optimizer).
+    """
+    epochs = int(train_cfg["epochs"])
+    frozen = int(train_cfg.get("freeze_trunk_epochs") or 0)
+    if not 0 <= frozen <= epochs:
+        raise HerbensError(f"train.freeze_trunk_epochs={frozen} must be between 0 and train.epochs={epochs}")
+    if frozen == 0 or frozen == epochs:  # no switch: plain fine-tuning, or a linear probe only
+        return build_schedule(optimizer, sched_cfg, epochs, updates_per_epoch, lr)
+    if sched_cfg["name"] == "onecycle":
+        raise HerbensError("train.freeze_trunk_epochs needs scheduler.name cosine or none, not onecycle")
+    probe = build_schedule(optimizer, sched_cfg, frozen, updates_per_epoch, lr)
+    finetune_cfg = dict(sched_cfg, warmup_epochs=float(train_cfg.get("unfreeze_warmup_epochs") or 0.0))
+    finetune = build_schedule(optimizer, finetune_cfg, epochs - frozen, updates_per_epoch, lr)
+    return ProbeThenFinetuneSchedule(probe, finetune, frozen * updates_per_epoch)

@@ -35,8 +35,9 @@ from herbens.infer import write_split_logits
 from herbens.losses import build_criterion
 from herbens.losses.hierarchical import check_mixup_compatible
 from herbens.metrics import macro_f1
+from herbens.models.clip import init_text_heads, with_text_head_scales
 from herbens.models.net import build_model
-from herbens.optim import build_optimizer, build_schedule, scaled_lr
+from herbens.optim import build_optimizer, build_training_schedule, scaled_lr
 
 
 def prepare_run_dir(cfg: dict, resume: bool, overwrite: bool) -> Path:
@@ -146,13 +147,15 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     data = load_run_data(cfg, run_dir, reuse_split=resume)
-    if accelerator.is_main_process and not resume:
-        write_run_header(run_dir, cfg, data)
-    accelerator.wait_for_everyone()
     levels = tuple(cfg["levels"])
     check_mixup_compatible(cfg["levels"], cfg["augment"])
 
     model = build_model(cfg, data.taxonomy)
+    # Text-initialised heads take CLIP's logit scale, a head argument: the saved config keeps it.
+    cfg = with_text_head_scales(cfg, init_text_heads(model, cfg, data.taxonomy))
+    if accelerator.is_main_process and not resume:
+        write_run_header(run_dir, cfg, data)
+    accelerator.wait_for_everyone()
     data_config = model_data_config(model.data_config, cfg["input"])
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
                                    build_train_transform(data_config, cfg["augment"]), cfg)
@@ -168,7 +171,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
         model = torch.compile(model)
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     updates_per_epoch = max(1, len(loader) // int(cfg["train"]["grad_accum"]))
-    schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates_per_epoch, lr)
+    schedule = build_training_schedule(optimizer, cfg["scheduler"], cfg["train"], updates_per_epoch, lr)
     ema = build_ema(cfg, accelerator.unwrap_model(model))
     state = TrainState()
     for obj in (schedule, state, criterion) + ((ema,) if ema is not None else ()):
@@ -211,6 +214,7 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
         # resumed run's loader starts counting at 0, so the epoch is set on the loader itself.
         epoch_loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
+        parts.frozen_trunk = epoch < int(cfg["train"]["freeze_trunk_epochs"] or 0)
         stats = train_one_epoch(parts, epoch_loader, state, len(loader), on_step=on_step,
                                 log_every=int(cfg["train"]["log_every"]))
         eval_model = parts.ema.module if parts.ema is not None else parts.model

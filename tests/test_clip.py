@@ -15,7 +15,7 @@ import torch
 
 from herbens.config import load_config
 from herbens.errors import HerbensError
-from herbens.models.clip import class_prompts, init_text_heads, record_text_head_scales
+from herbens.models.clip import class_prompts, init_text_heads, with_text_head_scales
 from herbens.models.net import build_model
 
 open_clip = pytest.importorskip("open_clip")
@@ -102,7 +102,7 @@ def test_text_initialised_heads_give_open_clip_zero_shot_logits(clip_checkpoint,
             zero_shot = model.logit_scale.exp() * image @ text.T  # open_clip's zero-shot classifier
             torch.testing.assert_close(out[level], zero_shot, rtol=1e-4, atol=1e-4)
     # The scale travels in the config, so a model rebuilt from the run's config.yaml matches.
-    record_text_head_scales(cfg, scales)
+    cfg = with_text_head_scales(cfg, scales)
     rebuilt = build_model(cfg, taxonomy)
     rebuilt.load_state_dict(net.state_dict())
     with torch.no_grad():

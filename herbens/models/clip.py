@@ -15,6 +15,8 @@ exactly CLIP's zero-shot logits, ``exp(logit_scale) * cos(image, text)``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -129,10 +131,13 @@ def init_text_heads(net: nn.Module, cfg: dict, taxonomy) -> dict[str, float]:
     return scales
 
 
-def record_text_head_scales(cfg: dict, scales: dict[str, float]) -> None:
-    """Write the text-initialised heads' scales into ``cfg`` so a rebuilt model matches."""
+def with_text_head_scales(cfg: dict, scales: dict[str, float]) -> dict:
+    """A copy of ``cfg`` whose text-initialised heads carry their scale, so a model rebuilt from
+    the run's config (inference, export) gives the same logits."""
+    if not scales:
+        return cfg
+    cfg = copy.deepcopy(cfg)
     for level, scale in scales.items():
-        params = cfg["levels"][level].setdefault("head_params", {}) or {}
-        params["scale"] = scale
-        cfg["levels"][level]["head_params"] = params
+        cfg["levels"][level]["head_params"] = {**(cfg["levels"][level].get("head_params") or {}), "scale": scale}
+    return cfg
 

@@ -111,6 +111,22 @@ class HierarchicalNet(nn.Module):
     def embedding_dim(self) -> int:
         return self.neck.out_dim
 
+    def set_trunk_frozen(self, frozen: bool) -> None:
+        """Freeze the trunk for a linear probe (eval mode, no gradients) or release it.
+
+        Call after ``train()``, which would put the trunk back in training mode. Without
+        gradients the optimizer skips the trunk's parameters (no update, no weight decay), and
+        in eval mode its BatchNorm statistics and stochastic depth stay still too. Releasing
+        restores only what freezing turned off (a parameter timm keeps fixed stays fixed).
+        """
+        held = getattr(self, "_frozen_params", [])
+        if frozen:
+            held += [p for p in self.trunk.parameters() if p.requires_grad]
+            self.trunk.eval()
+        for p in held:
+            p.requires_grad_(not frozen)
+        self._frozen_params = held if frozen else []
+
     def forward(self, images: torch.Tensor,
                 targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Embedding and per-level logits (plus margin losses when training with targets).
