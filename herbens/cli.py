@@ -28,6 +28,7 @@ COMMAND_MODULES = {
     "evaluate": "herbens.evaluate",
     "report": "herbens.report",
     "recipes": "herbens.recipes",
+    "zeroshot": "herbens.zeroshot",
 }
 
 

@@ -13,7 +13,13 @@ import json
 import pytest
 import torch
 
+from herbens.cli import main as cli_main
 from herbens.config import load_config
+from herbens.data.dataset import HerbariumDataset
+from herbens.data.run_data import load_run_data
+from herbens.data.transforms import build_eval_transform, model_data_config
+from herbens.fileio import read_json
+from herbens.metrics import macro_f1
 from herbens.errors import HerbensError
 from herbens.models.clip import class_prompts, init_text_heads, with_text_head_scales
 from herbens.models.net import build_model
@@ -39,7 +45,10 @@ def register_tiny_clip(folder, quick_gelu: bool) -> str:
 @pytest.fixture(params=[False, True], ids=["gelu", "quickgelu"])
 def clip_checkpoint(request, tmp_path):
     """(open_clip model, its architecture name, checkpoint path, quick_gelu)."""
-    quick_gelu = request.param
+    return make_checkpoint(tmp_path, request.param)
+
+
+def make_checkpoint(tmp_path, quick_gelu: bool):
     name = register_tiny_clip(tmp_path, quick_gelu)
     torch.manual_seed(0)
     model = open_clip.create_model(name, device="cpu").eval()
@@ -133,3 +142,44 @@ def test_non_square_non_native_size_interpolates_position_embeddings(clip_checkp
     out = net(torch.randn(2, 3, 48, 40))
     sum(out[level].sum() for level in net.heads).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_zeroshot_verb_reports_open_clip_zero_shot_macro_f1(tiny_herbarium, tmp_path):
+    model, name, path, quick_gelu = make_checkpoint(tmp_path, False)
+    overrides = [f"data.root={tiny_herbarium}", f"output_dir={tmp_path}", "data.num_workers=0",
+                 "data.val_fraction=0.25", f"input.size=[{IMAGE},{IMAGE}]", "levels.species.head=cosine",
+                 "levels.genus.head=cosine", "text_heads.levels=[species, genus]"]
+    cfg = recipe(name, path, quick_gelu, overrides)
+    argv = [f"{k}={v}" for k, v in (o.split("=", 1) for o in overrides)]
+    backbone = cfg["model"]["backbone"]
+    out = tmp_path / "zeroshot.json"
+    assert cli_main(["zeroshot", "demo_ce", f"model.backbone={backbone}", "model.pretrained=true",
+                     f"model.pretrained_file={path}", f"model.model_kwargs={cfg['model']['model_kwargs']}",
+                     f"model.clip_embed_dim={EMBED_DIM}", f"model.open_clip_model={name}", *argv,
+                     "--json", str(out)]) == 0
+    scores = read_json(out)
+
+    # The same validation images through open_clip's own zero-shot classifier.
+    data = load_run_data(cfg, tmp_path / "no_run", reuse_split=False)
+    net = build_model(cfg, data.taxonomy)
+    transform = build_eval_transform(model_data_config(net.data_config, cfg["input"]))
+    dataset = HerbariumDataset(data.val, data.images_dir, data.taxonomy, transform=transform)
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([item["image"] for item in items])
+    labels = [item["species"] for item in items]
+    tokenizer = open_clip.get_tokenizer(name)
+    assert scores["val_images"] == len(dataset) > 0
+    with torch.no_grad():
+        image = model.encode_image(images, normalize=True)
+        for level in ("species", "genus"):
+            text = model.encode_text(tokenizer(class_prompts(data.taxonomy, level, "a photo of {name}.")),
+                                     normalize=True)
+            predicted = (image @ text.T).argmax(dim=1).numpy()
+            expected = macro_f1(data.taxonomy.level_indices(level, labels), predicted)
+            assert scores[f"val_{level}_macro_f1"] == pytest.approx(expected)
+    assert "val_family_macro_f1" not in scores
+
+
+def test_zeroshot_verb_needs_text_heads(tmp_path, capsys):
+    assert cli_main(["zeroshot", "demo_ce", f"output_dir={tmp_path}"]) == 2
+    assert "text_heads.levels" in capsys.readouterr().err
