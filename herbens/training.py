@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
 from herbens.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from herbens.config import save_config
@@ -69,8 +69,12 @@ def build_accelerator(cfg: dict) -> Accelerator:
     precision = str(cfg["train"]["precision"])
     if precision not in ("no", "fp16", "bf16"):
         raise HerbensError(f"train.precision must be no, fp16 or bf16, got {precision!r}")
+    handlers = []
+    if int(cfg["train"].get("freeze_trunk_epochs") or 0):
+        # The frozen trunk gets no gradients during the probe: DDP must expect unused parameters.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(mixed_precision=precision, cpu=launched_on_cpus_only(),
-                       gradient_accumulation_steps=int(cfg["train"]["grad_accum"]))
+                       gradient_accumulation_steps=int(cfg["train"]["grad_accum"]), kwargs_handlers=handlers)
 
 
 def git_revision() -> str | None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train_tiny
+from conftest import TINY_OVERRIDES, train_tiny
 from herbens import training
 from herbens.checkpoint import POINTER, checkpoint_dir
 from herbens.config import load_config
@@ -120,8 +120,6 @@ def test_kill_in_the_probe_then_resume_across_the_switch_is_bitwise_exact(tiny_h
     args = [*PROBE, "train.checkpoint_every_steps=1", "infer.splits=[]"]
     pointer = tmp_path / "killed" / "checkpoints" / POINTER
     log = tmp_path / "train.log"
-    from conftest import TINY_OVERRIDES
-
     command = [sys.executable, "-m", "herbens.cli", "train", "demo_ce", f"data.root={tiny_herbarium}",
                f"output_dir={tmp_path}", "name=killed", *TINY_OVERRIDES, *args]
     with open(log, "wb") as handle:
@@ -146,3 +144,19 @@ def test_kill_in_the_probe_then_resume_across_the_switch_is_bitwise_exact(tiny_h
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     different = [k for k in resumed if not torch.equal(resumed[k], straight[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_probe_then_fine_tune(tiny_herbarium, tmp_path):
+    # Under DDP the frozen trunk's parameters get no gradient: the reducer must expect that.
+    from test_distributed import torchrun
+
+    torchrun(ROOT / "herbens" / "train.py", ["demo_ce", f"data.root={tiny_herbarium}", f"output_dir={tmp_path}",
+                                             "name=ddp", *TINY_OVERRIDES, *PROBE, "infer.splits=[]"])
+    run = tmp_path / "ddp"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    after_probe, final = checkpoint_weights(run, 1), torch.load(run / "model.pt", weights_only=True)
+    trunk1, trunk2 = prefixed(after_probe, "trunk."), prefixed(final, "trunk.")
+    assert any(not torch.equal(trunk1[k], trunk2[k]) for k in trunk1)  # the trunk trained after the switch
