@@ -37,7 +37,8 @@ def zero_shot_scores(cfg: dict) -> dict:
     if not levels:
         raise HerbensError("herbens zeroshot needs text_heads.levels, e.g. text_heads.levels=[species,genus,family]")
     if not (cfg["model"]["pretrained"] and cfg["model"]["pretrained_file"]):
-        raise HerbensError("herbens zeroshot needs model.pretrained=true and model.pretrained_file (the CLIP checkpoint)")
+        raise HerbensError("herbens zeroshot needs model.pretrained=true and model.pretrained_file "
+                           "(the CLIP checkpoint)")
     accelerator = build_accelerator(cfg)
     data = load_run_data(cfg, Path(cfg["output_dir"]) / cfg["name"], reuse_split=True)
     if len(data.val) == 0:

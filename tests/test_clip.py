@@ -12,11 +12,15 @@ import json
 
 import pytest
 import torch
+import yaml
+
+from conftest import train_tiny
 
 from herbens.cli import main as cli_main
 from herbens.config import load_config
 from herbens.data.dataset import HerbariumDataset
 from herbens.data.run_data import load_run_data
+from herbens.data.taxonomy import Taxonomy
 from herbens.data.transforms import build_eval_transform, model_data_config
 from herbens.fileio import read_json
 from herbens.metrics import macro_f1
@@ -183,3 +187,29 @@ def test_zeroshot_verb_reports_open_clip_zero_shot_macro_f1(tiny_herbarium, tmp_
 def test_zeroshot_verb_needs_text_heads(tmp_path, capsys):
     assert cli_main(["zeroshot", "demo_ce", f"output_dir={tmp_path}"]) == 2
     assert "text_heads.levels" in capsys.readouterr().err
+
+
+def test_linear_probe_run_keeps_the_clip_tower_and_records_the_head_scale(tiny_herbarium, tmp_path):
+    # A whole run: text-initialised heads, one frozen epoch. The saved trunk still computes
+    # open_clip's image embedding, and the run's config carries exp(logit_scale) for each head.
+    model, name, path, quick_gelu = make_checkpoint(tmp_path, True)
+    cfg = recipe(name, path, quick_gelu)
+    extra = [f"model.backbone={cfg['model']['backbone']}", "model.pretrained=true", f"model.pretrained_file={path}",
+             f"model.model_kwargs={cfg['model']['model_kwargs']}", f"model.clip_embed_dim={EMBED_DIM}",
+             f"model.open_clip_model={name}", f"input.size=[{IMAGE},{IMAGE}]", "levels.species.head=cosine",
+             "levels.genus.head=cosine", "text_heads.levels=[species, genus]", "train.epochs=1",
+             "train.freeze_trunk_epochs=1", "infer.splits=[]", "name=probe"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra) == 0
+    run = tmp_path / "probe"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    scale = pytest.approx(torch.tensor(4.2).exp().item())
+    assert saved["levels"]["species"]["head_params"]["scale"] == scale
+    assert saved["levels"]["genus"]["head_params"]["scale"] == scale
+    assert saved["levels"]["family"]["head"] == "linear"
+    rebuilt = {**saved, "model": {**saved["model"], "pretrained": False, "pretrained_file": None}}
+    net = build_model(rebuilt, Taxonomy.load(run / "taxonomy.json"))
+    net.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(images)["embedding"], model.encode_image(images), rtol=1e-4, atol=1e-5)
+
