@@ -213,3 +213,11 @@ def test_linear_probe_run_keeps_the_clip_tower_and_records_the_head_scale(tiny_h
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(images)["embedding"], model.encode_image(images), rtol=1e-4, atol=1e-5)
 
+
+
+def test_text_heads_need_the_checkpoint_of_the_trunk(clip_checkpoint, taxonomy):
+    _, name, path, quick_gelu = clip_checkpoint
+    cfg = recipe(name, path, quick_gelu, ["levels.species.head=cosine", "text_heads.levels=[species]",
+                                          "model.pretrained=false"])
+    with pytest.raises(HerbensError, match="model.pretrained=true"):
+        init_text_heads(build_model(cfg, taxonomy), cfg, taxonomy)

@@ -106,6 +106,11 @@ def init_text_heads(net: nn.Module, cfg: dict, taxonomy) -> dict[str, float]:
     model_cfg = cfg["model"]
     if not model_cfg.get("open_clip_model"):
         raise HerbensError("text_heads.levels needs model.open_clip_model (the checkpoint's open_clip architecture)")
+    if not model_cfg.get("pretrained") or not (model_cfg.get("pretrained_file")
+                                                 or model_cfg["open_clip_model"].startswith("local-dir:")):
+        # Heads from one checkpoint's text tower on a trunk without its image tower would not match.
+        raise HerbensError("text_heads.levels needs model.pretrained=true and model.pretrained_file "
+                           "(the open_clip checkpoint both towers come from)")
     if not model_cfg.get("clip_embed_dim"):
         raise HerbensError("text_heads.levels needs model.clip_embed_dim (the trunk must keep CLIP's image projection)")
     if net.neck.kind != "none":
