@@ -255,3 +255,24 @@ def test_list_recipes_without_flops_is_cheap_and_complete():
     rows = list_recipes(["paper_vit_b16"], flops=False)
     assert rows[0]["gflops"] is None and rows[0]["input_size"] == [256, 256]
     assert np.isclose(rows[0]["params_m"], rows[0]["params"] / 1e6, atol=0.01)
+
+
+def test_dinov2_style_weights_load_at_a_non_square_size(tmp_path, taxonomy):
+    """A DINOv2-with-registers trunk pre-trained on a square grid loads at a portrait size (as
+    dinov2_b14_546x420 does at full size): timm resamples the position embeddings, and the model
+    trains (forward and backward) there."""
+    from herbens.models.net import build_model
+
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    source = timm.create_model("vit_base_patch14_reg4_dinov2", img_size=28, num_classes=0, **small)  # 2x2 grid
+    path = tmp_path / "dinov2_tiny.pth"
+    torch.save(source.state_dict(), path)
+    cfg = load_config("dinov2_b14_546x420", [
+        f"model.pretrained_file={path}", "model.grad_checkpointing=false",
+        "model.model_kwargs={img_size: [42, 28], embed_dim: 32, depth: 1, num_heads: 2}"])
+    model = build_model(cfg, taxonomy)
+    assert model.trunk.pos_embed.shape[1] == 3 * 2  # registers and class token carry no position
+    assert torch.equal(model.trunk.reg_token, source.reg_token)
+    out = model(torch.randn(2, 3, 42, 28))
+    sum(out[level].sum() for level in model.heads).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
