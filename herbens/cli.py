@@ -33,6 +33,7 @@ COMMAND_MODULES = {
     "predict": "herbens.predict",
     "openset": "herbens.openset",
     "teach": "herbens.teach",
+    "zeroshot": "herbens.zeroshot",
 }
 
 
