@@ -50,7 +50,6 @@ class TrainParts:
     mixup: object = None
     ema: object = None
     clip_grad: float | None = None
-    frozen_trunk: bool = False  # a linear-probe epoch: only the neck and heads train
 
 
 def batch_targets(batch: dict, levels) -> dict:
@@ -112,7 +111,6 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
     """
     acc = parts.accelerator
     parts.model.train()
-    acc.unwrap_model(parts.model).set_trunk_frozen(parts.frozen_trunk)  # after train(): eval when frozen
     sums: dict[str, float] = {}
     unreadable: set[int] = set()
     count = images = 0

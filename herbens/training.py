@@ -413,7 +413,8 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
         # resumed run's loader starts counting at 0, so the epoch is set on the loader itself.
         epoch_loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        parts.frozen_trunk = epoch < cfg["train"]["freeze_trunk_epochs"]
+        if cfg["train"]["freeze_trunk_epochs"]:  # a linear-probe epoch trains only the neck and heads
+            acc.unwrap_model(parts.model).set_trunk_frozen(epoch < cfg["train"]["freeze_trunk_epochs"])
         stats = train_one_epoch(parts, epoch_loader, state, len(loader), on_step=on_step,
                                 log_every=int(cfg["train"]["log_every"]))
         eval_model = parts.ema.module if parts.ema is not None else parts.model

@@ -125,6 +125,8 @@ class HierarchicalNet(nn.Module):
             level: build_head(self.neck.out_dim, n, **(heads.get(level) or {"name": "linear"}))
             for level, n in level_classes.items()})
         self.channels_last = channels_last
+        self.trunk_frozen = False  # a linear probe (set_trunk_frozen)
+        self._frozen_params: list[nn.Parameter] = []
         if grad_checkpointing:
             _enable_grad_checkpointing(self.trunk, backbone)
 
@@ -135,18 +137,25 @@ class HierarchicalNet(nn.Module):
     def set_trunk_frozen(self, frozen: bool) -> None:
         """Freeze the trunk for a linear probe (eval mode, no gradients) or release it.
 
-        Call after ``train()``, which would put the trunk back in training mode. Without
-        gradients the optimizer skips the trunk's parameters (no update, no weight decay), and
-        in eval mode its BatchNorm statistics and stochastic depth stay still too. Releasing
-        restores only what freezing turned off (a parameter timm keeps fixed stays fixed).
+        Without gradients the optimizer skips the trunk's parameters (no update, no weight
+        decay), and in eval mode its BatchNorm statistics and stochastic depth stay still too;
+        ``train()`` keeps a frozen trunk in eval mode. Releasing restores only what freezing
+        turned off (a parameter timm keeps fixed stays fixed).
         """
-        held = getattr(self, "_frozen_params", [])
-        if frozen:
-            held += [p for p in self.trunk.parameters() if p.requires_grad]
-            self.trunk.eval()
-        for p in held:
+        if frozen and not self._frozen_params:
+            self._frozen_params = [p for p in self.trunk.parameters() if p.requires_grad]
+        for p in self._frozen_params:
             p.requires_grad_(not frozen)
-        self._frozen_params = held if frozen else []
+        if not frozen:
+            self._frozen_params = []
+        self.trunk_frozen = bool(frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.trunk_frozen:
+            self.trunk.eval()
+        return self
 
     def forward(self, images: torch.Tensor,
                 targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
