@@ -225,3 +225,26 @@ def test_linear_probe_run_keeps_the_clip_tower_and_records_the_head_scale(tiny_h
         torch.testing.assert_close(net.eval()(images)["embedding"], model.encode_image(images), rtol=1e-4, atol=1e-5)
 
 
+
+
+@pytest.mark.slow
+def test_a_text_head_run_resumes_with_its_recorded_scale(tiny_herbarium, tmp_path, capsys):
+    # config.yaml holds exp(logit_scale) in each text head's node while the recipe holds the
+    # cosine default: --resume must not take that for a changed key.
+    _, name, path, quick_gelu = make_checkpoint(tmp_path, False)
+    cfg = recipe(name, path, quick_gelu)
+    extra = [f"model.backbone={cfg['model']['backbone']}", "model.pretrained=true", f"model.pretrained_file={path}",
+             f"model.model_kwargs={cfg['model']['model_kwargs']}", f"model.clip_embed_dim={EMBED_DIM}",
+             f"model.open_clip_model={name}", f"input.size=[{IMAGE},{IMAGE}]", "levels.species.head=cosine",
+             "text_heads.levels=[species]", "infer.splits=[]", "name=resumed"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=[*extra, "train.epochs=1"]) == 0
+    assert train_tiny(tiny_herbarium, tmp_path, extra=[*extra, "train.epochs=2"], flags=["--resume"]) == 0
+    history = (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2]
+    scale = pytest.approx(torch.tensor(4.2).exp().item())
+    assert load_run_config(tmp_path / "resumed")["levels"]["species"]["head"]["scale"] == scale
+    # A recipe that changes a text head's other settings is still refused.
+    capsys.readouterr()
+    assert train_tiny(tiny_herbarium, tmp_path, extra=[*extra, "train.epochs=3", "text_heads.template={name}"],
+                      flags=["--resume"]) == 2
+    assert "text_heads.template" in capsys.readouterr().err

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES, train_tiny
-from herbens import training
+from herbens import preflight, training
 from herbens.checkpoint import POINTER, checkpoint_dir
 from herbens.config import load_config
 from herbens.errors import HerbensError
 from herbens.fileio import read_json
 from herbens.models.net import build_model
-from herbens.optim import build_optimizer, build_schedule, build_training_schedule
+from herbens.optim import ProbeThenFinetuneSchedule, build_optimizer, build_schedule, build_training_schedule
 from test_faults import HANG_TIMEOUT_S, ROOT, child_env
 
 PROBE = ["train.freeze_trunk_epochs=1", "train.unfreeze_warmup_epochs=0.5", "train.batch_size=4",
@@ -111,6 +111,27 @@ def test_schedule_restarts_with_its_own_warm_up_at_the_switch(taxonomy):
 def test_bad_probe_settings_are_refused_when_the_recipe_loads(override, message):
     with pytest.raises(HerbensError, match=message):
         load_config("demo_ce", ["train.epochs=3", "train.freeze_trunk_epochs=1", override])
+
+
+def test_preflight_steps_the_probe_then_fine_tune_schedule(taxonomy, monkeypatch):
+    # The preflight must check the schedule training will use, not a plain one of train.epochs.
+    cfg = load_config("demo_ce", ["train.epochs=3", "train.freeze_trunk_epochs=1", "train.unfreeze_warmup_epochs=1",
+                                  "optimizer.layer_decay=0.5"])
+    optimizer = build_optimizer(build_model(cfg, taxonomy), [], cfg["optimizer"], 1e-2)
+    before = copy.deepcopy(optimizer.state_dict()["param_groups"])
+    stepped = []
+
+    def recording(*args):
+        schedule = build_training_schedule(*args)
+        step = schedule.step
+        schedule.step = lambda n: (stepped.append(n), step(n))
+        stepped.append(schedule)
+        return schedule
+
+    monkeypatch.setattr(preflight, "build_training_schedule", recording)
+    preflight.check_schedule(optimizer, cfg["scheduler"], cfg["train"], 10, 1e-2)
+    assert isinstance(stepped[0], ProbeThenFinetuneSchedule) and stepped[1:] == list(range(1, 31))
+    assert optimizer.state_dict()["param_groups"] == before  # the stand-in took the steps
 
 
 def test_a_probe_over_every_epoch_may_use_onecycle():
