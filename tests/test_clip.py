@@ -223,6 +223,12 @@ def test_linear_probe_run_keeps_the_clip_tower_and_records_the_head_scale(tiny_h
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(images)["embedding"], model.encode_image(images), rtol=1e-4, atol=1e-5)
+    # herbens zeroshot takes the run folder: its config.yaml through the schema, its own split.
+    out = tmp_path / "zeroshot.json"
+    assert cli_main(["zeroshot", str(run), "--json", str(out)]) == 0
+    scores = read_json(out)
+    assert scores["levels"] == ["species", "genus"] and 0 <= scores["val_species_macro_f1"] <= 1
+    assert scores["val_images"] == len((run / "split.csv").read_text().splitlines()) - 1 > 0
 
 
 
