@@ -137,7 +137,10 @@ def test_prompts_fill_the_taxonomic_names(taxonomy):
     ("model.open_clip_model=null", "model.open_clip_model"),
     ("model.pretrained=false", "model.pretrained=true"),
     ("model.pretrained_file=null", "model.pretrained_file"),
-    ("model.open_clip_model=hf-hub:imageomics/bioclip", "model.open_clip_model: .*local-dir:")])
+    ("model.open_clip_model=hf-hub:imageomics/bioclip", "model.open_clip_model: .*local-dir:"),
+    ("text_heads.template=a {name} of {family} in {order}", "field 'order' is not known for species"),
+    ("text_heads.template=a {}", "field '' is not known"),
+    ("text_heads.template=a {name", "text_heads.template 'a {name': malformed")])
 def test_text_heads_settings_are_checked_when_the_recipe_loads(clip_checkpoint, override, message):
     # Refused by the recipe's rules, naming the key, before any model or checkpoint is built.
     _, name, path, quick_gelu = clip_checkpoint

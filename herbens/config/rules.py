@@ -69,8 +69,13 @@ def _check_text_heads(cfg: dict, source: str) -> None:
     levels = cfg["text_heads"]["levels"]
     if not levels:
         return
+    from herbens.models.clip import template_error
+
     model = cfg["model"]
     for level in levels:
+        error = template_error(cfg["text_heads"]["template"], level)
+        if error:
+            raise HerbensError(f"{source}: text_heads.template {cfg['text_heads']['template']!r}: {error}")
         if level not in cfg["levels"]:
             raise HerbensError(f"{source}: text_heads.levels names {level}, but levels.{level} is null")
         head = cfg["levels"][level]["head"]["name"]

@@ -16,6 +16,7 @@ exactly CLIP's zero-shot logits, ``exp(logit_scale) * cos(image, text)``.
 from __future__ import annotations
 
 import copy
+import string
 
 import torch
 from torch import nn
@@ -46,6 +47,24 @@ def load_open_clip(model_name: str, checkpoint: str | None):
     return model.eval(), tokenizer
 
 
+# The fields a prompt template may use for each level's classes: its own name and those above it.
+PROMPT_FIELDS = {"species": ("name", "species", "genus", "family"), "genus": ("name", "genus", "family"),
+                 "family": ("name", "family")}
+
+
+def template_error(template: str, level: str) -> str | None:
+    """Why ``template`` cannot be filled for the classes of ``level``, or None when it can."""
+    known = PROMPT_FIELDS[level]
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        return f"malformed ({exc})"
+    for field in fields:
+        if field not in known:  # also a positional {} and attribute or index access
+            return f"field {field!r} is not known for {level} (known: {', '.join(known)})"
+    return None
+
+
 def class_prompts(taxonomy, level: str, template: str) -> list[str]:
     """One prompt per class of ``level``, in the taxonomy's class order.
 
@@ -54,6 +73,9 @@ def class_prompts(taxonomy, level: str, template: str) -> list[str]:
     ``{family}``) and the names above it: ``{genus}`` and ``{family}`` for species,
     ``{family}`` for genera.
     """
+    error = template_error(template, level)
+    if error:
+        raise HerbensError(f"text_heads.template {template!r}: {error}")
     names = taxonomy.level_names(level)
     fields = [{"name": name, level: name} for name in names]
     if level in ("species", "genus"):
@@ -67,11 +89,7 @@ def class_prompts(taxonomy, level: str, template: str) -> list[str]:
             row["family"] = taxonomy.family_names[family_of[species]]
             if level == "species":
                 row["genus"] = taxonomy.genus_names[genus_of[species]]
-    try:
-        return [template.format(**row) for row in fields]
-    except (KeyError, IndexError) as exc:
-        raise HerbensError(f"text_heads.template {template!r}: field {exc} is not known for {level} "
-                           f"(known: {', '.join(fields[0])})") from None
+    return [template.format(**row) for row in fields]
 
 
 @torch.no_grad()
