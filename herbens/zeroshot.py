@@ -17,8 +17,13 @@ from pathlib import Path
 from herbens.errors import HerbensError
 
 
-def zero_shot_scores(cfg: dict) -> dict:
+def zero_shot_scores(cfg: dict, run_dir: Path | None = None) -> dict:
     """Per-level macro-F1 of the text-initialised heads on the validation split.
+
+    Args:
+        cfg: the resolved recipe.
+        run_dir: the run whose ``split.csv`` to score when it has one (default
+            ``<output_dir>/<name>``).
 
     Returns:
         ``{"val_<level>_macro_f1": float, ..., "val_images": N, "template": str, "levels": [...]}``.
@@ -33,11 +38,11 @@ def zero_shot_scores(cfg: dict) -> dict:
     from herbens.models.net import build_model
     from herbens.training import build_accelerator, validate
 
-    levels = list(cfg["text_heads"]["levels"] or [])
+    levels = list(cfg["text_heads"]["levels"])
     if not levels:
         raise HerbensError("herbens zeroshot needs text_heads.levels, e.g. text_heads.levels=[species,genus,family]")
     accelerator = build_accelerator(cfg)
-    data = load_run_data(cfg, Path(cfg["output_dir"]) / cfg["name"], reuse_split=True)
+    data = load_run_data(cfg, run_dir or Path(cfg["output_dir"]) / cfg["name"], reuse_split=True)
     if len(data.val) == 0:
         raise HerbensError(f"{cfg['data']['root']}: the validation split is empty (data.val_fraction)")
     model = build_model(cfg, data.taxonomy)
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from herbens.fileio import write_json
 
     cfg = load_zeroshot_config(args.recipe, args.overrides)
-    scores = zero_shot_scores(cfg)
+    scores = zero_shot_scores(cfg, Path(args.recipe) if Path(args.recipe).is_dir() else None)
     for level in scores["levels"]:
         print(f"zero-shot {level} macro-F1 {scores[f'val_{level}_macro_f1']:.4f}  "
               f"({scores['val_images']} validation images)")
