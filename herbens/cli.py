@@ -35,6 +35,7 @@ COMMAND_MODULES = {
     "unenrol": "herbens.bundle.unenrol",
     "openset": "herbens.openset",
     "teach": "herbens.teach",
+    "zeroshot": "herbens.zeroshot",
 }
 
 

@@ -133,3 +133,53 @@ def build_schedule(optimizer, sched_cfg: dict, epochs: int, updates_per_epoch: i
             min_lr=float(sched_cfg["min_lr"]), step_on_epochs=False, cooldown_epochs=0)
         return StepSchedule(sched, "timm")
     raise HerbensError(f"scheduler.name={name!r} is unknown; choose cosine, onecycle or none")
+
+
+class ProbeThenFinetuneSchedule:
+    """Linear probe, then fine-tuning: two schedules back to back on one optimizer.
+
+    The first runs over the ``freeze_trunk_epochs`` (heads only, the trunk frozen), the second
+    over the remaining epochs with its own warm-up (``train.unfreeze_warmup_epochs``), so the
+    newly trainable trunk starts at ``scheduler.warmup_lr`` rather than at the heads' LR (which
+    would wreck pre-trained features). Steps ``< switch_step`` belong to the first; checkpointed
+    through ``state_dict``.
+    """
+
+    def __init__(self, probe: StepSchedule, finetune: StepSchedule, switch_step: int):
+        self.probe = probe
+        self.finetune = finetune
+        self.switch_step = int(switch_step)
+        # Both constructors wrote the groups' starting LR; the probe's start is the one that holds.
+        probe.step(0)
+
+    def step(self, num_updates: int) -> None:
+        if num_updates < self.switch_step:
+            self.probe.step(num_updates)
+        else:
+            self.finetune.step(num_updates - self.switch_step)
+
+    def state_dict(self) -> dict:
+        return {"probe": self.probe.state_dict(), "finetune": self.finetune.state_dict(),
+                "switch_step": self.switch_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probe.load_state_dict(state["probe"])
+        self.finetune.load_state_dict(state["finetune"])
+        self.switch_step = int(state["switch_step"])
+
+
+def build_training_schedule(optimizer, sched_cfg: dict, train_cfg: dict, updates_per_epoch: int, lr: float):
+    """:func:`build_schedule` over ``train.epochs``, split in two when the trunk starts frozen.
+
+    The recipe's rules (:mod:`herbens.config.rules`) keep ``train.freeze_trunk_epochs`` within
+    ``train.epochs`` and refuse the one-cycle schedule for a probe then fine-tuning (two
+    one-cycle schedules cannot share an optimizer).
+    """
+    epochs = int(train_cfg["epochs"])
+    frozen = int(train_cfg["freeze_trunk_epochs"])
+    if frozen == 0 or frozen == epochs:  # no switch: plain fine-tuning, or a linear probe only
+        return build_schedule(optimizer, sched_cfg, epochs, updates_per_epoch, lr)
+    probe = build_schedule(optimizer, sched_cfg, frozen, updates_per_epoch, lr)
+    finetune_cfg = dict(sched_cfg, warmup_epochs=float(train_cfg["unfreeze_warmup_epochs"]))
+    finetune = build_schedule(optimizer, finetune_cfg, epochs - frozen, updates_per_epoch, lr)
+    return ProbeThenFinetuneSchedule(probe, finetune, frozen * updates_per_epoch)

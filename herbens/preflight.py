@@ -27,7 +27,7 @@ from herbens.data.loaders import predict_loader
 from herbens.data.transforms import build_tta_views, view_row_names
 from herbens.engine import batch_targets, combine_views
 from herbens.errors import HerbensError
-from herbens.optim import SGD_FAMILY, build_optimizer, build_schedule
+from herbens.optim import SGD_FAMILY, build_optimizer, build_training_schedule
 
 # Bytes per element of a stored logit (the logits store keeps float16).
 LOGIT_BYTES = 2
@@ -127,15 +127,18 @@ def preserved_rngs():
             np.random.set_state(numpy_state)
 
 
-def check_schedule(optimizer, sched_cfg: dict, epochs: int, updates_per_epoch: int, lr: float) -> None:
+def check_schedule(optimizer, sched_cfg: dict, train_cfg: dict, updates_per_epoch: int, lr: float) -> None:
     """Step the run's schedule through its whole length, on a stand-in optimizer.
 
-    The stand-in has the real optimizer's groups (learning rates and ``lr_scale``) over one
-    dummy parameter each, so the real optimizer and schedule are left untouched.
+    The schedule is the one training builds (:func:`herbens.optim.build_training_schedule`:
+    with ``train.freeze_trunk_epochs``, the probe's and then the fine-tuning's). The stand-in
+    has the real optimizer's groups (learning rates and ``lr_scale``) over one dummy parameter
+    each, so the real optimizer and schedule are left untouched.
     """
     stand_in = torch.optim.SGD([{**{k: v for k, v in group.items() if k not in ("params", "initial_lr")},
                                  "params": [torch.zeros(1)]} for group in optimizer.param_groups], lr=lr)
-    schedule = build_schedule(stand_in, sched_cfg, epochs, updates_per_epoch, lr)
+    schedule = build_training_schedule(stand_in, sched_cfg, train_cfg, updates_per_epoch, lr)
+    epochs = int(train_cfg["epochs"])
     with warnings.catch_warnings():  # torch's "scheduler stepped before optimizer" note
         warnings.simplefilter("ignore", UserWarning)
         for step in range(1, epochs * updates_per_epoch + 1):
@@ -257,7 +260,7 @@ def run_preflight(cfg: dict, setup, run_dir: Path) -> Plan:
         splits["test"] = (data.test, data.test_images_dir, None)
     for split, (frame, images_dir, _) in splits.items():
         check_files(frame, images_dir, split)
-    check_schedule(setup.optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), setup.updates_per_epoch, setup.lr)
+    check_schedule(setup.optimizer, cfg["scheduler"], cfg["train"], setup.updates_per_epoch, setup.lr)
     classes = {level: data.taxonomy.num_classes(level) for level in levels}
     with preserved_rngs():
         check_train_step(setup.plain_model, setup.criterion, few_train_images(setup.loader.dataset, levels),

@@ -1,7 +1,8 @@
 """``herbens recipes``: the shipped recipes at a glance, with each model's size and cost.
 
 For every recipe in ``recipes/`` (files starting with ``_`` are shared parents, not recipes):
-its backbone, input size, parameters, forward GFLOPs at that size, and the loss of each level.
+its backbone, input size, the resolution its weights were pre-trained at (timm's pretrained
+config of the backbone tag), parameters, forward GFLOPs at that size, and the loss of each level.
 Models are built on PyTorch's ``meta`` device (shapes only: no memory, no weights, no
 download), about a second per recipe. Parameters and FLOPs include the heads at the Herbarium
 2022 class counts (:data:`HERBARIUM_2022_CLASSES`), since that is what a recipe trains. Nothing
@@ -15,6 +16,7 @@ import copy
 import json
 from pathlib import Path
 
+import timm
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,7 +29,8 @@ from herbens.errors import HerbensError
 HERBARIUM_2022_CLASSES = {"species": 15501, "genus": 2564, "family": 272}
 
 # A multiply-add counts as 2 FLOPs (the header says so: some papers report MACs as "FLOPs").
-COLUMNS = ("name", "backbone", "input (HxW)", "params (M)", "fwd GFLOPs (MAC=2)", "losses", "speed")
+COLUMNS = ("name", "backbone", "input (HxW)", "pre-trained at", "params (M)", "fwd GFLOPs (MAC=2)", "losses",
+           "speed")
 
 
 class ClassCounts:
@@ -54,6 +57,18 @@ def offline_config(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg["model"].update(pretrained=False, pretrained_file=None, compile=False)
     return cfg
+
+
+def pretrained_hw(backbone: str) -> tuple[int, int] | None:
+    """The input ``(height, width)`` the backbone's weights were trained at, from timm's pretrained
+    config of its tag (the default tag for a bare name); None when timm has no config (hub names)."""
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(backbone)
+    except (RuntimeError, ValueError):
+        return None
+    if pretrained_cfg is None or not pretrained_cfg.input_size:
+        return None
+    return int(pretrained_cfg.input_size[1]), int(pretrained_cfg.input_size[2])
 
 
 def input_hw(cfg: dict) -> tuple[int, int]:
@@ -197,10 +212,10 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         trunk_cache: shared across rows so a trunk at a given input size is counted once.
 
     Returns:
-        ``name, file, backbone, input_size [h, w], params, params_m, trunk_params, gflops,
-        outputs {"embedding": D, level: C}, levels {level: {head, loss, weight}} (``head``: its
-        name; ``loss``: the loss names joined by ``+``), fused_attention (the model runs fused
-        SwinV2 attention), compile (model.compile),
+        ``name, file, backbone, input_size [h, w], pretrained_size [h, w] (or None), params,
+        params_m, trunk_params, gflops, outputs {"embedding": D, level: C}, levels {level: {head,
+        loss, weight}} (``head``: its name; ``loss``: the loss names joined by ``+``),
+        fused_attention (the model runs fused SwinV2 attention), compile (model.compile),
         description``; ``gflops`` and ``outputs`` are None when not computed.
     """
     from herbens.models.fused_swinv2 import fused_attention_count
@@ -211,6 +226,7 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
     height, width = input_hw(cfg)
     total = count_params(model)
     trunk_params = count_params(model.trunk)
+    pretrained = pretrained_hw(cfg["model"]["backbone"])
     flop_count, outputs = None, None
     if flops:
         key = (cfg["model"]["backbone"], json.dumps(cfg["model"]["model_kwargs"], sort_keys=True), height, width)
@@ -220,6 +236,7 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         "file": str(path),
         "backbone": cfg["model"]["backbone"],
         "input_size": [height, width],
+        "pretrained_size": list(pretrained) if pretrained else None,
         "params": total,
         "params_m": round(total / 1e6, 2),
         "trunk_params": trunk_params,
@@ -280,11 +297,12 @@ def format_table(rows: list[dict]) -> str:
     cells = [COLUMNS]
     for row in rows:
         height, width = row["input_size"]
+        pretrained = "x".join(map(str, row["pretrained_size"])) if row["pretrained_size"] else "-"
         cells.append((
-            row["name"], row["backbone"], f"{height}x{width}", f"{row['params_m']:.1f}",
+            row["name"], row["backbone"], f"{height}x{width}", pretrained, f"{row['params_m']:.1f}",
             gflops_text(row["gflops"]), losses_text(row["levels"]), speed_text(row)))
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    numeric = {3, 4}  # right-align the numbers
+    numeric = {4, 5}  # right-align the numbers
     lines = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w)
                        for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in cells]
     return "\n".join(lines)
@@ -295,7 +313,8 @@ def table_note() -> str:
     plural = {"species": "species", "genus": "genera", "family": "families"}
     counts = ", ".join(f"{n:,} {plural[level]}" for level, n in HERBARIUM_2022_CLASSES.items())
     return (f"params and GFLOPs include the heads at Herbarium 2022 sizes ({counts}); GFLOPs: one "
-            f"forward pass of one image at the input size, a multiply-add counted as 2 FLOPs; speed: "
+            f"forward pass of one image at the input size, a multiply-add counted as 2 FLOPs; pre-trained "
+            f"at: the input size of the backbone tag's weights (timm's pretrained config); speed: "
             f"fused-attn = SwinV2 window attention through fused SDPA (model.fused_attention), "
             f"compile = torch.compile of the model or of each trunk block (model.compile).")
 
@@ -313,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "recipes", help="list the shipped recipes with model size, cost and losses",
-        description="List the shipped recipes (recipes/*.yaml): backbone, input size, parameters "
+        description="List the shipped recipes (recipes/*.yaml): backbone, input size, the resolution "
+                    "the weights were pre-trained at (timm's pretrained config), parameters "
                     "(M), forward GFLOPs per image at the input size (multiply-add = 2 FLOPs), and "
                     "the loss of each level. Models are built on the meta device: no weights are "
                     "downloaded.")

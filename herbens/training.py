@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
 from herbens import __version__
 from herbens.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
@@ -38,9 +38,10 @@ from herbens.infer import embedding_splits, logits_failure_message, write_split_
 from herbens.losses import build_criterion
 from herbens.metrics import macro_f1
 from herbens.models.compiling import compile_model, compile_seconds
+from herbens.models.clip import init_text_heads, text_head_scales, with_text_head_scales
 from herbens.models.net import build_model
 from herbens.preflight import Plan, run_preflight
-from herbens.optim import build_optimizer, build_schedule, scaled_lr, epoch_updates
+from herbens.optim import build_optimizer, build_training_schedule, epoch_updates, scaled_lr
 from herbens.targets import teacher_for_training
 
 
@@ -122,9 +123,13 @@ def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
 
     run_dir = Path(run_dir or Path(cfg["output_dir"]) / str(cfg["name"]))
     trackers = tracker_names(cfg)
+    handlers = []
+    if cfg["train"]["freeze_trunk_epochs"]:
+        # The frozen trunk gets no gradients during the probe: DDP must expect unused parameters.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only(),
                        gradient_accumulation_steps=int(cfg["train"]["grad_accum"]),
-                       log_with=trackers or None,
+                       log_with=trackers or None, kwargs_handlers=handlers,
                        project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                            logging_dir=str(run_dir / "trackers")))
 
@@ -207,12 +212,15 @@ class TrainingSetup:
     lr: float
     updates_per_epoch: int
     compiled_modules: int         # modules compiled in place (model.compile)
+    config: dict                  # the recipe as config.yaml records it (text heads' scales filled in)
 
 
 def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingSetup:
     """Model, loaders, loss, optimizer, schedule and EMA, prepared by Accelerate."""
     teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, tuple(cfg["levels"]))
     model = build_model(cfg, data.taxonomy)
+    # Text-initialised heads take CLIP's logit scale, a head argument: the saved config keeps it.
+    config = with_text_head_scales(cfg, init_text_heads(model, cfg, data.taxonomy))
     data_config = model_data_config(model.data_config, cfg["input"])
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
                                    build_train_transform(data_config, cfg["augment"]), cfg, teacher=teacher)
@@ -230,11 +238,11 @@ def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingS
     compiled = compile_model(model, cfg["model"]["compile"], cfg["model"]["backbone"])
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     updates = epoch_updates(len(loader), int(cfg["train"]["grad_accum"]))
-    schedule = build_schedule(optimizer, cfg["scheduler"], int(cfg["train"]["epochs"]), updates, lr)
+    schedule = build_training_schedule(optimizer, cfg["scheduler"], cfg["train"], updates, lr)
     return TrainingSetup(accelerator, data, model, plain_model, criterion, optimizer, schedule,
                          build_ema(cfg, plain_model), loader, sampler, val_loader, data_config,
                          build_mixup(cfg, data.taxonomy.num_classes("species")), batch, global_batch, lr, updates,
-                         compiled)
+                         compiled, config)
 
 
 def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
@@ -247,7 +255,11 @@ def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
     accelerator = build_accelerator(cfg, run_dir)
     mode = start_mode(run_dir, resume, overwrite)
     if mode == "resume":
-        check_resume(load_run_config(run_dir), cfg, run_dir)
+        recorded = load_run_config(run_dir)
+        # The run's text heads took their scale from the checkpoint at its start (config.yaml keeps it).
+        scales = {level: scale for level, scale in text_head_scales(recorded).items()
+                  if level in cfg["text_heads"]["levels"]}
+        check_resume(recorded, with_text_head_scales(cfg, scales), run_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not dry and mode in ("clear", "overwrite"):
         if mode == "clear":
@@ -333,7 +345,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     state = TrainState()
     try:
         if accelerator.is_main_process and not resume:
-            write_run_header(run_dir, cfg, setup.data)
+            write_run_header(run_dir, setup.config, setup.data)
         accelerator.wait_for_everyone()
         for obj in (setup.schedule, state, setup.criterion) + ((setup.ema,) if setup.ema is not None else ()):
             accelerator.register_for_checkpointing(obj)
@@ -407,6 +419,8 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
         # resumed run's loader starts counting at 0, so the epoch is set on the loader itself.
         epoch_loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
+        if cfg["train"]["freeze_trunk_epochs"]:  # a linear-probe epoch trains only the neck and heads
+            acc.unwrap_model(parts.model).set_trunk_frozen(epoch < cfg["train"]["freeze_trunk_epochs"])
         stats = train_one_epoch(parts, epoch_loader, state, len(loader), on_step=on_step,
                                 log_every=int(cfg["train"]["log_every"]))
         eval_model = parts.ema.module if parts.ema is not None else parts.model

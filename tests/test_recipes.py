@@ -83,8 +83,8 @@ def test_recipe_settings_are_consistent(name):
     assert isinstance(cfg["input"]["size"], list) and len(cfg["input"]["size"]) == 2
     assert all(isinstance(s, int) and s > 0 for s in cfg["input"]["size"])
     img_size = cfg["model"]["model_kwargs"].get("img_size")
-    if img_size is not None:
-        assert img_size in (height, [height, width]) and height == width
+    if img_size is not None:  # a ViT built for the input size (an int: square)
+        assert img_size in (height, [height, width]) and (height == width or img_size == [height, width])
     # Names, parameters and the rules between keys are the schema's (load_config raised if not).
     if cfg["sampler"]["name"] == "pk":
         # The loader's batch is P x K; the LR scaling reads train.batch_size: keep them equal.
@@ -189,6 +189,44 @@ def test_recipes_json_lists_size_cost_and_losses(capsys):
     assert 80 < regnet["gflops"] < 140  # RegNetY-12G: ~12 GMACs at 224 px, x4.5 the pixels
 
 
+FOUNDATION = {  # recipe: (input size, pre-training size)
+    "dinov2_b14_518": ([518, 518], [518, 518]), "dinov2_b14_392": ([392, 392], [518, 518]),
+    "dinov2_l14_518": ([518, 518], [518, 518]), "dinov2_l14_392": ([392, 392], [518, 518]),
+    "dinov2_b14_546x420": ([546, 420], [518, 518]), "eva02_b14_448": ([448, 448], [448, 448]),
+    "eva02_l14_448": ([448, 448], [448, 448]), "convnextv2_b_384": ([384, 384], [384, 384]),
+    "bioclip_b16": ([224, 224], [224, 224]), "bioclip2_l14": ([224, 224], [224, 224])}
+
+
+def test_foundation_recipes_say_their_pretraining_resolution(capsys):
+    assert cli_main(["recipes", *FOUNDATION, "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    for name, (size, pretrained) in FOUNDATION.items():
+        assert (rows[name]["input_size"], rows[name]["pretrained_size"]) == (size, pretrained), name
+        assert rows[name]["gflops"] > 0
+    # The CLIP towers keep their image projection: the heads see CLIP's joint embedding.
+    assert rows["bioclip_b16"]["outputs"]["embedding"] == 512
+    assert rows["bioclip2_l14"]["outputs"]["embedding"] == 768
+    # ViT-B/14 at 518 px, counted by hand: 37 x 37 patches + class + 4 register tokens, 12 blocks of
+    # 12 d^2 MACs per token (qkv, projection, 4x MLP) plus 2 N^2 d for attention, the patch
+    # embedding and the three heads.
+    d, tokens, patches = 768, 37 * 37 + 5, 37 * 37
+    macs = 12 * (12 * d * d * tokens + 2 * tokens * tokens * d) + patches * d * 14 * 14 * 3 \
+        + d * sum(HERBARIUM_2022_CLASSES.values())
+    assert rows["dinov2_b14_518"]["gflops"] == pytest.approx(2 * macs / 1e9, rel=0.01)
+    assert rows["dinov2_b14_392"]["gflops"] < 0.6 * rows["dinov2_b14_518"]["gflops"]
+
+
+def test_foundation_recipes_probe_then_fine_tune():
+    for name in FOUNDATION:
+        cfg = load_config(name)
+        if name.startswith("convnextv2"):
+            continue  # a supervised CNN: fine-tuned directly
+        assert cfg["train"]["freeze_trunk_epochs"] >= 1 and cfg["optimizer"]["layer_decay"], name
+        if name.startswith("bioclip"):
+            assert cfg["text_heads"]["levels"] == ["species", "genus", "family"]
+            assert all(cfg["levels"][level]["head"]["name"] == "cosine" for level in cfg["text_heads"]["levels"])
+
+
 def test_unknown_recipe_name_is_a_clear_error(capsys):
     assert cli_main(["recipes", "no_such_recipe"]) == 2
     assert "no_such_recipe" in capsys.readouterr().err
@@ -236,3 +274,24 @@ def test_recipes_say_which_speed_options_they_train_with():
     assert recipes_module.speed_text(rows["swin_b"]) == "-"  # Swin V1: timm's own fused attention
     assert recipes_module.speed_text({"fused_attention": True, "compile": "trunk"}) == "fused-attn compile=trunk"
     assert "speed" in recipes_module.format_table(list(rows.values())).splitlines()[0]
+
+
+def test_dinov2_style_weights_load_at_a_non_square_size(tmp_path, taxonomy):
+    """A DINOv2-with-registers trunk pre-trained on a square grid loads at a portrait size (as
+    dinov2_b14_546x420 does at full size): timm resamples the position embeddings, and the model
+    trains (forward and backward) there."""
+    from herbens.models.net import build_model
+
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    source = timm.create_model("vit_base_patch14_reg4_dinov2", img_size=28, num_classes=0, **small)  # 2x2 grid
+    path = tmp_path / "dinov2_tiny.pth"
+    torch.save(source.state_dict(), path)
+    cfg = load_config("dinov2_b14_546x420", [
+        f"model.pretrained_file={path}", "model.grad_checkpointing=false",
+        "model.model_kwargs={img_size: [42, 28], embed_dim: 32, depth: 1, num_heads: 2}"])
+    model = build_model(cfg, taxonomy)
+    assert model.trunk.pos_embed.shape[1] == 3 * 2  # registers and class token carry no position
+    assert torch.equal(model.trunk.reg_token, source.reg_token)
+    out = model(torch.randn(2, 3, 42, 28))
+    sum(out[level].sum() for level in model.heads).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

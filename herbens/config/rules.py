@@ -41,12 +41,61 @@ def check_rules(cfg: dict, source: str) -> None:
     if cfg["distill"]["teacher"] and (cfg["augment"]["mixup"] or cfg["augment"]["cutmix"]):
         raise HerbensError(f"{source}: distill.teacher cannot be combined with augment.mixup/cutmix (the "
                            "teacher's targets describe the unmixed images): set augment.mixup=0 and augment.cutmix=0")
+    _check_probe(cfg, source)
+    _check_text_heads(cfg, source)
     sampler = cfg["sampler"]
     if sampler["name"] == "pk" and any(LOSSES[loss["name"]].needs_class_batches
                                        for spec in cfg["levels"].values() for loss in spec["loss"]):
         if sampler["images_per_class"] < 2:
             raise HerbensError(f"{source}: sampler.images_per_class: a metric loss needs at least 2 "
                                f"images per class, got {sampler['images_per_class']}")
+
+
+def _check_probe(cfg: dict, source: str) -> None:
+    """A linear probe (``train.freeze_trunk_epochs``) fits in the run and in its schedule."""
+    train = cfg["train"]
+    frozen, epochs = train["freeze_trunk_epochs"], train["epochs"]
+    if frozen > epochs:
+        raise HerbensError(f"{source}: train.freeze_trunk_epochs={frozen} is more than train.epochs={epochs}")
+    if 0 < frozen < epochs and cfg["scheduler"]["name"] == "onecycle":
+        # The probe and the fine-tuning each get a schedule; two one-cycle schedulers cannot
+        # share one optimizer (each rewrites the groups' initial_lr and momentum).
+        raise HerbensError(f"{source}: train.freeze_trunk_epochs={frozen} (probe, then fine-tune) needs "
+                           f"scheduler.name cosine or none, got onecycle")
+
+
+def _check_text_heads(cfg: dict, source: str) -> None:
+    """``text_heads.levels`` needs the CLIP trunk and cosine heads its embeddings are copied into."""
+    levels = cfg["text_heads"]["levels"]
+    if not levels:
+        return
+    from herbens.models.clip import template_error
+
+    model = cfg["model"]
+    for level in levels:
+        error = template_error(cfg["text_heads"]["template"], level)
+        if error:
+            raise HerbensError(f"{source}: text_heads.template {cfg['text_heads']['template']!r}: {error}")
+        if level not in cfg["levels"]:
+            raise HerbensError(f"{source}: text_heads.levels names {level}, but levels.{level} is null")
+        head = cfg["levels"][level]["head"]["name"]
+        if head != "cosine":
+            raise HerbensError(f"{source}: text_heads.levels: levels.{level}.head must be cosine (its weights "
+                               f"become the class-name embeddings), got {head!r}")
+    if model["neck"]["name"] != "none":
+        raise HerbensError(f"{source}: text_heads.levels needs model.neck: none (the heads must see CLIP's "
+                           f"image embedding), got {model['neck']['name']!r}")
+    if not model["clip_embed_dim"]:
+        raise HerbensError(f"{source}: text_heads.levels needs model.clip_embed_dim (the trunk must keep "
+                           f"CLIP's image projection)")
+    if not model["open_clip_model"]:
+        raise HerbensError(f"{source}: text_heads.levels needs model.open_clip_model (the checkpoint's "
+                           f"open_clip architecture)")
+    if not model["pretrained"] or not (model["pretrained_file"]
+                                       or model["open_clip_model"].startswith("local-dir:")):
+        # Heads from one checkpoint's text tower on a trunk without its image tower would not match.
+        raise HerbensError(f"{source}: text_heads.levels needs model.pretrained=true and model.pretrained_file "
+                           f"(the open_clip checkpoint both towers come from)")
 
 
 def resumable_paths() -> list[str]:

@@ -96,6 +96,20 @@ class Model(Section):
                                                            "null (on for SwinV2 trunks) | true | false")
     model_kwargs: dict[str, Any] = Field({}, description="extra timm.create_model keywords, e.g. "
                                                          "{img_size: 256} for a ViT at 256 px")
+    clip_embed_dim: int | None = Field(None, ge=1, description=(
+        "CLIP image towers (vit_*_clip_*): keep the image projection of this size as the trunk's output "
+        "(512 ViT-B/16, 768 ViT-L/14); null: pooled features, no projection"))
+    open_clip_model: str | None = Field(None, min_length=1, description=(
+        "open_clip architecture of pretrained_file (ViT-B-16 | ViT-L-14 | local-dir:/folder): builds the "
+        "text tower for text_heads and herbens zeroshot"))
+
+    @field_validator("open_clip_model")
+    @classmethod
+    def _offline_open_clip(cls, name: str | None) -> str | None:
+        if name is not None and name.startswith("hf-hub:"):
+            raise ValueError(f"{name!r}: hub names download; download the repository once and pass "
+                             f"local-dir:/its/folder instead")
+        return name
 
     @field_validator("backbone")
     @classmethod
@@ -130,6 +144,23 @@ class Levels(Section):
     def _species_required(cls, value):
         if value is None:
             raise ValueError("the species level is required (submissions predict species)")
+        return value
+
+
+class TextHeads(Section):
+    levels: list[Literal["species", "genus", "family"]] = Field([], description=(
+        "e.g. [species, genus, family]: cosine heads set to the class-name embeddings, scale "
+        "exp(logit_scale) (replacing the head's own scale)"))
+    template: str = Field("a photo of {name}.", min_length=1, description=(
+        "str.format prompt per class: {name} (scientific name / genus / family), {genus} and {family} "
+        "(the names above it); BioCLIP's taxonomic style: 'a photo of Plantae Tracheophyta {family} {name}.'"))
+    batch_size: int = Field(256, ge=1, description="prompts per text-tower batch", json_schema_extra=RESUMABLE)
+
+    @field_validator("levels")
+    @classmethod
+    def _unique(cls, value: list) -> list:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a level twice: {value!r}")
         return value
 
 
@@ -236,6 +267,11 @@ class Train(Section):
     log_every: int = Field(10, ge=1, description="steps between progress-bar/log updates",
                            json_schema_extra=RESUMABLE)
     deterministic: bool = Field(False, description="torch deterministic algorithms (exact resume checks)")
+    freeze_trunk_epochs: int = Field(0, ge=0, description=(
+        "linear probe first: train only neck and heads (trunk frozen, eval mode) for N epochs"))
+    unfreeze_warmup_epochs: float = Field(0.0, ge=0, description=(
+        "then fine-tune everything: a fresh warm-up from scheduler.warmup_lr, then the schedule over the "
+        "remaining epochs"))
     trackers: list[str] = Field([], description="Accelerate trackers fed the history.jsonl numbers each epoch "
                                                 "(written to <run>/trackers/), e.g. [tensorboard]; also wandb, "
                                                 "mlflow, ... when installed", json_schema_extra=RESUMABLE)
@@ -308,6 +344,8 @@ class Recipe(Section):
     model: Model = Field({}, description="the trunk and the neck between it and the heads")
     levels: Levels = Field({}, description="one entry per taxonomic level: its head, its loss (or "
                                            "weighted losses) and its weight; null drops a level")
+    text_heads: TextHeads = Field({}, description="CLIP-family trunks: heads that start from the text tower's "
+                                                  "embeddings of each class's name")
     input: Input = Field({}, description="the model's input size")
     augment: Augment = Field({}, description="training augmentation")
     sampler: Annotated[Node, _node("sampler")] = Field(

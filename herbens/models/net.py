@@ -104,31 +104,59 @@ class HierarchicalNet(nn.Module):
         channels_last: convert inputs (and the model, in :func:`build_model`) to NHWC.
         grad_checkpointing: recompute trunk activations in backward.
         model_kwargs: extra ``timm.create_model`` keywords (e.g. ``img_size`` for a ViT).
+        clip_embed_dim: CLIP image towers: keep the image projection (timm's ``head``) of this
+            output size, so the trunk outputs CLIP's joint embedding (see herbens.models.clip).
     """
 
     def __init__(self, backbone: str, level_classes: dict[str, int], heads: dict[str, dict],
                  pretrained: bool = False, pretrained_file: str | Path | None = None,
                  neck: dict | None = None, drop_path_rate: float = 0.0,
                  drop_rate: float = 0.0, channels_last: bool = False,
-                 grad_checkpointing: bool = False, model_kwargs: dict | None = None):
+                 grad_checkpointing: bool = False, model_kwargs: dict | None = None,
+                 clip_embed_dim: int | None = None):
         super().__init__()
         if not level_classes:
             raise HerbensError("the model needs at least one level (all levels are null)")
         self.backbone = backbone
         self.trunk = create_trunk(backbone, pretrained, pretrained_file, drop_rate, drop_path_rate,
-                                  model_kwargs)
+                                  model_kwargs, clip_embed_dim)
         self.data_config = resolve_model_data_config(self.trunk)
         self.neck = build_neck(neck or {"name": "none"}, trunk_out_dim(self.trunk))
         self.heads = nn.ModuleDict({
             level: build_head(self.neck.out_dim, n, **(heads.get(level) or {"name": "linear"}))
             for level, n in level_classes.items()})
         self.channels_last = channels_last
+        self.trunk_frozen = False  # a linear probe (set_trunk_frozen)
+        self._frozen_params: list[nn.Parameter] = []
         if grad_checkpointing:
             _enable_grad_checkpointing(self.trunk, backbone)
 
     @property
     def embedding_dim(self) -> int:
         return self.neck.out_dim
+
+    def set_trunk_frozen(self, frozen: bool) -> None:
+        """Freeze the trunk for a linear probe (eval mode, no gradients) or release it.
+
+        Without gradients the optimizer skips the trunk's parameters (no update, no weight
+        decay), and in eval mode its BatchNorm statistics and stochastic depth stay still too;
+        ``train()`` keeps a frozen trunk in eval mode. Releasing restores only what freezing
+        turned off (a parameter timm keeps fixed stays fixed).
+        """
+        if frozen and not self._frozen_params:
+            self._frozen_params = [p for p in self.trunk.parameters() if p.requires_grad]
+        for p in self._frozen_params:
+            p.requires_grad_(not frozen)
+        if not frozen:
+            self._frozen_params = []
+        self.trunk_frozen = bool(frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.trunk_frozen:
+            self.trunk.eval()
+        return self
 
     def forward(self, images: torch.Tensor,
                 targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -157,16 +185,22 @@ class HierarchicalNet(nn.Module):
 
 def create_trunk(backbone: str, pretrained: bool = False, pretrained_file: str | Path | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 model_kwargs: dict | None = None) -> nn.Module:
+                 model_kwargs: dict | None = None, clip_embed_dim: int | None = None) -> nn.Module:
     """``timm.create_model(backbone, num_classes=0, ...)`` with herbens errors.
 
     Offline weights use timm's own loader (``pretrained_cfg_overlay=dict(file=...)``), which
-    drops the classifier and adapts input convolutions exactly as a hub download would.
+    drops the classifier and adapts input convolutions exactly as a hub download would, and
+    converts OpenAI / open_clip checkpoints (``visual.*`` keys) of ``vit_*_clip_*`` models.
+    With ``clip_embed_dim`` the trunk keeps timm's ``head`` at that size: for a CLIP tower it is
+    the image projection (the checkpoint's ``visual.proj``, bias zero); ``num_classes`` is
+    overlaid on the pretrained config too, or timm would drop the projection as a mismatched
+    classifier.
     """
     error = backbone_error(backbone)
     if error:
         raise HerbensError(f"model.backbone: {error}")
-    kwargs = dict(model_kwargs or {}, pretrained=pretrained, num_classes=0)
+    num_classes = int(clip_embed_dim or 0)
+    kwargs = dict(model_kwargs or {}, pretrained=pretrained, num_classes=num_classes)
     # Only passed when set: a few architectures take no dropout / stochastic-depth argument.
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
@@ -180,6 +214,8 @@ def create_trunk(backbone: str, pretrained: bool = False, pretrained_file: str |
             raise HerbensError(f"model.pretrained_file {pretrained_file} does not exist")
         else:
             kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    if num_classes:
+        kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay", {}), num_classes=num_classes)
     try:
         return timm.create_model(backbone, **kwargs)
     except TypeError as exc:
@@ -216,8 +252,10 @@ def trunk_out_dim(trunk: nn.Module) -> int:
     """Size of the trunk's pooled output with ``num_classes=0``.
 
     Models with a pre-logits layer (MobileNetV3, MambaOut, ...) output ``head_hidden_size``,
-    not ``num_features``.
+    not ``num_features``; a trunk that keeps its head (a CLIP projection) outputs ``num_classes``.
     """
+    if getattr(trunk, "num_classes", 0):
+        return int(trunk.num_classes)
     return int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
 
 
@@ -241,6 +279,7 @@ def build_model(cfg: dict, taxonomy) -> HierarchicalNet:
         channels_last=m["channels_last"],
         grad_checkpointing=m["grad_checkpointing"],
         model_kwargs=m["model_kwargs"],
+        clip_embed_dim=m["clip_embed_dim"],
     )
     fuse_window_attention(net.trunk, m["fused_attention"], m["backbone"])
     if net.channels_last:
