@@ -329,13 +329,18 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     accelerator.print(plan.summary())
     state = TrainState()
     try:
-        if accelerator.is_main_process and not resume:
-            write_run_header(run_dir, cfg, setup.data)
+        if accelerator.is_main_process:
+            if resume:  # the run now trains this recipe (resumable keys such as train.epochs may differ)
+                save_config(cfg, run_dir / "config.yaml")
+            else:
+                write_run_header(run_dir, cfg, setup.data)
         accelerator.wait_for_everyone()
         for obj in (setup.schedule, state, setup.criterion) + ((setup.ema,) if setup.ema is not None else ()):
             accelerator.register_for_checkpointing(obj)
         if resume:
             resume_checkpoint(accelerator, run_dir)
+            # The schedule of this recipe's length (train.epochs may have grown), at the restored update.
+            setup.schedule.seek(state.step)
         accelerator.init_trackers(cfg["name"], config=_flat_config(cfg))
         parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
                            tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"])
