@@ -261,6 +261,7 @@ def test_a_resumed_longer_schedule_follows_the_longer_one_from_the_resume_step(s
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")  # the reference steps no optimizer
 @pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
 def test_resume_with_more_epochs_extends_the_schedule(tiny_herbarium, tmp_path, scheduler):
     extra = ["name=longer", f"scheduler.name={scheduler}", "infer.splits=[val]"]
@@ -395,9 +396,17 @@ def test_unknown_or_missing_tracker_is_a_clear_error(tiny_herbarium, tmp_path, c
     from accelerate.utils import LoggerType
 
     assert train_tiny(tiny_herbarium, tmp_path, extra=["train.trackers=[tensorbored]"]) == 2
-    assert "train.trackers: unknown tracker 'tensorbored'" in capsys.readouterr().err
+    assert "train.trackers[0]: unknown tracker 'tensorbored' (did you mean tensorboard?)" in capsys.readouterr().err
     missing = [n for n in LoggerType.list() if n != "all" and LoggerType(n) not in get_available_trackers()]
     if missing:
         assert train_tiny(tiny_herbarium, tmp_path, extra=[f"train.trackers=[{missing[0]}]"]) == 2
         assert f"train.trackers: {missing[0]} is not installed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_fp16_on_a_cpu_is_refused_before_anything_starts(tiny_herbarium, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: fp16 is real there")
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["train.precision=fp16"], flags=["--check"]) == 2
+    assert "train.precision=fp16 needs a GPU" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
