@@ -232,8 +232,8 @@ def _lr_after(scheduler_cfg: dict, epochs: int, updates_per_epoch: int, lr: floa
 def test_a_resumed_longer_schedule_follows_the_longer_one_from_the_resume_step(scheduler):
     # Trained 2 epochs of 5 updates, resumed with train.epochs=4: from update 10 on, the learning
     # rates are exactly those of an uninterrupted 4-epoch schedule. (Before the resume the run
-    # followed the 2-epoch schedule; under onecycle, whose whole shape depends on its length,
-    # the rate jumps at the resume step from the short schedule's end to the long one's value.)
+    # followed the 2-epoch schedule; both shapes depend on their length, so the rate jumps at the
+    # resume step from the short schedule's end to the long one's value: a warm restart.)
     from herbens.config import load_config
     from herbens.optim import build_schedule
 
