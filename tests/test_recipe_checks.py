@@ -95,7 +95,10 @@ def test_recipe_passes_the_preflight(name, tiny_herbarium, teacher, tmp_path):
     # The structure under test is the recipe's own.
     assert cfg["levels"] == recipe["levels"] and cfg["scheduler"] == recipe["scheduler"]
     assert cfg["train"] == {**recipe["train"], "batch_size": BATCH}
-    assert cfg["optimizer"] == recipe["optimizer"] and cfg["infer"]["tta"] == recipe["infer"]["tta"]
+    assert cfg["optimizer"] == recipe["optimizer"] and cfg["infer"] == {**recipe["infer"], "batch_size": BATCH}
+    assert cfg["sampler"]["name"] == recipe["sampler"]["name"] and cfg["distill"].keys() == recipe["distill"].keys()
+    for key in ("neck", "compile", "channels_last", "drop_path_rate", "drop_rate", "grad_checkpointing"):
+        assert cfg["model"][key] == recipe["model"][key], key
 
     plan = check(cfg)
     grad_accum = recipe["train"]["grad_accum"]
