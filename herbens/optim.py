@@ -7,6 +7,7 @@ parameters train at the full learning rate (they start from scratch).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
@@ -83,8 +84,12 @@ class StepSchedule:
     """Per-optimizer-step LR schedule with one interface for timm and torch schedulers.
 
     timm's schedulers are driven by ``step_update(num_updates)``; the paper's one-cycle
-    schedule is torch's ``OneCycleLR`` (stepped once per update). Checkpointed through
-    ``state_dict``.
+    schedule is torch's ``OneCycleLR`` (stepped once per update). A schedule is a function of
+    the update count alone, its length fixed by the recipe it was built for, so it holds no
+    state of its own: the update count is the trainer's (checkpointed with the run), and a
+    resumed run builds the schedule for its own, possibly longer, ``train.epochs`` and
+    seeks (:meth:`seek`) to the restored count. Restoring the old scheduler object instead would
+    bring back the old length (OneCycleLR's ``total_steps``, timm's ``t_initial``).
     """
 
     def __init__(self, scheduler, kind: str):
@@ -97,12 +102,24 @@ class StepSchedule:
         elif self.kind == "torch":
             self.scheduler.step()
 
+    def seek(self, num_updates: int) -> None:
+        """Set the optimizer's learning rates to their values after ``num_updates`` updates."""
+        if self.kind == "timm":
+            self.scheduler.step_update(num_updates)
+        elif self.kind == "torch":
+            # A run resumed with fewer epochs than it has trained takes no more steps: stop at the end.
+            self.scheduler.last_epoch = min(num_updates, self.scheduler.total_steps - 1) - 1
+            with warnings.catch_warnings():  # torch's "scheduler stepped before optimizer" note
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+
     def state_dict(self) -> dict:
-        return self.scheduler.state_dict() if self.scheduler is not None else {}
+        # Registered for checkpointing only so that checkpoints keep their layout (custom object 0).
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state)
+        """Nothing to restore (see the class docstring); checkpoints written before this held the
+        scheduler's own state, whose old length must not come back either."""
 
 
 def build_schedule(optimizer, sched_cfg: dict, epochs: int, updates_per_epoch: int, lr: float) -> StepSchedule:

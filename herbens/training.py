@@ -102,18 +102,28 @@ def launched_on_cpus_only() -> bool:
 
 
 def tracker_names(cfg: dict) -> list[str]:
-    """``train.trackers``, each an Accelerate tracker that is installed."""
+    """``train.trackers`` (names checked by the schema at load), each one installed here."""
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
     names = list(cfg["train"]["trackers"])
-    known = [name for name in LoggerType.list() if name != "all"]
     for name in names:
-        if name not in known:
-            raise HerbensError(f"train.trackers: unknown tracker {name!r}; choose from {', '.join(known)}")
         if LoggerType(name) not in get_available_trackers():
             raise HerbensError(f"train.trackers: {name} is not installed (pip install {name})")
     return names
+
+
+def check_precision(precision: str, cpu: bool) -> None:
+    """Refuse ``train.precision=fp16`` on a CPU, where Accelerate would silently train in fp32.
+
+    Asked of Accelerate's process state before the Accelerator exists, whose mixed precision
+    cannot change once set in a process.
+    """
+    from accelerate import PartialState
+
+    if precision == "fp16" and PartialState(cpu=cpu).device.type == "cpu":
+        raise HerbensError("train.precision=fp16 needs a GPU: this process runs on the CPU, where Accelerate "
+                           "ignores fp16 and trains in fp32; set train.precision=bf16 (CPU autocast) or no")
 
 
 def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
@@ -123,6 +133,7 @@ def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
 
     run_dir = Path(run_dir or Path(cfg["output_dir"]) / str(cfg["name"]))
     trackers = tracker_names(cfg)
+    check_precision(cfg["train"]["precision"], launched_on_cpus_only())
     handlers = []
     if cfg["train"]["freeze_trunk_epochs"]:
         # The frozen trunk gets no gradients during the probe: DDP must expect unused parameters.
@@ -344,13 +355,18 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     compile_start = compile_seconds()  # torch.compile works lazily, within the first steps
     state = TrainState()
     try:
-        if accelerator.is_main_process and not resume:
-            write_run_header(run_dir, setup.config, setup.data)
+        if accelerator.is_main_process:
+            if resume:  # the run now trains this recipe (resumable keys such as train.epochs may differ)
+                save_config(setup.config, run_dir / "config.yaml")
+            else:
+                write_run_header(run_dir, setup.config, setup.data)
         accelerator.wait_for_everyone()
         for obj in (setup.schedule, state, setup.criterion) + ((setup.ema,) if setup.ema is not None else ()):
             accelerator.register_for_checkpointing(obj)
         if resume:
             resume_checkpoint(accelerator, run_dir)
+            # The schedule of this recipe's length (train.epochs may have grown), at the restored update.
+            setup.schedule.seek(state.step)
         accelerator.init_trackers(cfg["name"], config=_flat_config(cfg))
         parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
                            tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"])

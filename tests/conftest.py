@@ -49,6 +49,28 @@ def train_tiny(root: Path, out: Path, recipe: str = "demo_ce", extra: list[str] 
     return main(argv)
 
 
+def planted_teacher(root, out, drop: int = 0, taxonomy_hash: str | None = None):
+    """A teacher folder (what ``herbens teach`` writes) with species and genus targets for every
+    training-metadata image: 90 % on the true class, the rest spread."""
+    import numpy as np
+
+    from herbens.data.metadata import load_train_metadata
+    from herbens.data.taxonomy import Taxonomy
+    from herbens.targets import open_targets_writer
+
+    meta = load_train_metadata(root / "train_metadata.json")
+    taxonomy = Taxonomy.from_metadata(meta)
+    ids = meta.images["image_id"].astype(str).tolist()[drop:]
+    species = taxonomy.index_of(meta.images["category_id"].to_numpy())[drop:]
+    shapes = {level: (3, taxonomy.num_classes(level)) for level in ("species", "genus")}
+    with open_targets_writer(out, "train", ids, shapes, {"taxonomy_hash": taxonomy_hash or taxonomy.hash}) as writer:
+        for level, (_, c) in shapes.items():
+            probs = np.full((len(ids), c), 0.1 / c)
+            probs[np.arange(len(ids)), taxonomy.level_indices(level, species)] += 0.9
+            writer.write(level, 0, np.log(probs))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_herbarium, tmp_path_factory) -> Path:
     """A finished run directory of the demo_ce recipe on the tiny herbarium."""

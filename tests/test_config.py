@@ -135,6 +135,15 @@ BAD = [
     (["levels.species.loss_params={p: 0.5}"], r"levels\.species\.loss_params: unknown key from an older recipe format: the loss is one node"),
     (["model.embedding_dim=128"], r"model\.embedding_dim: unknown key from an older recipe format"),
     (["data.format=kaggle2023"], r"data\.format: must be 'auto', 'kaggle2022', 'kaggle2021' or 'csv'"),
+    (["train.trackers=[tensorboard, wandbb]"], r"train\.trackers\[1\]: unknown tracker 'wandbb' \(did you mean wandb\?\)"),
+    (["infer.tta_space=logits"], r"infer\.tta_space: must be 'logit' or 'prob', got 'logits'"),
+    (["infer.splits=[val, val]"], r"infer\.splits: names a split twice"),
+    (["augment.ratio=[1.5, 0.5]"], r"augment\.ratio: must be \[min, max\] with 0 < min <= max"),
+    (["optimizer.layer_decay=1.5"], r"optimizer\.layer_decay: must be less than or equal to 1, got 1\.5"),
+    (["scheduler.pct_start=1.0"], r"scheduler\.pct_start: must be less than 1, got 1\.0"),
+    (["train.ema_decay=1"], r"train\.ema_decay: must be less than 1, got 1"),
+    (["distill.teacher=runs/t", "augment.mixup=0.2"], r"distill\.teacher cannot be combined with augment\.mixup"),
+    (["train.trackers=tensorboard"], r"train\.trackers: must be a valid list, got 'tensorboard'"),
 ]
 
 

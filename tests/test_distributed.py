@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from herbens.cli import main as cli_main
+from herbens.config import load_config
 from herbens.data.metadata import load_test_metadata, load_train_metadata
 from herbens.data.taxonomy import Taxonomy
 from herbens.logits import read_logits
@@ -163,7 +163,7 @@ def test_seesaw_counts_identical_on_ranks_and_in_checkpoint(probe):
     saved = torch.load(next((probe / "demo_seesaw" / "checkpoints").glob("epoch*/custom_checkpoint_2.pkl")),
                        weights_only=False)
     for level in ("species", "genus"):
-        key = f"losses.{level}.terms.0.cum_samples"
+        key = f"losses.{level}.terms.0.cum_samples"  # the level's first (here only) loss term
         counts = [r["criterion"][key] for r in ranks]
         assert torch.equal(counts[0], counts[1])
         # All-reduced: every label seen by either rank is counted once, on both.
@@ -186,8 +186,7 @@ def test_subcenter_arcface_weights_trained_and_identical(probe):
     key = "heads.species.loss.W"
     assert torch.equal(ranks[0]["final"][key], ranks[1]["final"][key])
     assert not torch.equal(ranks[0]["final"][key], ranks[0]["initial"][key])  # it did train
-    config = yaml.safe_load((ROOT / "recipes" / "demo_arcface.yaml").read_text())
-    sub_centers = config["levels"]["species"]["head"]["sub_centers"]
+    sub_centers = load_config("demo_arcface")["levels"]["species"]["head"]["sub_centers"]
     assert ranks[0]["final"][key].shape[1] == 6 * sub_centers  # 6 species in the tiny herbarium
     assert_loss_decreases(ranks)
 

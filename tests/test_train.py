@@ -215,6 +215,73 @@ def test_grad_accum_run_completes_with_the_schedule_at_its_end(tiny_herbarium, t
     assert history[-1]["lr"] == pytest.approx(final, rel=1e-6)
 
 
+def _lr_after(scheduler_cfg: dict, epochs: int, updates_per_epoch: int, lr: float, steps: list[int]) -> list[float]:
+    """The learning rate after each of ``steps`` updates of an uninterrupted schedule (the reference)."""
+    from herbens.optim import build_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = build_schedule(optimizer, scheduler_cfg, epochs, updates_per_epoch, lr)
+    rates = {}
+    for step in range(1, max(steps) + 1):
+        schedule.step(step)
+        rates[step] = optimizer.param_groups[0]["lr"]
+    return [rates[step] for step in steps]
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_a_resumed_longer_schedule_follows_the_longer_one_from_the_resume_step(scheduler):
+    # Trained 2 epochs of 5 updates, resumed with train.epochs=4: from update 10 on, the learning
+    # rates are exactly those of an uninterrupted 4-epoch schedule. (Before the resume the run
+    # followed the 2-epoch schedule; both shapes depend on their length, so the rate jumps at the
+    # resume step from the short schedule's end to the long one's value: a warm restart.)
+    from herbens.config import load_config
+    from herbens.optim import build_schedule
+
+    cfg = load_config("demo_ce", [f"scheduler.name={scheduler}", "scheduler.warmup_epochs=1"])["scheduler"]
+    per_epoch, done, lr = 5, 10, 0.01
+
+    def built(epochs):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return optimizer, build_schedule(optimizer, cfg, epochs, per_epoch, lr)
+
+    short_optimizer, short = built(2)
+    for step in range(1, done + 1):
+        short.step(step)
+    optimizer, schedule = built(4)  # the resumed run: rebuilt for 4 epochs, then its checkpoint loaded
+    optimizer.load_state_dict(short_optimizer.state_dict())
+    schedule.load_state_dict(short.state_dict())
+    schedule.seek(done)
+    resumed = [optimizer.param_groups[0]["lr"]]
+    for step in range(done + 1, 4 * per_epoch + 1):
+        schedule.step(step)
+        resumed.append(optimizer.param_groups[0]["lr"])
+    assert resumed == _lr_after(cfg, 4, per_epoch, lr, list(range(done, 4 * per_epoch + 1)))
+    final = lr / cfg["div_factor"] ** 2 if scheduler == "onecycle" else cfg["min_lr"]
+    assert resumed[-1] == pytest.approx(final, rel=1e-9) and resumed[0] > 2 * final
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")  # the reference steps no optimizer
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_resume_with_more_epochs_extends_the_schedule(tiny_herbarium, tmp_path, scheduler):
+    extra = ["name=longer", f"scheduler.name={scheduler}", "infer.splits=[val]"]
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra + ["train.epochs=2"]) == 0
+    assert train_tiny(tiny_herbarium, tmp_path, extra=extra + ["train.epochs=4"], flags=["--resume"]) == 0
+    run = tmp_path / "longer"
+    cfg = load_run_config(run)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and cfg["train"]["epochs"] == 4
+    per_epoch = history[0]["step"]
+    assert [h["step"] for h in history] == [per_epoch * e for e in (1, 2, 3, 4)]
+    # The resumed epochs end at the learning rates of an uninterrupted 4-epoch run, the last at the end.
+    expected = _lr_after(cfg["scheduler"], 4, per_epoch, cfg["optimizer"]["lr"], [h["step"] for h in history[2:]])
+    assert [h["lr"] for h in history[2:]] == pytest.approx(expected, rel=1e-9)
+    peak = cfg["optimizer"]["lr"]
+    final = peak / cfg["scheduler"]["div_factor"] ** 2 if scheduler == "onecycle" else cfg["scheduler"]["min_lr"]
+    assert history[-1]["lr"] == pytest.approx(final, rel=1e-6)
+
+
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
 def test_layer_decay_scales_every_groups_learning_rate(taxonomy, scheduler):
@@ -330,7 +397,7 @@ def test_unknown_or_missing_tracker_is_a_clear_error(tiny_herbarium, tmp_path, c
     from accelerate.utils import LoggerType
 
     assert train_tiny(tiny_herbarium, tmp_path, extra=["train.trackers=[tensorbored]"]) == 2
-    assert "train.trackers: unknown tracker 'tensorbored'" in capsys.readouterr().err
+    assert "train.trackers[0]: unknown tracker 'tensorbored' (did you mean tensorboard?)" in capsys.readouterr().err
     missing = [n for n in LoggerType.list() if n != "all" and LoggerType(n) not in get_available_trackers()]
     if missing:
         assert train_tiny(tiny_herbarium, tmp_path, extra=[f"train.trackers=[{missing[0]}]"]) == 2
@@ -347,3 +414,11 @@ def test_trunk_compiled_run_reports_compile_time_and_saves_plain_keys(tiny_run, 
     assert metrics["cost"]["compile_time_s"] > 0
     weights = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
     assert list(weights) == list(torch.load(tiny_run / "model.pt", weights_only=True))  # no "_orig_mod."
+
+
+def test_fp16_on_a_cpu_is_refused_before_anything_starts(tiny_herbarium, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: fp16 is real there")
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["train.precision=fp16"], flags=["--check"]) == 2
+    assert "train.precision=fp16 needs a GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

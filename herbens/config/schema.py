@@ -282,6 +282,20 @@ class Train(Section):
         # YAML 1.1 reads an unquoted `no` (train.precision=no) as false.
         return "no" if value is False else value
 
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, names: list) -> list:
+        # Accelerate's list of names imports no tracker package; whether each named one is
+        # installed is checked when the run starts (herbens.training.tracker_names).
+        from accelerate.utils import LoggerType
+
+        known = [name for name in LoggerType.list() if name != "all"]
+        for i, name in enumerate(names):
+            if name not in known:
+                raise node_error(f"[{i}]", f"unknown tracker {name!r}{suggestion(name, known)}; "
+                                           f"known: {', '.join(known)}")
+        return names
+
 
 class Infer(Section):
     batch_size: int = Field(64, ge=1, description="images per prediction batch (each expands to its "
