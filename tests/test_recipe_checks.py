@@ -5,7 +5,8 @@ length, precision, gradient accumulation, EMA, test-time views, ``compile``. Onl
 run in seconds on a CPU is shrunk: the backbone becomes a tiny model of the same timm family
 (:data:`STAND_INS`), the input and the batch shrink so a tiny split holds a full batch, and
 pretrained weights are off (no download). Recipes that read external files get them built
-here (a planted teacher folder for ``distill.teacher``).
+here (a planted teacher folder for ``distill.teacher``, a tiny random open_clip checkpoint of
+the same tower type for the CLIP recipes' text heads).
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import planted_teacher
+from test_clip import EMBED_DIM as CLIP_EMBED_DIM
+from test_clip import HEADS as CLIP_HEADS
+from test_clip import IMAGE as CLIP_IMAGE
+from test_clip import LAYERS as CLIP_LAYERS
+from test_clip import PATCH as CLIP_PATCH
+from test_clip import WIDTH as CLIP_WIDTH
+from test_clip import make_checkpoint
 from herbens.config import load_config
 from herbens.optim import scaled_lr
 from herbens.recipes import recipe_paths
@@ -27,8 +35,13 @@ BATCH = 4  # the tiny split's training images hold a few batches of 4
 # real name is kept where timm's own keywords shrink it (Swin, ResNeSt), so the recipe's
 # architecture, and its layer-decay grouping, is what the preflight builds.
 _SWIN = {"img_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 2}
+_CLIP = {"img_size": CLIP_IMAGE, "patch_size": CLIP_PATCH, "embed_dim": CLIP_WIDTH, "depth": CLIP_LAYERS,
+         "num_heads": CLIP_HEADS}
 STAND_INS = {
     "test_": (None, None, [48, 32]),  # already tiny: the demo recipes
+    "vit_base_patch16_clip": (None, _CLIP, [CLIP_IMAGE, CLIP_IMAGE]),  # the tiny open_clip tower of test_clip
+    "vit_large_patch14_clip": (None, _CLIP, [CLIP_IMAGE, CLIP_IMAGE]),
+    "eva02_": (None, {"img_size": 28, "embed_dim": 32, "depth": 1, "num_heads": 2}, [28, 28]),
     "vit_": ("test_vit", {"img_size": 32}, [32, 32]),
     "deit3_": ("test_vit", {"img_size": 32}, [32, 32]),
     "swin_": (None, _SWIN, [64, 64]),
@@ -51,12 +64,21 @@ def stand_in(backbone: str) -> tuple[str, dict | None, list[int]]:
     raise AssertionError(f"no tiny stand-in for {backbone!r}: add its family to STAND_INS")
 
 
+def clip_overrides(cfg: dict, folder: Path) -> list[str]:
+    """A tiny random open_clip checkpoint (the recipe's GELU kind) for a recipe with text heads."""
+    _, name, path, _ = make_checkpoint(folder, quick_gelu="quickgelu" in cfg["model"]["backbone"])
+    return ["model.pretrained=true", f"model.pretrained_file={path}", f"model.clip_embed_dim={CLIP_EMBED_DIM}",
+            f"model.open_clip_model={name}"]
+
+
 def check_overrides(cfg: dict, root: Path, out: Path, teacher: Path) -> list[str]:
     """Overrides that shrink ``cfg`` (a loaded recipe) to the tiny herbarium, keeping its structure."""
     backbone, kwargs, size = stand_in(cfg["model"]["backbone"])
     overrides = [f"data.root={root}", f"output_dir={out}", "data.num_workers=0", "data.val_fraction=0.25",
                  "model.pretrained=false", "model.pretrained_file=null", f"model.backbone={backbone}",
                  f"input.size={size}", f"train.batch_size={BATCH}", f"infer.batch_size={BATCH}"]
+    if cfg["text_heads"]["levels"]:
+        overrides += clip_overrides(cfg, out.parent)
     if kwargs is not None:
         overrides.append(f"model.model_kwargs={kwargs}")
     if cfg["sampler"]["name"] == "pk":  # 2 species x 2 images: the batch of 4, from 6 species
