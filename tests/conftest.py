@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,12 @@ import torch
 # Two cores in CI: one torch thread per process keeps parallel data workers from thrashing.
 torch.set_num_threads(1)
 os.environ.setdefault("TQDM_DISABLE", "1")
+# torch.compile's inductor caches compiled kernels under /tmp, shared by every process of the
+# user; a process killed while writing one leaves a truncated file that later runs load and
+# fail on ("file too short"). Each test session compiles into a cache of its own.
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="herbens-inductor-")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE)
+atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 TINY_OVERRIDES = [
     "train.epochs=2", "train.batch_size=8", "input.size=[48,32]", "data.num_workers=0",

@@ -66,6 +66,7 @@ def test_trunk_without_block_sequences_is_refused(taxonomy):
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_heavy  # inductor compiles 4 SwinV2 blocks forward and backward: > 5 min on 2 cores
 def test_trunk_compiled_fused_swinv2_trains_like_eager(taxonomy):
     eager = build_model(model_cfg(SWINV2, model_kwargs=dict(SWINV2_TINY)), taxonomy).train()
     compiled = copy.deepcopy(eager)
