@@ -47,6 +47,23 @@ HANG_TIMEOUT_S = 600
 NOBODY = 65534
 
 
+def kill_at_first_checkpoint(train_args: list[str], pointer, log) -> None:
+    """Run ``herbens train *train_args`` in a child process and SIGKILL it as soon as
+    ``pointer`` (the checkpoint pointer) appears; fail with its log if it ended otherwise."""
+    with open(log, "wb") as handle:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen([sys.executable, "-m", "herbens.cli", "train", *train_args], cwd=ROOT,
+                                env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + HANG_TIMEOUT_S
+        while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=HANG_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+
 def child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -100,20 +117,8 @@ def test_sigkill_mid_epoch_then_resume_ends_bitwise_equal_to_an_uninterrupted_ru
     args = ["demo_seesaw", f"data.root={tiny_herbarium}", f"output_dir={tmp_path}", "name=killed",
             *TINY_OVERRIDES, *RESUME_ARGS]
     pointer = tmp_path / "killed" / "checkpoints" / POINTER
-    log = tmp_path / "train.log"  # a file, not a pipe: a full pipe would stall the child
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "herbens.cli", "train", *args], cwd=ROOT,
-                                env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + HANG_TIMEOUT_S
-        while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=HANG_TIMEOUT_S)
-    finally:
-        proc.kill()
     # Killed after the first of ~30 step checkpoints, long before the end of training.
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    kill_at_first_checkpoint(args, pointer, tmp_path / "train.log")
     assert not (tmp_path / "killed" / "metrics.json").exists()
     saved = read_json(pointer)
     assert saved["step"] >= 1 and saved["batch_in_epoch"] >= 1  # a mid-epoch checkpoint

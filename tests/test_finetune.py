@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -27,7 +23,7 @@ from herbens.errors import HerbensError
 from herbens.fileio import read_json
 from herbens.models.net import build_model
 from herbens.optim import ProbeThenFinetuneSchedule, build_optimizer, build_schedule, build_training_schedule
-from test_faults import HANG_TIMEOUT_S, ROOT, child_env
+from test_faults import kill_at_first_checkpoint
 
 PROBE = ["train.freeze_trunk_epochs=1", "train.unfreeze_warmup_epochs=0.5", "train.batch_size=4",
          "optimizer.layer_decay=0.8", "train.deterministic=true"]
@@ -144,20 +140,8 @@ def test_a_probe_over_every_epoch_may_use_onecycle():
 def test_kill_in_the_probe_then_resume_across_the_switch_is_bitwise_exact(tiny_herbarium, tmp_path):
     args = [*PROBE, "train.checkpoint_every_steps=1", "infer.splits=[]"]
     pointer = tmp_path / "killed" / "checkpoints" / POINTER
-    log = tmp_path / "train.log"
-    command = [sys.executable, "-m", "herbens.cli", "train", "demo_ce", f"data.root={tiny_herbarium}",
-               f"output_dir={tmp_path}", "name=killed", *TINY_OVERRIDES, *args]
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + HANG_TIMEOUT_S
-        while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=HANG_TIMEOUT_S)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    kill_at_first_checkpoint(["demo_ce", f"data.root={tiny_herbarium}", f"output_dir={tmp_path}", "name=killed",
+                              *TINY_OVERRIDES, *args], pointer, tmp_path / "train.log")
     saved = read_json(pointer)
     assert saved["epoch"] == 0, "killed after the probe: the resume would not cross the switch"
 
