@@ -158,8 +158,7 @@ class ProbeThenFinetuneSchedule:
     The first runs over the ``freeze_trunk_epochs`` (heads only, the trunk frozen), the second
     over the remaining epochs with its own warm-up (``train.unfreeze_warmup_epochs``), so the
     newly trainable trunk starts at ``scheduler.warmup_lr`` rather than at the heads' LR (which
-    would wreck pre-trained features). Steps ``< switch_step`` belong to the first; checkpointed
-    through ``state_dict``.
+    would wreck pre-trained features). Steps ``< switch_step`` belong to the first.
     """
 
     def __init__(self, probe: StepSchedule, finetune: StepSchedule, switch_step: int):
@@ -175,14 +174,20 @@ class ProbeThenFinetuneSchedule:
         else:
             self.finetune.step(num_updates - self.switch_step)
 
+    def seek(self, num_updates: int) -> None:
+        """The learning rates after ``num_updates`` updates (a resumed run), in whichever phase."""
+        if num_updates < self.switch_step:
+            self.probe.seek(num_updates)
+        else:
+            self.finetune.seek(num_updates - self.switch_step)
+
+    # Stateless like StepSchedule: both phases and the switch follow from the recipe (whose
+    # freeze_trunk_epochs a resume may not change) and the restored update count.
     def state_dict(self) -> dict:
-        return {"probe": self.probe.state_dict(), "finetune": self.finetune.state_dict(),
-                "switch_step": self.switch_step}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.probe.load_state_dict(state["probe"])
-        self.finetune.load_state_dict(state["finetune"])
-        self.switch_step = int(state["switch_step"])
+        """Nothing to restore (see :class:`StepSchedule`)."""
 
 
 def build_training_schedule(optimizer, sched_cfg: dict, train_cfg: dict, updates_per_epoch: int, lr: float):

@@ -159,7 +159,7 @@ def test_kill_in_the_probe_then_resume_across_the_switch_is_bitwise_exact(tiny_h
 @pytest.mark.distributed
 def test_two_processes_probe_then_fine_tune(tiny_herbarium, tmp_path):
     # Under DDP the frozen trunk's parameters get no gradient: the reducer must expect that.
-    from test_distributed import torchrun
+    from test_distributed import ROOT, torchrun
 
     torchrun(ROOT / "herbens" / "train.py", ["demo_ce", f"data.root={tiny_herbarium}", f"output_dir={tmp_path}",
                                              "name=ddp", *TINY_OVERRIDES, *PROBE, "infer.splits=[]"])
