@@ -300,7 +300,7 @@ def teacher_for_training(distill_cfg: dict, train_frame, taxonomy, levels: Seque
     training image of the student (by image id, so row order does not matter).
 
     Returns:
-        ``(TeacherRows, {"levels", "alpha", "temperature"})`` or ``(None, None)`` when
+        ``(TeacherRows, {"levels", "alpha", "temperature", "class_balanced_beta"})`` or ``(None, None)`` when
         ``distill.teacher`` is null.
     """
     if not distill_cfg.get("teacher"):
@@ -312,5 +312,6 @@ def teacher_for_training(distill_cfg: dict, train_frame, taxonomy, levels: Seque
                            f"none of this recipe's levels ({', '.join(levels)})")
     rows = store.rows_of(train_frame["image_id"].astype(str).tolist())
     options = {"levels": shared, "alpha": float(distill_cfg["alpha"]),
-               "temperature": float(distill_cfg["temperature"])}
+               "temperature": float(distill_cfg["temperature"]),
+               "class_balanced_beta": distill_cfg.get("class_balanced_beta")}
     return TeacherRows(distill_cfg["teacher"], rows, shared), options

@@ -143,6 +143,7 @@ BAD = [
     (["scheduler.pct_start=1.0"], r"scheduler\.pct_start: must be less than 1, got 1\.0"),
     (["train.ema_decay=1"], r"train\.ema_decay: must be less than 1, got 1"),
     (["distill.teacher=runs/t", "augment.mixup=0.2"], r"distill\.teacher cannot be combined with augment\.mixup"),
+    (["distill.class_balanced_beta=1.0"], r"distill\.class_balanced_beta: must be less than 1, got 1\.0"),
     (["train.trackers=tensorboard"], r"train\.trackers: must be a valid list, got 'tensorboard'"),
 ]
 

@@ -19,7 +19,7 @@ def test_student_trains_on_the_teacher_targets_of_its_levels(tiny_herbarium, tmp
     teacher = planted_teacher(tiny_herbarium, tmp_path / "teacher")
     assert train_tiny(tiny_herbarium, tmp_path, extra=[
         "name=student", "train.epochs=1", f"distill.teacher={teacher}", "distill.alpha=0.7",
-        "distill.temperature=2.0"]) == 0
+        "distill.temperature=2.0", "distill.class_balanced_beta=0.9"]) == 0
     record = _history(tmp_path / "student")[-1]
     # The teacher stored species and genus: both are distilled, family keeps its own loss only.
     assert np.isfinite(record["loss_species_distill"]) and np.isfinite(record["loss_genus_distill"])

@@ -427,3 +427,54 @@ def test_factory_errors(taxonomy):
     with pytest.raises(HerbensError, match="counts"):
         build_level_loss("seesaw", "species", C, COUNTS[:3])
     assert set(LOSSES) == {"ce", "class_balanced", "seesaw", "logit_adjusted", "subcenter_arcface", "ams"}
+
+
+def _teacher_batch(taxonomy, labels, seed=0):
+    """Hard labels per level and a fully stored teacher row (K = C) per image and level."""
+    g = torch.Generator().manual_seed(seed)
+    targets = {"species": labels}
+    for level in ("species", "genus", "family"):
+        c = taxonomy.num_classes(level)
+        logp = torch.log_softmax(torch.randn(len(labels), c, generator=g) * 2, dim=1)
+        order = torch.argsort(logp, dim=1, descending=True)
+        targets[f"teacher.{level}.classes"] = order
+        targets[f"teacher.{level}.logp"] = logp.gather(1, order)
+        targets[f"teacher.{level}.rest"] = torch.zeros(len(labels))
+        if level != "species":
+            targets[level] = torch.as_tensor(taxonomy.level_map(level))[labels]
+    return targets
+
+
+def _dense_kl(z, classes, logp, t):
+    """Per image: T^2 KL(q_T || softmax(z / T)) by a loop over classes."""
+    out = []
+    for b in range(len(z)):
+        q = torch.zeros(z.shape[1], dtype=torch.float64)
+        q[classes[b]] = logp[b].double().exp()
+        q_t = q ** (1 / t) / (q ** (1 / t)).sum()
+        log_s = torch.log_softmax(z[b].double() / t, dim=0)
+        out.append(t * t * sum(q_t[j] * (torch.log(q_t[j]) - log_s[j]) for j in range(len(q)) if q_t[j] > 0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("beta", [None, 0.99])
+def test_distilled_levels_mix_the_class_weighted_kl_with_their_own_loss(taxonomy, beta):
+    levels = resolved_levels("levels.species.loss=class_balanced")
+    alpha, t = 0.3, 2.0
+    distill = {"levels": ["species", "genus", "family"], "alpha": alpha, "temperature": t,
+               "class_balanced_beta": beta}
+    crit = build_criterion(levels, taxonomy, distill)
+    labels = torch.tensor([0, 0, 0, 3, 5])
+    targets = _teacher_batch(taxonomy, labels)
+    outputs = {level: torch.randn(5, taxonomy.num_classes(level)) for level in levels}
+    result = crit(outputs, targets)
+    per_image = torch.ones(5, dtype=torch.float64) if beta is None else torch.as_tensor(
+        class_balanced_weights(taxonomy.level_counts("species"), beta))[labels]
+    expected = 0.0
+    for level, level_weight in (("species", 1.0), ("genus", 0.5), ("family", 0.25)):
+        own = crit.losses[level](outputs, crit.level_target(level, targets))[0]
+        kd = (_dense_kl(outputs[level], targets[f"teacher.{level}.classes"], targets[f"teacher.{level}.logp"], t)
+              * per_image).mean()
+        assert float(result[f"{level}_distill"]) == pytest.approx(float(kd), rel=1e-5)
+        expected = expected + level_weight * ((1 - alpha) * own.double() + alpha * kd)
+    assert float(result["loss"]) == pytest.approx(float(expected), rel=1e-5)

@@ -72,6 +72,19 @@ def test_sparse_kl_equals_the_dense_reference(t, k):
     assert float(got) == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
+def test_weighted_sparse_kl_is_the_plain_mean_of_each_image_weighted_term():
+    rng = np.random.default_rng(5)
+    c, k, t = 6, 3, 2.0
+    classes, logp, rest = sparsify(_log_softmax(rng.normal(size=(4, c)) * 2), k)
+    student = rng.normal(size=(4, c))
+    weights = np.array([0.5, 2.0, 0.0, 1.5])
+    got = sparse_kl_div(torch.tensor(student), torch.tensor(classes).long(), torch.tensor(logp),
+                        torch.tensor(rest), t, weights=torch.tensor(weights))
+    dense = _dense_teacher(classes, logp, rest, c)
+    per_image = [_reference_kl(student[i:i + 1], dense[i:i + 1], t) for i in range(4)]
+    assert float(got) == pytest.approx(float(np.dot(weights, per_image)) / 4, rel=1e-4, abs=1e-6)
+
+
 def test_sparse_kl_gradient_matches_the_dense_kl_gradient():
     rng = np.random.default_rng(3)
     c, k, t = 9, 4, 2.0

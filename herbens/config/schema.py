@@ -343,6 +343,10 @@ class Distill(Section):
                                                       "scaled by T^2")
     alpha: float = Field(0.5, ge=0, le=1, description="share of the distillation term in each distilled "
                                                       "level's loss (the rest: the level's own loss)")
+    class_balanced_beta: float | None = Field(
+        None, ge=0, lt=1, description="weight each image's distillation term by the class-balanced weight "
+                                      "(effective number with this beta, as loss class_balanced) of its "
+                                      "species; null: unweighted")
 
 
 class Recipe(Section):

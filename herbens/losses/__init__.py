@@ -14,7 +14,7 @@ from herbens.losses.ams import AMSLoss
 from herbens.losses.arcface import SubCenterArcFaceMarginLoss
 from herbens.losses.base import LevelLoss
 from herbens.losses.ce import CrossEntropyLoss
-from herbens.losses.class_balanced import ClassBalancedLoss
+from herbens.losses.class_balanced import ClassBalancedLoss, class_balanced_weights
 from herbens.losses.hierarchical import HierarchicalLoss, WeightedLosses, check_mixup_compatible
 from herbens.losses.logit_adjusted import LogitAdjustedLoss
 from herbens.losses.seesaw import SeesawLoss
@@ -49,7 +49,8 @@ def build_criterion(levels_cfg: dict, taxonomy, distill: dict | None = None) -> 
     Each level's ``loss`` is a list of nodes ``{name, weight, **params}``, summed with their
     weights; the level's own ``weight`` is its share of the total. ``distill`` (from
     :func:`herbens.targets.teacher_for_training`) mixes the distilled levels' losses with the
-    teacher's soft targets.
+    teacher's soft targets; with its ``class_balanced_beta``, each image's distillation term is
+    weighted by its species' class-balanced weight.
     """
     losses, weights = {}, {}
     for level, spec in levels_cfg.items():
@@ -62,4 +63,6 @@ def build_criterion(levels_cfg: dict, taxonomy, distill: dict | None = None) -> 
         losses[level] = WeightedLosses(terms, term_weights)
         weights[level] = spec["weight"]
     maps = {level: taxonomy.level_map(level) for level in LEVELS}
-    return HierarchicalLoss(losses, weights, maps, distill=distill)
+    beta = (distill or {}).get("class_balanced_beta")
+    class_weights = None if beta is None else class_balanced_weights(taxonomy.level_counts("species"), beta)
+    return HierarchicalLoss(losses, weights, maps, distill=distill, distill_class_weights=class_weights)

@@ -9,6 +9,10 @@ dense teacher q and the student's logits z, the loss at temperature T is
 
 computed in closed form from the K stored classes and one shared term for the others, so no
 ``[B, C]`` teacher is ever built.
+
+Optional per-image weights multiply each image's term before the plain batch mean, as the
+class-balanced loss weights its CE (Balanced KD, Zhang et al. 2021): on a long tail the
+unweighted term is dominated by the common species' images.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch.nn.functional as F
 
 
 def sparse_kl_div(student_logits: torch.Tensor, classes: torch.Tensor, logp: torch.Tensor,
-                  rest: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over the batch of ``T^2 * KL(teacher_T || student_T)`` (fp32).
+                  rest: torch.Tensor, temperature: float = 1.0,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of ``T^2 * KL(teacher_T || student_T)`` (fp32), optionally weighted.
 
     Args:
         student_logits: ``[B, C]`` logits.
@@ -29,6 +34,8 @@ def sparse_kl_div(student_logits: torch.Tensor, classes: torch.Tensor, logp: tor
         logp: ``[B, K]`` their teacher log-probabilities.
         rest: ``[B]`` teacher probability of all other classes together.
         temperature: T > 0 (softens both distributions).
+        weights: ``[B]`` factor on each image's term (None: 1); the batch mean is plain, not
+            divided by the weights' sum.
     """
     t = float(temperature)
     z = student_logits.float()
@@ -50,4 +57,6 @@ def sparse_kl_div(student_logits: torch.Tensor, classes: torch.Tensor, logp: tor
     q_other = torch.where(has_rest, teacher_other.exp(), torch.zeros_like(rest))
     safe_other = torch.where(has_rest, teacher_other, torch.zeros_like(rest))
     kl = kl + q_other * (others * safe_other - student_other_sum)
+    if weights is not None:
+        kl = kl * weights.float()
     return kl.mean() * (t * t)

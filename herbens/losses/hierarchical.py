@@ -28,12 +28,18 @@ class HierarchicalLoss(nn.Module):
         distill: ``{"levels": [...], "alpha": a, "temperature": T}`` to mix each of those levels'
             loss with the distillation term: ``(1 - a) * loss + a * T^2 KL`` against the teacher
             targets that travel in the batch (``teacher.<level>.classes|logp|rest``).
+        distill_class_weights: per species, the factor on the distillation term of each image of
+            that species (every distilled level; None: unweighted).
     """
 
     def __init__(self, losses: dict[str, WeightedLosses], weights: dict[str, float],
-                 level_maps: dict[str, np.ndarray], distill: dict | None = None):
+                 level_maps: dict[str, np.ndarray], distill: dict | None = None,
+                 distill_class_weights: np.ndarray | None = None):
         super().__init__()
         self.distill = dict(distill) if distill else None
+        # Derived from the training counts each run, so not part of the checkpoint.
+        self.register_buffer("distill_class_weights", None if distill_class_weights is None else torch.as_tensor(
+            np.asarray(distill_class_weights), dtype=torch.float32), persistent=False)
         if not losses:
             raise HerbensError("no loss configured: every level is null")
         self.losses = nn.ModuleDict(losses)
@@ -69,12 +75,16 @@ class HierarchicalLoss(nn.Module):
         return {"loss": total, **parts}
 
     def distillation(self, level: str, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``T^2 KL(teacher || student)`` of one level from the batch's sparse teacher targets."""
+        """``T^2 KL(teacher || student)`` of one level from the batch's sparse teacher targets,
+        each image weighted by its species' distillation weight when there are any."""
         key = f"teacher.{level}"
         if f"{key}.classes" not in targets:
             raise HerbensError(f"distillation of level {level!r}: the batch carries no teacher targets")
+        weights = None
+        if self.distill_class_weights is not None:
+            weights = self.distill_class_weights[self.level_target("species", targets).long()]
         return sparse_kl_div(outputs[level], targets[f"{key}.classes"], targets[f"{key}.logp"],
-                             targets[f"{key}.rest"], self.distill["temperature"])
+                             targets[f"{key}.rest"], self.distill["temperature"], weights)
 
     def level_target(self, level: str, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """Target of ``level``: derived from a soft species target, else the given hard labels."""
