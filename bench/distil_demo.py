@@ -1,6 +1,6 @@
 """Distillation on the demo herbarium: best single recipe vs the ensemble vs a distilled student.
 
-    python bench/distil_demo.py [--workdir .] [--seeds 3 13 23] [--epochs N]
+    python bench/distil_demo.py [--workdir .] [--seeds 3 13 23] [--overrides train.epochs=32] [--name NAME]
 
 Needs the demo's outputs under ``--workdir`` (``make demo``: data/demo, runs/demo_*,
 submissions/demo.json). Then, in this process:
@@ -15,7 +15,7 @@ submissions/demo.json). Then, in this process:
    all ensemble members, and inference images/s of the student's bundle and the ensemble's
    bundle, timed on the same test images in the same process.
 
-Writes ``bench/results/distil_demo.json`` and ``.md``.
+Writes ``bench/results/<name>.json`` and ``.md`` (name: ``distil_demo``).
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("."))
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 13, 23])
     parser.add_argument("--overrides", nargs="*", default=[], help="extra overrides for single and student runs")
+    parser.add_argument("--name", default="distil_demo", help="results file name under bench/results/")
     args = parser.parse_args(argv)
     root, runs = args.workdir / "data" / "demo", args.workdir / "runs"
     submission = args.workdir / "submissions" / "demo.json"
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "distil_demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "distil_demo.md").write_text(text + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(text + "\n")
     return 0
 
 
