@@ -96,7 +96,7 @@ def resolve_node(kind: str, value: Any, subpath: str = "", weighted: bool = Fals
         accepted = ", ".join(params_model(kind, name).model_fields) or "none"
         message = (f"{kind} {name} takes no parameter {where!r} (accepted: {accepted})"
                    if first["type"] == "extra_forbidden" else
-                   f"{lowercase(first['msg'])}, got {first.get('input')!r}")
+                   with_value(lowercase(first["msg"]), first.get("input")))
         raise node_error(f"{subpath}.{where}", message) from None
     _probe(kind, name, checked, subpath)
     node = {"name": name}
@@ -140,3 +140,9 @@ def lowercase(message: str) -> str:
         if message.startswith(prefix):
             message = repl + message[len(prefix):]
     return message[:1].lower() + message[1:]
+
+
+def with_value(message: str, value: Any) -> str:
+    """``message, got VALUE``; ``message (VALUE)`` when pydantic's message already says what it
+    got (``must be a valid integer, got a number with a fractional part``)."""
+    return f"{message} ({value!r})" if ", got " in message else f"{message}, got {value!r}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from herbens.config.components import lowercase, registry
+from herbens.config.components import lowercase, registry, with_value
 from herbens.config.rules import check_rules
 from herbens.config.schema import Recipe, section_class
 from herbens.errors import HerbensError
@@ -167,7 +167,7 @@ def error_line(error: dict) -> str:
     message = lowercase(error["msg"])
     if error["type"] in ("herbens_node", "value_error"):  # our own messages show the value
         return f"{path}: {message}"
-    return f"{path}: {message}, got {error.get('input')!r}"
+    return f"{path}: {with_value(message, error.get('input'))}"
 
 
 def _known_keys(loc) -> str:
