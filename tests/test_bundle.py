@@ -238,3 +238,18 @@ def test_export_refuses_what_it_cannot_bundle(tmp_path, capsys):
     with pytest.raises(HerbensError, match="missing key 'tau'"):
         fitted_params({k: v for k, v in record.items() if k != "tau"}, 1)
     assert not (tmp_path / "b").exists()
+
+
+def test_record_run_paths_resolve_from_the_project_folder_of_the_record(tmp_path, monkeypatch):
+    from herbens.bundle.export import _run_path
+
+    project = tmp_path / "project"
+    (project / "runs" / "r1").mkdir(parents=True)
+    (project / "runs" / "r1" / "config.yaml").write_text("{}\n")
+    (project / "submissions").mkdir()
+    record = project / "submissions" / "final.json"
+    monkeypatch.chdir(tmp_path)  # not the folder `herbens ensemble` ran in
+    assert _run_path("runs/r1", record) == project / "runs" / "r1"
+    with pytest.raises(HerbensError, match=r"run runs/gone not found \(no config\.yaml in runs/gone, .*"
+                                           r"submissions/runs/gone, .*project/runs/gone\); run from the folder"):
+        _run_path("runs/gone", record)

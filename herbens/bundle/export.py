@@ -53,11 +53,14 @@ def resolve_source(source: str | Path) -> tuple[list[Path], object, dict | None]
 
 def _run_path(path: str, record_file: Path) -> Path:
     """A run path of an ensemble record: as written (relative to where ensemble ran), else
-    relative to the record's folder."""
-    for candidate in (Path(path), record_file.parent / path):
+    relative to the record's folder or the folder above it (``submissions/`` beside ``runs/``)."""
+    candidates = list(dict.fromkeys((Path(path), record_file.parent / path, record_file.parent.parent / path)))
+    for candidate in candidates:
         if (candidate / "config.yaml").is_file():
             return candidate
-    raise HerbensError(f"{record_file}: run {path} not found (no config.yaml there)")
+    looked = ", ".join(str(c) for c in candidates)
+    raise HerbensError(f"{record_file}: run {path} not found (no config.yaml in {looked}); run from the folder "
+                       "herbens ensemble ran in")
 
 
 # ----------------------------------------------------------------------------------------
