@@ -63,31 +63,57 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
     rows = view_row_names(views)
     batches = predict_batches(accelerator, model, loader, levels, desc=f"logits {split}", space=space,
                               keep_views=keep_views)
-    if not accelerator.is_main_process:
-        for _ in batches:  # the other processes only compute and gather
-            pass
-        accelerator.wait_for_everyone()
-        return
     ids = frame["image_id"].astype(str).tolist()
-    fallback = {level: prior_logits(data.taxonomy, level) for level in levels}
-    with open_logits_writer(
-            run_dir, split, ids,
-            {level: data.taxonomy.num_classes(level) for level in levels},
-            {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views,
-             "model": cfg["model"]["backbone"], "split": split},
-            labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
-            num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:
-        for index, record in batches:
-            _substitute_unreadable(writer, index, record, fallback, keep_views, policy)
-            order = np.argsort(index, kind="stable")
-            for start, stop in _consecutive_runs(index[order]):
-                rows_here, first = order[start:stop], int(index[order[start]])
-                for level in levels:
-                    writer.write(level, first, record[level][rows_here])
-                    if keep_views:
-                        writer.write_views(level, first, record[f"{level}.views"][rows_here])
-        _finish_unreadable(writer, ids, split, policy)
-    accelerator.wait_for_everyone()
+
+    def write(batches) -> None:
+        fallback = {level: prior_logits(data.taxonomy, level) for level in levels}
+        with open_logits_writer(
+                run_dir, split, ids,
+                {level: data.taxonomy.num_classes(level) for level in levels},
+                {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views,
+                 "model": cfg["model"]["backbone"], "split": split},
+                labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
+                num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:
+            for index, record in batches:
+                _substitute_unreadable(writer, index, record, fallback, keep_views, policy)
+                order = np.argsort(index, kind="stable")
+                for start, stop in _consecutive_runs(index[order]):
+                    rows_here, first = order[start:stop], int(index[order[start]])
+                    for level in levels:
+                        writer.write(level, first, record[level][rows_here])
+                        if keep_views:
+                            writer.write_views(level, first, record[f"{level}.views"][rows_here])
+            _finish_unreadable(writer, ids, split, policy)
+
+    written_by_main_process(accelerator, batches, write, f"the {split} logits")
+
+
+def written_by_main_process(accelerator, batches, write, what: str) -> None:
+    """The main process stores the gathered ``batches`` with ``write(batches)``; the others only
+    compute and gather.
+
+    Every process then runs the batches to their end (each gather needs all of them, also after
+    the main process's write failed part-way) and learns whether the write succeeded, so a
+    failure raises on every process instead of leaving the others waiting for ever on a main
+    process that has given up.
+
+    Raises:
+        the main process's own error there; HerbensError naming ``what`` on the others.
+    """
+    error = None
+    if accelerator.is_main_process:
+        try:
+            write(batches)
+        except Exception as exc:  # raised below, once every process knows
+            error = exc
+    for _ in batches:
+        pass
+    if accelerator.num_processes > 1:
+        failed = accelerator.gather(torch.tensor([int(error is not None)], device=accelerator.device))
+        if error is None and int(failed.sum()):
+            raise HerbensError(f"the main process failed writing {what}; its error is in its output")
+    if error is not None:
+        raise error
 
 
 def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException) -> str:
@@ -109,21 +135,19 @@ def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_co
         predict_loader(frame, images_dir, data.taxonomy if labelled else None,
                        build_tta_views(views, data_config), cfg, data_config=data_config))
     batches = predict_batches(accelerator, model, loader, (), desc=f"embeddings {split}", embedding=True)
-    if not accelerator.is_main_process:
-        for _ in batches:
-            pass
-        accelerator.wait_for_everyone()
-        return
-    with open_embeddings_writer(
-            run_dir, split, frame["image_id"].astype(str).tolist(), accelerator.unwrap_model(model).embedding_dim,
-            {"taxonomy_hash": data.taxonomy.hash, "views": views, "model": cfg["model"]["backbone"]},
-            labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
-            num_species=data.taxonomy.num_classes("species")) as writer:
-        for index, record in batches:
-            order = np.argsort(index, kind="stable")
-            for start, stop in _consecutive_runs(index[order]):
-                writer.write(int(index[order[start]]), record["embedding"][order[start:stop]])
-    accelerator.wait_for_everyone()
+
+    def write(batches) -> None:
+        with open_embeddings_writer(
+                run_dir, split, frame["image_id"].astype(str).tolist(), accelerator.unwrap_model(model).embedding_dim,
+                {"taxonomy_hash": data.taxonomy.hash, "views": views, "model": cfg["model"]["backbone"]},
+                labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
+                num_species=data.taxonomy.num_classes("species")) as writer:
+            for index, record in batches:
+                order = np.argsort(index, kind="stable")
+                for start, stop in _consecutive_runs(index[order]):
+                    writer.write(int(index[order[start]]), record["embedding"][order[start:stop]])
+
+    written_by_main_process(accelerator, batches, write, f"the {split} embeddings")
 
 
 def embedding_splits(data: RunData) -> list[str]:

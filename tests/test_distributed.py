@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +39,18 @@ COMMON = ["train.epochs=2", "input.size=[48,32]", "data.num_workers=0", "data.va
 HANG_TIMEOUT_S = 600
 
 
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a CPU worker process: one thread, no progress bars, unbuffered."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
 def torchrun(script: Path, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun with ``nproc`` CPU processes; fail with its output if it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", str(script), *args]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run(command, cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
                           timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -114,6 +120,40 @@ def test_rows_match_one_process_inference_of_the_same_weights(runs, tmp_path):
             np.testing.assert_allclose(np.asarray(distributed.level(level), np.float32),
                                        np.asarray(single.level(level), np.float32)[rows],
                                        atol=2e-2, rtol=1e-2, err_msg=f"{split} {level}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_failed_write_on_the_main_process_ends_every_process(runs, tiny_herbarium, tmp_path):
+    """Started one process per rank with no launcher to tear the others down (as ``srun`` does),
+    the other rank must not wait for ever on a main process whose logits write failed."""
+    data, run = tmp_path / "data", tmp_path / "two"
+    shutil.copytree(tiny_herbarium, data)
+    shutil.copytree(runs["two"], run)
+    test = load_test_metadata(data / "test_metadata.json")
+    bad = data / "test_images" / test["file_name"].iloc[-1]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])
+    before = read_logits(run, "test", mmap=False).level("species").copy()
+    port = str(free_port())
+    command = [sys.executable, "-m", "herbens.cli", "infer", str(run), "--data-root", str(data),
+               "--split", "test", "--bad-images", "fail"]
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=HANG_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [2, 2], outputs
+    assert "1 image(s) cannot be decoded" in outputs[0] and "no logits written" in outputs[0]
+    assert "the main process failed writing the test logits" in outputs[1]
+    np.testing.assert_array_equal(read_logits(run, "test").level("species"), before)  # old store kept
 
 
 def test_validation_macro_f1_matches_one_process(runs):
