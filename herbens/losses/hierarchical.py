@@ -61,28 +61,33 @@ class HierarchicalLoss(nn.Module):
         """
         total = None
         parts = {}
+        kd_weights = self.distillation_weights(targets) if self.distill else None
         for level, loss_fn in self.losses.items():
             value, terms = loss_fn(outputs, self.level_target(level, targets))
             parts[level] = value.detach()
             if len(terms) > 1:
                 parts.update({f"{level}/{name}": term.detach() for name, term in zip(loss_fn.names, terms)})
             if self.distill and level in self.distill["levels"]:
-                kd = self.distillation(level, outputs, targets)
+                kd = self.distillation(level, outputs, targets, kd_weights)
                 parts[f"{level}_distill"] = kd.detach()
                 value = (1.0 - self.distill["alpha"]) * value + self.distill["alpha"] * kd
             weighted = self.weights[level] * value
             total = weighted if total is None else total + weighted
         return {"loss": total, **parts}
 
-    def distillation(self, level: str, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def distillation_weights(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each image's factor on its distillation terms (its species' weight), or None."""
+        if self.distill_class_weights is None:
+            return None
+        return self.distill_class_weights[self.level_target("species", targets).long()]
+
+    def distillation(self, level: str, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
         """``T^2 KL(teacher || student)`` of one level from the batch's sparse teacher targets,
-        each image weighted by its species' distillation weight when there are any."""
+        each image's term multiplied by ``weights`` (None: unweighted)."""
         key = f"teacher.{level}"
         if f"{key}.classes" not in targets:
             raise HerbensError(f"distillation of level {level!r}: the batch carries no teacher targets")
-        weights = None
-        if self.distill_class_weights is not None:
-            weights = self.distill_class_weights[self.level_target("species", targets).long()]
         return sparse_kl_div(outputs[level], targets[f"{key}.classes"], targets[f"{key}.logp"],
                              targets[f"{key}.rest"], self.distill["temperature"], weights)
 
