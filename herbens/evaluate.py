@@ -243,9 +243,7 @@ def run_predictions(run_dir: str | Path, split: str = "val"
     from herbens.logits import read_logits
 
     run_dir = Path(run_dir)
-    if not (run_dir / "taxonomy.json").exists():
-        raise HerbensError(f"run '{run_dir}': not a run directory (no taxonomy.json)")
-    taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
+    taxonomy = Taxonomy.of_run(run_dir)
     logits = read_logits(run_dir, split, taxonomy=taxonomy)
     if logits.labels is None:
         raise _no_labels(run_dir, split)

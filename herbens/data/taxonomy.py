@@ -169,6 +169,14 @@ class Taxonomy:
         write_json(path, self.to_dict())
 
     @classmethod
+    def of_run(cls, run_dir: str | Path) -> "Taxonomy":
+        """The taxonomy of a run folder; HerbensError when the folder has none (not a run)."""
+        path = Path(run_dir) / "taxonomy.json"
+        if not path.exists():
+            raise HerbensError(f"run '{run_dir}': not a run directory (no taxonomy.json)")
+        return cls.load(path)
+
+    @classmethod
     def load(cls, path: str | Path) -> "Taxonomy":
         """Read a ``taxonomy.json``; a corrupted or edited file (hash mismatch) is an error.
 

@@ -68,20 +68,20 @@ def fit_temperatures(split: AlignedSplit, folds: Folds, levels: Sequence[str],
     span = np.arange(-FINE_PER_COARSE, FINE_PER_COARSE + 1)
     fine = {key: np.unique(np.clip(idx[:, None] + span, 0, len(lattice) - 1))
             for key, idx in best.items()}
-    nll, grid = _temperature_nll(split, folds, levels, chunk_rows, fine)
+    nll = _temperature_nll(split, folds, levels, chunk_rows, fine)
     out = [{lv: np.ones(num_runs) for lv in levels} for _ in range(folds.num_fits)]
     for key, values in nll.items():
         for j in range(folds.num_fits):
-            out[j][key[0]][key[1]] = float(np.exp(_parabola_min(lattice[grid[key]], values[j])))
+            out[j][key[0]][key[1]] = float(np.exp(_parabola_min(lattice[fine[key]], values[j])))
     return out
 
 
 def _temperature_pass(split, folds, levels, chunk_rows, grid: dict) -> dict:
-    nll, _ = _temperature_nll(split, folds, levels, chunk_rows, grid)
+    nll = _temperature_nll(split, folds, levels, chunk_rows, grid)
     return {key: grid[key][np.argmin(values, axis=1)] for key, values in nll.items()}
 
 
-def _temperature_nll(split, folds, levels, chunk_rows, grid: dict) -> tuple[dict, dict]:
+def _temperature_nll(split, folds, levels, chunk_rows, grid: dict) -> dict:
     """Mean NLL ``[fits, G]`` of each (level, run) at each lattice index of ``grid``."""
     keys = list(grid)
     inverse = {key: (1.0 / TEMPERATURE_LATTICE[grid[key]]).astype(np.float32) for key in keys}
@@ -104,7 +104,7 @@ def _temperature_nll(split, folds, levels, chunk_rows, grid: dict) -> tuple[dict
     values = collect(split, chunk_rows, rows, runs=list(range(len(split.runs))), levels=list(levels))
     means = _masked_means(values, folds)
     bounds = np.cumsum([0] + [len(grid[key]) for key in keys])
-    return {key: means[:, bounds[i]:bounds[i + 1]] for i, key in enumerate(keys)}, grid
+    return {key: means[:, bounds[i]:bounds[i + 1]] for i, key in enumerate(keys)}
 
 
 def _parabola_min(x: np.ndarray, y: np.ndarray) -> float:

@@ -283,9 +283,7 @@ def fit_ensemble(val: AlignedSplit | None, space: ClassSpace, opts: EnsembleOpti
         folds, in-sample and out-of-fold scores of the final parameters).
     """
     params = Params.initial(num_runs, opts.space, opts.vote_k)
-    if val is None:
-        if opts.needs_val:
-            raise HerbensError("fitting the ensemble needs labelled validation logits")
+    if val is None:  # only when nothing is fitted: _validation refuses a missing val otherwise
         return given_params(params, opts, levels), [], None
     folds = stratified_folds(val.labels)
     steps = _Steps(val, folds, opts.chunk_rows, log)

@@ -69,9 +69,7 @@ def load_runs(run_dirs: Sequence, splits: Sequence[str] = ("test", "val")) -> li
     names = [p.name for p in paths]
     runs = []
     for path in paths:
-        if not (path / "taxonomy.json").exists():
-            raise HerbensError(f"run '{path}': not a run directory (no taxonomy.json)")
-        taxonomy = Taxonomy.load(path / "taxonomy.json")
+        taxonomy = Taxonomy.of_run(path)
         opened = {}
         for split in splits:
             if split == "test" or logits_dir(path, split).exists():

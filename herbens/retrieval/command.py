@@ -79,9 +79,7 @@ def retrieval_run(run_dir, output, method: str = "prototype", *, sub_centers: in
         raise HerbensError(f"unknown retrieval method {method!r}; expected one of {', '.join(METHODS)}")
     if backend not in BACKENDS:
         raise HerbensError(f"unknown search backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if not (run_dir / "taxonomy.json").exists():
-        raise HerbensError(f"run '{run_dir}': not a run directory (no taxonomy.json)")
-    taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
+    taxonomy = Taxonomy.of_run(run_dir)
     opened = {split: read_embeddings(run_dir, split, taxonomy_hash=taxonomy.hash,
                                      num_species=taxonomy.num_classes("species"))
               for split in ("train", "val", "test") if split != "test" or embeddings_dir(run_dir, split).exists()}
