@@ -164,7 +164,7 @@ class Predictions:
     """Per predicted image: its path, top-k species, best genus/family, decision."""
 
     paths: list[str]
-    top_species: np.ndarray       # [n, k] species indices
+    top_species: np.ndarray       # [n, k] species columns = rows of names.csv (enrolled ones last)
     top_probs: np.ndarray         # [n, k]
     rows: th.RowSummary
     decisions: np.ndarray
@@ -221,7 +221,7 @@ def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int =
             continue
         top = top_k_columns(level_probs.scores, top_k)
         kept += [paths[start + i] for i in good]
-        tops.append(bundle.names_rows(top))
+        tops.append(top)  # a bundle's columns are its taxonomy's order, the rows of names.csv
         probs.append(np.take_along_axis(level_probs.species, top, axis=1))
         rows.append(th.summarize(level_probs, bundle.ood_score))
     failure_list = [(paths[i], failures[i]) for i in sorted(failures)]

@@ -110,12 +110,6 @@ class Bundle:
         source = self.enrolment if self.enrolment is not None else self.taxonomy
         return {"genus": source.genus_names, "family": source.family_names}[level]
 
-    def names_rows(self, columns: np.ndarray) -> np.ndarray:
-        """Row of ``names.csv`` of each species column (enrolled columns follow the trained ones)."""
-        if self.enrolment is None:
-            return self.space.species[columns]
-        return np.r_[self.space.species, np.arange(len(self.enrolment.species)) + self.space.num_classes][columns]
-
 
 def thresholds_from_json(values: dict) -> dict:
     """Stored thresholds (None: a level never reached its target precision) as floats."""
