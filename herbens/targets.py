@@ -72,10 +72,6 @@ class SparseTargets:
         self.classes, self.logp, self.rest = classes, logp, rest
         self.num_classes = int(num_classes)
 
-    @property
-    def k(self) -> int:
-        return int(self.classes.shape[1])
-
     def rows(self, rows: np.ndarray | Sequence[int] | int) -> dict[str, np.ndarray]:
         """Copies of the given rows: ``{"classes", "logp", "rest"}``."""
         return {"classes": np.asarray(self.classes[rows], dtype=np.int64),
@@ -273,8 +269,8 @@ class TeacherRows:
         levels: the levels to distil.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, rows: np.ndarray, levels: Sequence[str], split: str = "train"):
-        self.run_dir, self.split = Path(run_dir), split
+    def __init__(self, run_dir: str | os.PathLike, rows: np.ndarray, levels: Sequence[str]):
+        self.run_dir = Path(run_dir)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.levels = tuple(levels)
         self._store: TargetsSplit | None = None
@@ -285,7 +281,7 @@ class TeacherRows:
     def sample(self, index: int) -> dict[str, np.ndarray]:
         """``{"teacher.<level>.classes" | ".logp" | ".rest": array}`` of dataset row ``index``."""
         if self._store is None:
-            self._store = read_targets(self.run_dir, self.split, check_values=False)
+            self._store = read_targets(self.run_dir, "train", check_values=False)
         out = {}
         for level in self.levels:
             for name, value in self._store.level(level).rows(int(self.rows[index])).items():

@@ -133,12 +133,13 @@ def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
 
     run_dir = Path(run_dir or Path(cfg["output_dir"]) / str(cfg["name"]))
     trackers = tracker_names(cfg)
-    check_precision(cfg["train"]["precision"], launched_on_cpus_only())
+    cpu = launched_on_cpus_only()
+    check_precision(cfg["train"]["precision"], cpu)
     handlers = []
     if cfg["train"]["freeze_trunk_epochs"]:
         # The frozen trunk gets no gradients during the probe: DDP must expect unused parameters.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only(),
+    return Accelerator(mixed_precision=cfg["train"]["precision"], cpu=cpu,
                        gradient_accumulation_steps=int(cfg["train"]["grad_accum"]),
                        log_with=trackers or None, kwargs_handlers=handlers,
                        project_config=ProjectConfiguration(project_dir=str(run_dir),

@@ -16,8 +16,6 @@ from torch import nn
 
 from herbens.errors import HerbensError
 
-COMPILE_MODES = (False, True, "trunk")
-
 
 def compile_model(model: nn.Module, mode: bool | str, backbone: str) -> int:
     """Compile ``model`` in place as the recipe's ``model.compile`` says.
