@@ -227,12 +227,21 @@ class TrainingSetup:
     config: dict                  # the recipe as config.yaml records it (text heads' scales filled in)
 
 
-def build_setup(cfg: dict, accelerator: Accelerator, data: RunData) -> TrainingSetup:
-    """Model, loaders, loss, optimizer, schedule and EMA, prepared by Accelerate."""
+def build_setup(cfg: dict, accelerator: Accelerator, data: RunData,
+                resumed_scales: dict[str, float] | None = None) -> TrainingSetup:
+    """Model, loaders, loss, optimizer, schedule and EMA, prepared by Accelerate.
+
+    ``resumed_scales``: the text heads' scales a resumed run recorded; its checkpoint holds their
+    weights, so the CLIP text tower is not run again.
+    """
     teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, tuple(cfg["levels"]))
-    model = build_model(cfg, data.taxonomy)
-    # Text-initialised heads take CLIP's logit scale, a head argument: the saved config keeps it.
-    config = with_text_head_scales(cfg, init_text_heads(model, cfg, data.taxonomy))
+    if resumed_scales is None:
+        model = build_model(cfg, data.taxonomy)
+        # Text-initialised heads take CLIP's logit scale, a head argument: the saved config keeps it.
+        config = with_text_head_scales(cfg, init_text_heads(model, cfg, data.taxonomy))
+    else:
+        config = with_text_head_scales(cfg, resumed_scales)
+        model = build_model(config, data.taxonomy)
     data_config = model_data_config(model.data_config, cfg["input"])
     loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
                                    build_train_transform(data_config, cfg["augment"]), cfg, teacher=teacher)
@@ -266,6 +275,7 @@ def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
     accelerator = build_accelerator(cfg, run_dir)
     mode = start_mode(run_dir, resume, overwrite)
+    scales = None
     if mode == "resume":
         recorded = load_run_config(run_dir)
         # The run's text heads took their scale from the checkpoint at its start (config.yaml keeps it).
@@ -286,7 +296,7 @@ def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
     if cfg["train"]["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = load_run_data(cfg, run_dir, reuse_split=resume)
-    setup = build_setup(cfg, accelerator, data)
+    setup = build_setup(cfg, accelerator, data, scales)
     plan = run_preflight(cfg, setup, run_dir)
     accelerator.wait_for_everyone()
     return setup, plan, resume, run_dir

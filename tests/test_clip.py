@@ -237,7 +237,7 @@ def test_linear_probe_run_keeps_the_clip_tower_and_records_the_head_scale(tiny_h
 
 
 @pytest.mark.slow
-def test_a_text_head_run_resumes_with_its_recorded_scale(tiny_herbarium, tmp_path, capsys):
+def test_a_text_head_run_resumes_with_its_recorded_scale(tiny_herbarium, tmp_path, capsys, monkeypatch):
     # config.yaml holds exp(logit_scale) in each text head's node while the recipe holds the
     # cosine default: --resume must not take that for a changed key.
     _, name, path, quick_gelu = make_checkpoint(tmp_path, False)
@@ -247,6 +247,11 @@ def test_a_text_head_run_resumes_with_its_recorded_scale(tiny_herbarium, tmp_pat
              f"model.open_clip_model={name}", f"input.size=[{IMAGE},{IMAGE}]", "levels.species.head=cosine",
              "text_heads.levels=[species]", "infer.splits=[]", "name=resumed"]
     assert train_tiny(tiny_herbarium, tmp_path, extra=[*extra, "train.epochs=1"]) == 0
+
+    def text_tower_again(*args):
+        raise AssertionError("a resumed run's heads come from its checkpoint: no second text-tower pass")
+
+    monkeypatch.setattr("herbens.training.init_text_heads", text_tower_again)
     assert train_tiny(tiny_herbarium, tmp_path, extra=[*extra, "train.epochs=2"], flags=["--resume"]) == 0
     history = (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [1, 2]
