@@ -40,7 +40,7 @@ LEVELS = ("species", "genus", "family")
 
 
 def train(recipe: str, name: str, seed: int, root: Path, runs: Path, extra: list[str]) -> tuple[Path, float]:
-    from herbens.training import fit
+    from herbens.training.fit import fit
 
     cfg = load_config(recipe, [f"data.root={root}", f"output_dir={runs}", f"name={name}", f"seed={seed}", *extra])
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def train(recipe: str, name: str, seed: int, root: Path, runs: Path, extra: list
 
 def model_cost(recipe_cfgs: list[dict], taxonomy: Taxonomy) -> dict:
     """Parameters and forward GFLOPs of one image through every model of ``recipe_cfgs``."""
-    from herbens.recipes import build_meta_model, count_params, forward_cost, input_hw
+    from herbens.config.catalogue import build_meta_model, count_params, forward_cost, input_hw
 
     params = flops = 0
     for cfg in recipe_cfgs:
@@ -63,7 +63,7 @@ def model_cost(recipe_cfgs: list[dict], taxonomy: Taxonomy) -> dict:
 def images_per_second(bundle_dir: Path, paths: list[str], repeats: int = 2) -> float:
     """Best of ``repeats`` timed passes of the bundle over ``paths`` (after one warm-up pass)."""
     from herbens.bundle.load import load_bundle
-    from herbens.predict import predict_paths
+    from herbens.bundle.predict import predict_paths
 
     bundle = load_bundle(bundle_dir)
     predict_paths(bundle, paths[:8], progress=False)
@@ -106,7 +106,7 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from herbens.bundle.export import export_bundle
     from herbens.data.metadata import load_test_metadata
-    from herbens.teach import write_teacher
+    from herbens.bundle.teach import write_teacher
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("."))

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from herbens.data.taxonomy import LEVELS, Taxonomy  # noqa: E402
-from herbens.logits import logits_dir, open_logits_writer  # noqa: E402
+from herbens.stores.logits import logits_dir, open_logits_writer  # noqa: E402
 
 FIXED = {"weights": [0.5, 0.3, 0.2], "tau": 0.5, "alpha": 0.5, "beta": 0.25}
 KAGGLE_RUNS, KAGGLE_IMAGES = 8, 210_407

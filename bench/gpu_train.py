@@ -6,7 +6,7 @@ input size with Herbarium 2022 class counts (15,501 species, 2,564 genera, 272 f
 - **bare timm**: ``timm.create_model(backbone, num_classes=15501)``, cross-entropy with label
   smoothing 0.1, the same timm optimizer, ``torch.autocast`` at the same precision, the same
   batch and memory format, no host sync in the step (the baseline every ratio divides by);
-- **herbens variants**: ``herbens.engine.train_step`` with the recipe's model (trunk, neck,
+- **herbens variants**: ``herbens.training.engine.train_step`` with the recipe's model (trunk, neck,
   species + genus + family heads), criterion, optimizer, schedule, EMA and clipping, under
   Accelerate at the recipe's precision (bf16), with the speed options of :data:`VARIANTS`:
   ``eager`` (no fused attention, no compile), ``fused`` (SwinV2 window attention through fused
@@ -47,8 +47,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from herbens.config import load_config  # noqa: E402
+from herbens.config.catalogue import HERBARIUM_2022_CLASSES  # noqa: E402
 from herbens.data.taxonomy import LEVELS, Taxonomy  # noqa: E402
-from herbens.recipes import HERBARIUM_2022_CLASSES  # noqa: E402
 
 DEFAULT_RECIPES = ("swinv2_b", "convnext_b", "effnetv2_s")
 # herbens variants: the overrides each applies to the recipe.
@@ -141,13 +141,14 @@ def synthetic_batch(cfg: dict, taxonomy: Taxonomy, device: torch.device, seed: i
 
 
 def herbens_step(cfg: dict, taxonomy: Taxonomy, accelerator):
-    """herbens' own training step, assembled as ``herbens.training.fit`` assembles it."""
-    from herbens.engine import TrainParts, TrainState, train_step
+    """herbens' own training step, assembled as ``herbens.training.fit.fit`` assembles it."""
+    from herbens.training.engine import TrainParts, TrainState, train_step
     from herbens.losses import build_criterion
     from herbens.models.compiling import compile_model
     from herbens.models.net import build_model
-    from herbens.optim import build_optimizer, build_schedule, scaled_lr
-    from herbens.training import build_ema
+    from herbens.optim.optimizers import build_optimizer, scaled_lr
+    from herbens.optim.schedules import build_schedule
+    from herbens.training.setup import build_ema
 
     model = build_model(cfg, taxonomy)
     criterion = build_criterion(cfg["levels"], taxonomy).to(accelerator.device)

@@ -1,6 +1,6 @@
 """herbens' training step against a bare timm loop with the same trunk, measured in the same run.
 
-* herbens: ``herbens.engine.train_step``: HierarchicalNet (timm trunk, species + genus + family
+* herbens: ``herbens.training.engine.train_step``: HierarchicalNet (timm trunk, species + genus + family
   heads), HierarchicalLoss (label-smoothed CE per level), Accelerate (``accumulate``,
   ``backward``), the recipe's optimizer (timm, through ``build_optimizer``), the LR schedule,
   and EMA weights (``ModelEmaV3``) updated every step;
@@ -37,11 +37,12 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 from herbens.config import load_config  # noqa: E402
 from herbens.data.taxonomy import Taxonomy  # noqa: E402
-from herbens.engine import TrainParts, TrainState, train_step  # noqa: E402
 from herbens.losses import build_criterion  # noqa: E402
 from herbens.models.net import build_model  # noqa: E402
-from herbens.optim import build_optimizer, build_schedule  # noqa: E402
-from herbens.training import build_accelerator, build_ema  # noqa: E402
+from herbens.optim.optimizers import build_optimizer  # noqa: E402
+from herbens.optim.schedules import build_schedule
+from herbens.training.engine import TrainParts, TrainState, train_step  # noqa: E402
+from herbens.training.setup import build_accelerator, build_ema  # noqa: E402
 
 # Herbarium 2022: 15,501 species in 2,564 genera and 272 families.
 SPECIES, GENERA, FAMILIES = 15_501, 2_564, 272

@@ -44,8 +44,8 @@ from herbens.config import load_config, save_config  # noqa: E402
 from herbens.data.taxonomy import Taxonomy  # noqa: E402
 from herbens.demo import DEMO_DATA, solution_labels, synthesize_once  # noqa: E402
 from herbens.fileio import atomic_write, write_json  # noqa: E402
-from herbens.logits import read_logits  # noqa: E402
 from herbens.metrics import head_tail_scores, head_tail_split, level_scores  # noqa: E402
+from herbens.stores.logits import read_logits  # noqa: E402
 
 BASE_RECIPE = "demo_ce"
 BNNECK = ["model.neck={name: bnneck, embedding_dim: 128}"]
@@ -119,7 +119,7 @@ def chance_row(root: Path, taxonomy: Taxonomy, draws: int = CHANCE_DRAWS) -> dic
 
 def train_all(losses: list[str], base: Path, root: Path) -> dict[str, dict]:
     """Train and score one run per loss, in order, each from the frozen base config."""
-    from herbens.training import fit  # heavy import (torch, timm, accelerate): only when training
+    from herbens.training.fit import fit  # heavy import (torch, timm, accelerate): only when training
 
     rows = {}
     for loss in losses:

@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from ensemble_bench import rss_mb, warm_cache  # noqa: E402  (same RSS reading and warm-up)
 
-from herbens.embeddings import open_embeddings_writer, read_embeddings  # noqa: E402
+from herbens.stores.embeddings import open_embeddings_writer, read_embeddings  # noqa: E402
 
 
 def generate(workdir: Path, rows: int, queries: int, dim: int, seed: int) -> None:

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 from herbens.config import load_config
+from herbens.config.catalogue import loss_names
 from herbens.data.taxonomy import Taxonomy
 from herbens.fileio import atomic_write, read_json, write_json
 from herbens.metrics import level_scores
-from herbens.recipes import loss_names
 
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
 DEMO_DATA = {"species": 30, "seed": 0, "long_edge": 256, "min_images": 6, "max_images": 60,
@@ -41,7 +41,7 @@ def synthesize_once(root: Path, params: dict) -> None:
 
 def solution_labels(root: Path, taxonomy: Taxonomy) -> pd.Series:
     """True species index per test image id, from the synthetic ``test_solution.csv``."""
-    from herbens.evaluate import load_solution
+    from herbens.analysis.evaluate import load_solution
 
     solution = load_solution(root / "test_solution.csv")
     return pd.Series(taxonomy.index_of(solution["category_id"].to_numpy()), index=solution["Id"])
@@ -49,7 +49,7 @@ def solution_labels(root: Path, taxonomy: Taxonomy) -> pd.Series:
 
 def score_run(run_dir: Path, truth: pd.Series, taxonomy: Taxonomy) -> dict:
     """Test scores of one run's own argmax predictions."""
-    from herbens.logits import read_logits
+    from herbens.stores.logits import read_logits
 
     test = read_logits(run_dir, "test")
     predicted = np.asarray(test.level("species")).argmax(axis=1)
@@ -58,7 +58,7 @@ def score_run(run_dir: Path, truth: pd.Series, taxonomy: Taxonomy) -> dict:
 
 def score_submission(csv: Path, root: Path, taxonomy: Taxonomy) -> dict:
     """Test scores of a submission CSV, after the checks Kaggle applies to it."""
-    from herbens.evaluate import load_solution, submission_predictions
+    from herbens.analysis.evaluate import load_solution, submission_predictions
 
     true, predicted = submission_predictions(csv, load_solution(root / "test_solution.csv"), taxonomy)
     return level_scores(true, predicted, taxonomy)
@@ -97,7 +97,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     open-set evaluation (AUROC, flag rates) is printed and returned under ``"openset"``.
     """
     from herbens.ensemble.pipeline import ensemble_runs
-    from herbens.training import fit
+    from herbens.training.fit import fit
 
     start = time.perf_counter()
     root = workdir / "data" / "demo"
@@ -128,7 +128,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     _bundle_and_predict(workdir, submission, root)
     extra = {}
     if openset:
-        from herbens.openset import run_open_set
+        from herbens.analysis.openset import run_open_set
 
         print(f"\n== open set: {recipes[0]} trained without 10 % of the species ==")
         extra["openset"] = run_open_set(recipes[0], [f"data.root={root}"] + list(overrides or []),
@@ -142,7 +142,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
 
 def _write_report(workdir: Path, run_dirs: list[Path], submission: Path, root: Path) -> None:
     try:
-        from herbens.report import write_report
+        from herbens.analysis.report import write_report
     except ImportError:
         return
     out = write_report(run_dirs + [submission], workdir / "reports" / "demo",
@@ -155,7 +155,7 @@ def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int
     """Export the ensemble into ``bundles/demo`` and name a few test sheets from the bundle alone."""
     from herbens.bundle.export import export_bundle
     from herbens.data.metadata import load_test_metadata
-    from herbens.predict import predict_command
+    from herbens.bundle.predict import predict_command
 
     print("\n== exporting the ensemble into a bundle and predicting from it ==")
     bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo")

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from herbens.config import load_config
-    from herbens.training import check, fit
+    from herbens.training.fit import check, fit
 
     cfg = load_config(args.recipe, args.overrides)
     if args.check:

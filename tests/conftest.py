@@ -65,7 +65,7 @@ def planted_teacher(root, out, drop: int = 0, taxonomy_hash: str | None = None):
 
     from herbens.data.metadata import load_train_metadata
     from herbens.data.taxonomy import Taxonomy
-    from herbens.targets import open_targets_writer
+    from herbens.stores.targets import open_targets_writer
 
     meta = load_train_metadata(root / "train_metadata.json")
     taxonomy = Taxonomy.from_metadata(meta)

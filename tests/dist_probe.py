@@ -3,8 +3,8 @@
 Launched by ``tests/test_distributed.py`` as
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_probe.py OUT RECIPE... -- key=value...``.
 For every recipe it builds herbens' own components (data, model, loader, criterion, optimizer,
-schedule, :func:`herbens.engine.train_step`, :func:`herbens.checkpoint.save_checkpoint`) the way
-:func:`herbens.training.fit` does, runs ``--epochs`` epochs, saves a checkpoint under
+schedule, :func:`herbens.training.engine.train_step`, :func:`herbens.training.checkpoint.save_checkpoint`) the way
+:func:`herbens.training.fit.fit` does, runs ``--epochs`` epochs, saves a checkpoint under
 ``OUT/<recipe>/`` and writes ``OUT/<recipe>/rank<r>.pt`` with what this rank saw and holds:
 per-step losses, the labels of its own batches, the criterion's state (Seesaw counts), the
 model's parameters (sub-center ArcFace ``W`` included), before and after training, and (with
@@ -25,17 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
-from herbens.checkpoint import save_checkpoint  # noqa: E402
 from herbens.config import load_config  # noqa: E402
 from herbens.data.loaders import train_loader  # noqa: E402
 from herbens.data.run_data import load_run_data  # noqa: E402
 from herbens.data.transforms import build_train_transform, model_data_config  # noqa: E402
-from herbens.engine import TrainParts, TrainState, train_step  # noqa: E402
 from herbens.losses import build_criterion  # noqa: E402
 from herbens.models.net import build_model  # noqa: E402
-from herbens.optim import build_optimizer, build_schedule, scaled_lr  # noqa: E402
-from herbens.targets import teacher_for_training  # noqa: E402
-from herbens.training import build_accelerator  # noqa: E402
+from herbens.optim.optimizers import build_optimizer, scaled_lr  # noqa: E402
+from herbens.optim.schedules import build_schedule
+from herbens.stores.targets import teacher_for_training  # noqa: E402
+from herbens.training.checkpoint import save_checkpoint  # noqa: E402
+from herbens.training.engine import TrainParts, TrainState, train_step  # noqa: E402
+from herbens.training.setup import build_accelerator  # noqa: E402
 
 
 def parameters(model) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ from PIL import Image
 from conftest import train_tiny
 from herbens.bundle.export import export_bundle
 from herbens.bundle.load import load_bundle
-from herbens.cli import main
+from herbens.cli.main import main
 from herbens.data.metadata import load_test_metadata
 from herbens.ensemble.pipeline import ensemble_runs
 from herbens.errors import HerbensError
-from herbens.logits import read_logits
+from herbens.stores.logits import read_logits
 
 FP16_TOL = 2e-3  # the store keeps float16 logits; probabilities agree to about this
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from herbens.cli import main
+from herbens.cli.main import main
 from herbens.data.check import PROBLEMS, check_dataset, format_report
 
 import kaggle_fixtures as kf

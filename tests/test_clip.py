@@ -15,15 +15,15 @@ import torch
 
 from conftest import train_tiny
 
-from herbens.cli import main as cli_main
+from herbens.cli.main import main as cli_main
 from herbens.config import load_config, load_run_config
 from herbens.data.dataset import HerbariumDataset
 from herbens.data.run_data import load_run_data
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.transforms import build_eval_transform, model_data_config
+from herbens.errors import HerbensError
 from herbens.fileio import read_json
 from herbens.metrics import macro_f1
-from herbens.errors import HerbensError
 from herbens.models.clip import class_prompts, init_text_heads, with_text_head_scales
 from herbens.models.net import build_model
 
@@ -251,7 +251,7 @@ def test_a_text_head_run_resumes_with_its_recorded_scale(tiny_herbarium, tmp_pat
     def text_tower_again(*args):
         raise AssertionError("a resumed run's heads come from its checkpoint: no second text-tower pass")
 
-    monkeypatch.setattr("herbens.training.init_text_heads", text_tower_again)
+    monkeypatch.setattr("herbens.training.setup.init_text_heads", text_tower_again)
     assert train_tiny(tiny_herbarium, tmp_path, extra=[*extra, "train.epochs=2"], flags=["--resume"]) == 0
     history = (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [1, 2]

@@ -11,11 +11,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import herbens.engine as engine
-from herbens.engine import DeviceTotals, TrainParts, TrainState, train_one_epoch
+import herbens.training.engine as engine
 from herbens.losses import build_criterion
 from herbens.models.net import build_model
-from herbens.optim import build_optimizer, build_schedule
+from herbens.optim.optimizers import build_optimizer
+from herbens.optim.schedules import build_schedule
+from herbens.training.engine import DeviceTotals, TrainParts, TrainState, train_one_epoch
 from test_models import make_cfg
 
 STEPS, LOG_EVERY, BATCH = 5, 2, 4

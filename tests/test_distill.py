@@ -61,7 +61,7 @@ def teacher(tiny_herbarium, tiny_run, tmp_path_factory):
     """A two-run ensemble of the tiny herbarium and its teacher folder (``herbens teach``)."""
     import shutil
 
-    from herbens.cli import main
+    from herbens.cli.main import main
     from herbens.ensemble.pipeline import ensemble_runs
 
     work = tmp_path_factory.mktemp("teach")
@@ -77,9 +77,9 @@ def teacher(tiny_herbarium, tiny_run, tmp_path_factory):
 def test_teacher_targets_are_the_bundle_predictions_of_the_training_images(teacher, tiny_herbarium):
     from herbens.bundle.load import load_bundle
     from herbens.data.run_data import load_run_data
-    from herbens.predict import block_probabilities
+    from herbens.bundle.predict import block_probabilities
     from herbens.config import load_run_config
-    from herbens.targets import read_targets
+    from herbens.stores.targets import read_targets
 
     folder, runs = teacher
     taxonomy = Taxonomy.load(folder / "taxonomy.json")
@@ -114,7 +114,7 @@ def test_student_of_a_written_teacher_trains(teacher, tiny_herbarium, tmp_path):
 def test_teach_refuses_members_with_different_splits(teacher, tmp_path, capsys):
     import shutil
 
-    from herbens.cli import main
+    from herbens.cli.main import main
     from herbens.ensemble.pipeline import ensemble_runs
 
     _, runs = teacher

@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from herbens.cli import main as cli_main
+from herbens.cli.main import main as cli_main
 from herbens.config import load_config
 from herbens.data.metadata import load_test_metadata, load_train_metadata
 from herbens.data.taxonomy import Taxonomy
-from herbens.logits import read_logits
+from herbens.stores.logits import read_logits
 from herbens.train import main as train_main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -139,7 +139,7 @@ def test_a_failed_write_on_the_main_process_ends_every_process(runs, tiny_herbar
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])
     before = read_logits(run, "test", mmap=False).level("species").copy()
     port = str(free_port())
-    command = [sys.executable, "-m", "herbens.cli", "infer", str(run), "--data-root", str(data),
+    command = [sys.executable, "-m", "herbens", "infer", str(run), "--data-root", str(data),
                "--split", "test", "--bad-images", "fail"]
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
@@ -235,7 +235,7 @@ def test_every_image_gets_its_own_teacher_row(tiny_herbarium, tmp_path):
     """Each sample's teacher targets travel with it through accelerate's sharding: the planted
     teacher encodes each image's id in its remaining mass, and each rank's samples must carry
     their own image's value."""
-    from herbens.targets import open_targets_writer
+    from herbens.stores.targets import open_targets_writer
 
     meta = load_train_metadata(tiny_herbarium / "train_metadata.json")
     taxonomy = Taxonomy.from_metadata(meta)

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from herbens.cli import main
+from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.embeddings import (embeddings_dir, iter_chunks, open_embeddings_writer, read_embeddings,
-                                write_embeddings)
-from herbens.engine import combine_embedding_views
 from herbens.errors import HerbensError
+from herbens.infer.loop import combine_embedding_views
+from herbens.stores.embeddings import embeddings_dir, iter_chunks, open_embeddings_writer, read_embeddings, write_embeddings
 
 META = {"taxonomy_hash": "0123456789abcdef", "model": "m", "views": ["center"]}
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from herbens.engine import combine_views
 from herbens.errors import HerbensError
+from herbens.infer.loop import combine_views
 
 
 def test_view_combination_matches_a_loop_reference():

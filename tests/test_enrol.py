@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 
 from conftest import train_tiny
+from herbens.analysis.openset import write_open_set_data
 from herbens.bundle.enrolment import ENROLLED, enrol_species, unenrol_species
 from herbens.bundle.export import export_bundle
 from herbens.bundle.load import load_bundle
-from herbens.cli import main
+from herbens.cli.main import main
 from herbens.config import load_config
 from herbens.errors import HerbensError
-from herbens.openset import write_open_set_data
 
 SHOTS = 3
 
@@ -209,7 +209,7 @@ def test_ensemble_bundle_enrols_per_member(held_out, tmp_path):
     assert sorted(p.name for p in (bundle / ENROLLED).iterdir()) == sorted(
         ["species.json"] + [f"{m.name}.npy" for m in loaded.members])
     assert [len(p.owners) - len(p.owners[p.owners < loaded.enrolment.num_known]) for p in loaded.enrolment.prototypes] == [1, 1]
-    from herbens.predict import predict_paths
+    from herbens.bundle.predict import predict_paths
 
     pred = predict_paths(loaded, held[SHOTS:], progress=False)
     named = loaded.names.category_id.to_numpy()[pred.top_species[:, 0]] == 5000

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from herbens.cli import main
+from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.combine import Chunk, ClassSpace, Params, predict_chunk
 from herbens.ensemble.crossfit import evaluate_fits, stratified_folds
@@ -17,8 +17,8 @@ from herbens.ensemble.pipeline import ensemble_runs
 from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
 from herbens.ensemble.submission import read_submission
 from herbens.errors import HerbensError
-from herbens.logits import logits_dir, write_logits
 from herbens.metrics import macro_f1
+from herbens.stores.logits import logits_dir, write_logits
 
 NO_FIT = dict(weights="equal", calibrate=False, tau="none", hierarchy="none")
 

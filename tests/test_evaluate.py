@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from herbens.cli import main
+from herbens.analysis.evaluate import argmax_rows, evaluate_inputs, load_solution
+from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
-from herbens.evaluate import argmax_rows, evaluate_inputs, load_solution
 
 # category_id -> (genus, family, training images)
 CATEGORIES = {10: ("Acer", "Sapindaceae", 3), 11: ("Acer", "Sapindaceae", 6),
@@ -157,7 +157,7 @@ def run_taxonomy() -> Taxonomy:
 
 def fake_run(tmp_path: Path, labels, taxonomy_hash=None, store_labels=True) -> tuple[Path, np.ndarray]:
     """A run directory holding a real validation logits store with random scores."""
-    from herbens.logits import write_logits
+    from herbens.stores.logits import write_logits
 
     run_dir = tmp_path / "runs" / "tiny"
     run_dir.mkdir(parents=True)

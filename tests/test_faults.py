@@ -29,7 +29,6 @@ import torch
 
 from conftest import TINY_OVERRIDES, train_tiny
 from fault_writer import image_ids, write_generation
-from herbens.checkpoint import POINTER, checkpoint_dir, latest_checkpoint
 from herbens import config
 from herbens.config import load_config
 from herbens.data.dataset import BadImageWarning
@@ -38,7 +37,8 @@ from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.submission import read_submission, write_submission
 from herbens.errors import HerbensError
 from herbens.fileio import _renameat2, atomic_dir, read_json, write_json
-from herbens.logits import logits_dir, read_logits, write_logits
+from herbens.stores.logits import logits_dir, read_logits, write_logits
+from herbens.training.checkpoint import POINTER, checkpoint_dir, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITER = Path(__file__).with_name("fault_writer.py")
@@ -51,7 +51,7 @@ def kill_at_first_checkpoint(train_args: list[str], pointer, log) -> None:
     """Run ``herbens train *train_args`` in a child process and SIGKILL it as soon as
     ``pointer`` (the checkpoint pointer) appears; fail with its log if it ended otherwise."""
     with open(log, "wb") as handle:  # a file, not a pipe: a full pipe would stall the child
-        proc = subprocess.Popen([sys.executable, "-m", "herbens.cli", "train", *train_args], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "herbens", "train", *train_args], cwd=ROOT,
                                 env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + HANG_TIMEOUT_S
@@ -352,7 +352,7 @@ def test_disk_full_while_moving_the_checkpoint_pointer(small_disk):
 @pytest.mark.slow
 def test_disk_full_while_saving_a_training_checkpoint(small_disk, tiny_herbarium):
     out = small_disk.root / "runs"
-    command = [sys.executable, "-m", "herbens.cli", "train", "demo_ce", f"data.root={tiny_herbarium}",
+    command = [sys.executable, "-m", "herbens", "train", "demo_ce", f"data.root={tiny_herbarium}",
                f"output_dir={out}", "name=full", *TINY_OVERRIDES, "train.epochs=1"]
     done = small_disk.run(command)
     run = out / "full"
@@ -447,7 +447,7 @@ def test_training_into_an_unwritable_output_directory(tiny_herbarium, shared_tmp
     monkeypatch.setattr(config, "BASE_RECIPE", recipes / "_base.yaml")
     out = shared_tmp / "runs"
     out.mkdir()
-    importlib.import_module("herbens.training")
+    importlib.import_module("herbens.training.fit")
     with unwritable(out):
         status = train_tiny(data, out, recipe=str(recipes / "demo_ce.yaml"),
                             extra=["name=denied", "train.epochs=1"])

@@ -16,13 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES, train_tiny
-from herbens import preflight, training
-from herbens.checkpoint import POINTER, checkpoint_dir
 from herbens.config import load_config
 from herbens.errors import HerbensError
 from herbens.fileio import read_json
 from herbens.models.net import build_model
-from herbens.optim import ProbeThenFinetuneSchedule, build_optimizer, build_schedule, build_training_schedule
+from herbens.optim.optimizers import build_optimizer
+from herbens.optim.schedules import ProbeThenFinetuneSchedule, build_schedule, build_training_schedule
+from herbens.training import preflight, setup as training_setup
+from herbens.training.checkpoint import POINTER, checkpoint_dir
 from test_faults import kill_at_first_checkpoint
 
 PROBE = ["train.freeze_trunk_epochs=1", "train.unfreeze_warmup_epochs=0.5", "train.batch_size=4",
@@ -47,7 +48,7 @@ def test_frozen_epochs_train_only_the_heads_then_everything(tiny_herbarium, tmp_
         built.append(copy.deepcopy(built[-1].state_dict()))
         return built[0]
 
-    monkeypatch.setattr(training, "build_model", spy)
+    monkeypatch.setattr(training_setup, "build_model", spy)
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=probe", "infer.splits=[]", *PROBE]) == 0
     initial = built[1]
     run = tmp_path / "probe"

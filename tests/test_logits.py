@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from herbens.errors import HerbensError
-from herbens.logits import logits_dir, open_logits_writer, read_logits, write_logits
+from herbens.stores.logits import logits_dir, open_logits_writer, read_logits, write_logits
 
 META = {"taxonomy_hash": "0123456789abcdef", "model": "test_model"}
 

@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import f1_score
 
+from herbens.analysis.evaluate import evaluate_predictions
 from herbens.data.taxonomy import Taxonomy
-from herbens.evaluate import evaluate_predictions
 from herbens.metrics import (accuracy_by_training_count, best_worst, binomial_se, correctness_anova,
                              group_macro_f1, head_tail_scores, head_tail_split, level_scores, macro_f1,
                              one_way_anova, per_level_accuracy, split_by_group, top1_accuracy,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_OVERRIDES
+from herbens.analysis.openset import auroc, held_out_species, run_open_set
 from herbens.data.taxonomy import Taxonomy
-from herbens.logits import read_logits
-from herbens.openset import auroc, held_out_species, run_open_set
+from herbens.stores.logits import read_logits
 
 
 def test_auroc_matches_sklearn():

@@ -88,7 +88,7 @@ def test_unwritable_output_folder(tiny_herbarium, tmp_path, capsys):
 
 
 def test_too_little_disk_space_is_refused(tmp_path):
-    from herbens.preflight import check_output_dir
+    from herbens.training.preflight import check_output_dir
 
     free = check_output_dir(tmp_path / "run", needed=1)
     assert free > 0 and (tmp_path / "run").is_dir() and list((tmp_path / "run").iterdir()) == []
@@ -100,11 +100,11 @@ def test_size_estimates_match_a_real_run(tiny_run):
     # The tiny run: demo_ce (adamw: two moments per weight), no EMA, logits for val and test.
     import yaml
 
-    from herbens.checkpoint import latest_checkpoint
+    from herbens.training.checkpoint import latest_checkpoint
     from herbens.data.taxonomy import Taxonomy
-    from herbens.infer import load_run_model
-    from herbens.logits import logits_dir, read_logits
-    from herbens.preflight import estimate_sizes
+    from herbens.infer.run import load_run_model
+    from herbens.stores.logits import logits_dir, read_logits
+    from herbens.training.preflight import estimate_sizes
 
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     taxonomy = Taxonomy.load(tiny_run / "taxonomy.json")
@@ -127,8 +127,8 @@ def test_preflight_leaves_the_run_state_untouched(tiny_herbarium, tmp_path):
     # Seesaw keeps class counts updated in forward, mixup draws from numpy: both must be restored.
     import numpy as np
 
-    from herbens.preflight import run_preflight
-    from herbens.training import build_accelerator, build_setup
+    from herbens.training.preflight import run_preflight
+    from herbens.training.setup import build_accelerator, build_setup
 
     cfg = load_config("demo_seesaw", [f"data.root={tiny_herbarium}", f"output_dir={tmp_path}", *TINY_OVERRIDES,
                                       "train.ema=true"])
@@ -157,7 +157,7 @@ def test_preflight_leaves_the_run_state_untouched(tiny_herbarium, tmp_path):
 
 
 def test_check_through_the_herbens_command(tiny_herbarium, tmp_path, capsys):
-    from herbens.cli import main as cli_main
+    from herbens.cli.main import main as cli_main
 
     argv = ["train", "demo_ce", f"data.root={tiny_herbarium}", f"output_dir={tmp_path / 'runs'}", *TINY_OVERRIDES,
             "train.grad_accum=3", "train.epochs=3", "--check"]

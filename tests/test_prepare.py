@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from herbens.cli import main as cli_main
+from herbens.cli.main import main as cli_main
 from herbens.config import load_config
 from herbens.data.dataset import HerbariumDataset
 from herbens.data.loaders import train_decode_size
-from herbens.data.transforms import eval_decode_size
 from herbens.data.metadata import find_dataset, load_test_metadata, load_train_metadata
 from herbens.data.prepare import default_output, prepare_dataset
+from herbens.data.transforms import eval_decode_size
 from herbens.errors import HerbensError
 
 SIZE = 40  # the tiny herbarium's sheets are 64 px high

@@ -24,9 +24,9 @@ from test_clip import PATCH as CLIP_PATCH
 from test_clip import WIDTH as CLIP_WIDTH
 from test_clip import make_checkpoint
 from herbens.config import load_config
-from herbens.optim import scaled_lr
-from herbens.recipes import recipe_paths
-from herbens.training import check
+from herbens.config.catalogue import recipe_paths
+from herbens.optim.optimizers import scaled_lr
+from herbens.training.fit import check
 
 RECIPES = [p.stem for p in recipe_paths()]
 BATCH = 4  # the tiny split's training images hold a few batches of 4

@@ -15,15 +15,15 @@ import timm
 import torch
 from PIL import Image
 
-from herbens import recipes as recipes_module
-from herbens.cli import main as cli_main
+from herbens.cli.main import main as cli_main
+from herbens.config import catalogue as recipes_module
 from herbens.config import RECIPES_DIR, load_config
+from herbens.config.catalogue import HERBARIUM_2022_CLASSES, build_meta_model, input_hw, list_recipes, recipe_paths, run_on_zeros
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.data.transforms import build_eval_transform, build_train_transform, model_data_config
 from herbens.losses import build_criterion
-from herbens.optim import build_optimizer, build_schedule, scaled_lr
-from herbens.recipes import (HERBARIUM_2022_CLASSES, build_meta_model, input_hw, list_recipes,
-                             recipe_paths, run_on_zeros)
+from herbens.optim.optimizers import build_optimizer, scaled_lr
+from herbens.optim.schedules import build_schedule
 
 RECIPES = [p.stem for p in recipe_paths()]
 # Shared parents (``_paper.yaml``, ...) are not listed but must load on their own too.

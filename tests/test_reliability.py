@@ -16,17 +16,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from herbens.cli import main
+from herbens.analysis.evaluate import evaluate_inputs
+from herbens.cli.main import main
 from herbens.data.dataset import BadImageWarning
 from herbens.data.metadata import load_test_metadata
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.pipeline import ensemble_runs
 from herbens.ensemble.submission import prepare_outputs
 from herbens.errors import HerbensError
-from herbens.evaluate import evaluate_inputs
-from herbens.infer import infer_run, prior_logits
-from herbens.logits import (LogitsRecordWarning, UnreadableRowsWarning, logits_dir, read_logits,
-                            write_logits)
+from herbens.infer.run import infer_run
+from herbens.infer.splits import prior_logits
+from herbens.stores.logits import LogitsRecordWarning, UnreadableRowsWarning, logits_dir, read_logits, write_logits
 
 NO_FIT = dict(weights="equal", calibrate=False, tau="none", hierarchy="none", progress=False)
 
@@ -126,7 +126,7 @@ def test_unreadable_validation_image_is_left_out_of_the_score(run_copy):
 
 
 def write_with_unreadable(run: Path, split: str, n: int, bad_rows: list[int], labels=None) -> None:
-    from herbens.logits import open_logits_writer
+    from herbens.stores.logits import open_logits_writer
 
     tax = make_taxonomy()
     scores = np.random.default_rng(1).normal(size=(n, 4))
@@ -149,7 +149,7 @@ def test_ensemble_leaves_unreadable_validation_rows_out_of_fitting(tmp_path):
 def test_unreadable_record_is_checked_on_write_and_read(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(HerbensError, match="unknown fallback 'zeros'"):
-        from herbens.logits import open_logits_writer
+        from herbens.stores.logits import open_logits_writer
 
         with open_logits_writer(run, "test", ["a"], {"species": 4}, {"taxonomy_hash": "0" * 16}) as writer:
             writer.write("species", 0, np.zeros((1, 4)))
@@ -353,7 +353,7 @@ def test_prepare_outputs_is_silent_for_fresh_outputs(tmp_path):
 
 def test_resume_falls_back_past_a_truncated_checkpoint(tiny_herbarium, tmp_path):
     from conftest import train_tiny
-    from herbens.checkpoint import DamagedCheckpointWarning, checkpoint_dir, latest_checkpoint
+    from herbens.training.checkpoint import DamagedCheckpointWarning, checkpoint_dir, latest_checkpoint
 
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=ck", "train.epochs=2", "train.keep_checkpoints=2"]) == 0
     run = tmp_path / "ck"
@@ -371,7 +371,7 @@ def test_resume_falls_back_past_a_truncated_checkpoint(tiny_herbarium, tmp_path)
 
 def test_resume_with_no_loadable_checkpoint_names_each(tiny_herbarium, tmp_path, capsys):
     from conftest import train_tiny
-    from herbens.checkpoint import checkpoint_dir
+    from herbens.training.checkpoint import checkpoint_dir
 
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=ck1", "train.epochs=1", "train.keep_checkpoints=1"]) == 0
     (folder,) = [p for p in checkpoint_dir(tmp_path / "ck1").iterdir() if p.is_dir()]

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from herbens.cli import main
+from herbens.analysis.evaluate import evaluate_predictions
+from herbens.analysis.report import plot_f1_vs_cost, plot_family_accuracy, plot_history, plot_throughput, plot_training_bins, write_report
+from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
-from herbens.evaluate import evaluate_predictions
-from herbens.logits import write_logits
-from herbens.report import (plot_f1_vs_cost, plot_family_accuracy, plot_history, plot_throughput,
-                            plot_training_bins, write_report)
+from herbens.stores.logits import write_logits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

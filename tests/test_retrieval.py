@@ -9,18 +9,18 @@ import shutil
 import numpy as np
 import pytest
 
-from herbens.cli import main
+from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.embeddings import write_embeddings
 from herbens.ensemble.command import ensemble_runs
 from herbens.errors import HerbensError
-from herbens.logits import read_logits, write_logits
 from herbens.retrieval.command import retrieval_run
 from herbens.retrieval.knn import KnnClassifier, knn_logits
 from herbens.retrieval.prototypes import (Prototypes, class_prototypes, cosine_scores, fuse_with_head,
                                           species_prototype)
 from herbens.retrieval.pseudorun import derived_logits
 from herbens.retrieval.search import exact_topk, faiss_topk, merge_topk
+from herbens.stores.embeddings import write_embeddings
+from herbens.stores.logits import read_logits, write_logits
 
 
 def unit(x):

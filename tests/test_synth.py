@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from herbens.cli import main
+from herbens.cli.main import main
 from herbens.data import synth
 from herbens.errors import HerbensError
 

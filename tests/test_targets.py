@@ -8,7 +8,7 @@ import torch
 
 from herbens.errors import HerbensError
 from herbens.losses.distill import sparse_kl_div
-from herbens.targets import open_targets_writer, read_targets, sparsify, targets_dir
+from herbens.stores.targets import open_targets_writer, read_targets, sparsify, targets_dir
 
 
 def _log_softmax(x):

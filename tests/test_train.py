@@ -9,11 +9,11 @@ import torch
 import yaml
 
 from conftest import train_tiny
-from herbens.cli import main as cli_main
+from herbens.cli.main import main as cli_main
 from herbens.config import load_run_config
 from herbens.data.metadata import load_test_metadata
 from herbens.data.taxonomy import Taxonomy
-from herbens.logits import read_logits
+from herbens.stores.logits import read_logits
 
 
 def test_run_directory_is_complete(tiny_run):
@@ -98,7 +98,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
 
 
 def test_final_weights_reload_into_the_model(tiny_run):
-    from herbens.infer import load_run_model
+    from herbens.infer.run import load_run_model
 
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     model = load_run_model(tiny_run, cfg, Taxonomy.load(tiny_run / "taxonomy.json"))
@@ -134,7 +134,7 @@ def test_infer_in_probability_space(tiny_run):
 
 
 def test_consecutive_runs_split_shuffled_gathers_into_contiguous_blocks():
-    from herbens.infer import _consecutive_runs
+    from herbens.infer.splits import _consecutive_runs
 
     assert _consecutive_runs(np.array([0, 1, 2, 5, 6, 9])) == [(0, 3), (3, 5), (5, 6)]
     assert _consecutive_runs(np.array([4])) == [(0, 1)]
@@ -163,8 +163,8 @@ def test_each_accumulation_window_averages_its_own_micro_batches():
     # Accelerate also steps. Plain SGD with lr=1 moves the weights by minus the window's gradient.
     from accelerate import Accelerator
 
-    from herbens.engine import TrainParts, TrainState, train_one_epoch
-    from herbens.optim import epoch_updates
+    from herbens.training.engine import TrainParts, TrainState, train_one_epoch
+    from herbens.optim.schedules import epoch_updates
 
     torch.manual_seed(0)
     batches = [{"image": torch.randn(4, 3), "species": torch.randint(0, 2, (4,))} for _ in range(7)]
@@ -217,7 +217,7 @@ def test_grad_accum_run_completes_with_the_schedule_at_its_end(tiny_herbarium, t
 
 def _lr_after(scheduler_cfg: dict, epochs: int, updates_per_epoch: int, lr: float, steps: list[int]) -> list[float]:
     """The learning rate after each of ``steps`` updates of an uninterrupted schedule (the reference)."""
-    from herbens.optim import build_schedule
+    from herbens.optim.schedules import build_schedule
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     schedule = build_schedule(optimizer, scheduler_cfg, epochs, updates_per_epoch, lr)
@@ -236,7 +236,7 @@ def test_a_resumed_longer_schedule_follows_the_longer_one_from_the_resume_step(s
     # followed the 2-epoch schedule; both shapes depend on their length, so the rate jumps at the
     # resume step from the short schedule's end to the long one's value: a warm restart.)
     from herbens.config import load_config
-    from herbens.optim import build_schedule
+    from herbens.optim.schedules import build_schedule
 
     cfg = load_config("demo_ce", [f"scheduler.name={scheduler}", "scheduler.warmup_epochs=1"])["scheduler"]
     per_epoch, done, lr = 5, 10, 0.01
@@ -287,7 +287,8 @@ def test_resume_with_more_epochs_extends_the_schedule(tiny_herbarium, tmp_path, 
 def test_layer_decay_scales_every_groups_learning_rate(taxonomy, scheduler):
     from herbens.config import load_config
     from herbens.models.net import build_model
-    from herbens.optim import build_optimizer, build_schedule
+    from herbens.optim.optimizers import build_optimizer
+    from herbens.optim.schedules import build_schedule
 
     cfg = load_config("demo_ce", ["optimizer.layer_decay=0.5", f"scheduler.name={scheduler}"])
     model = build_model(cfg, taxonomy)
@@ -320,12 +321,12 @@ def test_compiled_run_writes_weights_that_infer_loads(tiny_herbarium, tmp_path):
 # ----- failed starts and failed endings --------------------------------------------------------
 
 def test_a_run_failing_before_its_first_checkpoint_removes_what_it_wrote(tiny_herbarium, tmp_path, monkeypatch):
-    import herbens.training
+    import herbens.training.fit
 
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(herbens.training, "_train_epochs", crash)
+    monkeypatch.setattr(herbens.training.fit, "_train_epochs", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"])
     assert not (tmp_path / "r").exists()
@@ -356,16 +357,16 @@ def test_a_folder_with_other_files_is_not_taken_for_a_failed_start(tiny_herbariu
 
 
 def test_a_logits_failure_after_training_says_how_to_finish(tiny_herbarium, tmp_path, monkeypatch, capsys):
-    import herbens.training
+    import herbens.training.fit
 
-    real = herbens.training.write_split_logits
+    real = herbens.training.fit.write_split_logits
 
     def fail_on_test(accelerator, model, cfg, data, data_config, run_dir, split, views=None):
         if split == "test":
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(accelerator, model, cfg, data, data_config, run_dir, split, views)
 
-    monkeypatch.setattr(herbens.training, "write_split_logits", fail_on_test)
+    monkeypatch.setattr(herbens.training.fit, "write_split_logits", fail_on_test)
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 2
     message = capsys.readouterr().err.strip()
     run = tmp_path / "r"

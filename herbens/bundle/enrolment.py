@@ -63,7 +63,7 @@ def export_prototypes(run_dirs: list[Path], folders: list[Path], params, taxonom
                       seed: int = 0) -> dict | None:
     """Write each member's known-species prototypes; returns ``bundle.json``'s ``enrolment``
     record, or None (with a note) when some member run has no train/val embeddings."""
-    from herbens.embeddings import embeddings_dir, read_embeddings
+    from herbens.stores.embeddings import embeddings_dir, read_embeddings
     from herbens.retrieval.command import fit_prototypes
 
     lacking = [run for run in run_dirs if not all(embeddings_dir(run, s).is_dir() for s in ("train", "val"))]
@@ -313,7 +313,8 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
             genus without family, an unreadable image.
     """
     from herbens.bundle.load import load_bundle
-    from herbens.predict import collect_inputs, member_logits
+    from herbens.bundle.inputs import collect_inputs
+    from herbens.bundle.predict import member_logits
     from herbens.retrieval.prototypes import species_prototype
 
     bundle = load_bundle(bundle_path, device=device)

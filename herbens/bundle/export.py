@@ -121,7 +121,7 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
     from safetensors.torch import save_model
 
     from herbens.data.transforms import model_data_config
-    from herbens.infer import load_run_model
+    from herbens.infer.run import load_run_model
 
     cfg = load_run_config(run_dir)
     if Taxonomy.load(run_dir / "taxonomy.json") != taxonomy:

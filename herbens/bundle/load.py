@@ -22,7 +22,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from herbens.data.taxonomy import Taxonomy

@@ -227,7 +227,7 @@ class Optimizer(Section):
 
 
 def _schedulers():
-    from herbens.optim import SCHEDULERS
+    from herbens.optim.schedules import SCHEDULERS
 
     return SCHEDULERS
 
@@ -286,7 +286,7 @@ class Train(Section):
     @classmethod
     def _known_trackers(cls, names: list) -> list:
         # Accelerate's list of names imports no tracker package; whether each named one is
-        # installed is checked when the run starts (herbens.training.tracker_names).
+        # installed is checked when the run starts (herbens.training.setup.tracker_names).
         from accelerate.utils import LoggerType
 
         known = [name for name in LoggerType.list() if name != "all"]

@@ -22,7 +22,6 @@ from herbens.data.dataset import HerbariumDataset
 from herbens.data.samplers import build_sampler
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.transforms import eval_decode_size
-from herbens.errors import HerbensError
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int):
@@ -89,7 +88,7 @@ class TrainingDataset(HerbariumDataset):
     def __init__(self, *args, seed: int = 0, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = int(seed)
-        self.teacher = teacher  # herbens.targets.TeacherRows when distilling
+        self.teacher = teacher  # herbens.stores.targets.TeacherRows when distilling
 
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self))
@@ -140,7 +139,7 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     """Shuffled (or re-balanced) training loader; returns (loader, sampler with set_epoch).
 
     Samples carry ``"unreadable"`` (see :class:`TrainingDataset`) and, with ``teacher``
-    (:class:`herbens.targets.TeacherRows`), their own teacher targets. The loader has its own
+    (:class:`herbens.stores.targets.TeacherRows`), their own teacher targets. The loader has its own
     seeded generator, so starting an epoch (or resuming one) draws nothing from torch's global
     generator, which the trainer checkpoints.
     """
@@ -171,7 +170,7 @@ def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cf
 
     Unreadable images follow ``data.bad_images``: under ``skip`` the sample carries the next
     readable image's pixels flagged ``"unreadable"``, and the caller replaces those scores by
-    the ``infer.bad_images`` fallback or fails the split (:func:`herbens.infer.write_split_logits`).
+    the ``infer.bad_images`` fallback or fails the split (:func:`herbens.infer.splits.write_split_logits`).
     """
     dataset = HerbariumDataset(frame, images_dir, taxonomy, transform=None,
                                bad_image_policy=cfg["data"]["bad_images"],

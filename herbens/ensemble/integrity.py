@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from herbens.logits import LogitsRecordWarning
+from herbens.stores.logits import LogitsRecordWarning
 
 if TYPE_CHECKING:
     from herbens.ensemble.stores import AlignedSplit, Run

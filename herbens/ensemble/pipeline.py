@@ -25,15 +25,15 @@ from herbens.data.taxonomy import LEVELS
 from herbens.ensemble import fit
 from herbens.ensemble.combine import ClassSpace, Params, needs_of, predict_chunk
 from herbens.ensemble.crossfit import Folds, evaluate_fits, scores_of, species_f1, stratified_folds
-from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.integrity import forget_unreadable_labels, unreadable_record, warn_unverifiable_test
+from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.outputs import format_table, output_paths, summary, write_outputs
-from herbens.ensemble.submission import prepare_outputs
 from herbens.ensemble.stores import (AlignedSplit, Run, align_split, auto_chunk_rows, class_space, labelled,
                                      load_runs)
+from herbens.ensemble.submission import prepare_outputs
 from herbens.errors import HerbensError
 from herbens.fileio import write_json
-from herbens.logits import logits_dir
+from herbens.stores.logits import logits_dir
 
 # Shrinkage of fitted weights / species temperatures towards equal / 1, in log space: the
 # out-of-fold score picks the factor; on a tie the stronger shrinkage wins.

@@ -21,7 +21,7 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.ensemble.combine import Chunk, ClassSpace
 from herbens.errors import HerbensError
-from herbens.logits import LogitsSplit, check_finite, logits_dir, read_logits, release_pages
+from herbens.stores.logits import LogitsSplit, check_finite, logits_dir, read_logits, release_pages
 
 # Default chunk: about 16 MB of float32 per run and level (270 rows at 15,501 classes). Small
 # enough for the allocator to reuse freed blocks instead of faulting in fresh pages each
@@ -57,7 +57,7 @@ def load_runs(run_dirs: Sequence, splits: Sequence[str] = ("test", "val")) -> li
 
     Raises:
         HerbensError: naming the run for a missing taxonomy, a missing test split, or any
-            problem :func:`herbens.logits.read_logits` finds (half-written directory, ...).
+            problem :func:`herbens.stores.logits.read_logits` finds (half-written directory, ...).
     """
     paths = [Path(d) for d in run_dirs]
     if not paths:

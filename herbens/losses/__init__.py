@@ -48,7 +48,7 @@ def build_criterion(levels_cfg: dict, taxonomy, distill: dict | None = None) -> 
 
     Each level's ``loss`` is a list of nodes ``{name, weight, **params}``, summed with their
     weights; the level's own ``weight`` is its share of the total. ``distill`` (from
-    :func:`herbens.targets.teacher_for_training`) mixes the distilled levels' losses with the
+    :func:`herbens.stores.targets.teacher_for_training`) mixes the distilled levels' losses with the
     teacher's soft targets; with its ``class_balanced_beta``, each image's distillation term is
     weighted by its species' class-balanced weight.
     """

@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from herbens.amp import autocast_off
 from herbens.errors import HerbensError
 from herbens.losses.base import LevelLoss
+from herbens.runtime import autocast_off
 
 
 def ams_metric_loss(embedding: torch.Tensor, labels: torch.Tensor, temperature: float,

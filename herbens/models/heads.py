@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 from torch import nn
 
-from herbens.amp import autocast_off
 from herbens.errors import HerbensError
+from herbens.runtime import autocast_off
 
 
 class LinearHead(nn.Module):

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from herbens.data.taxonomy import Taxonomy
-from herbens.embeddings import embeddings_dir, iter_chunks, read_embeddings
 from herbens.errors import HerbensError
 from herbens.metrics import level_scores
 from herbens.retrieval.knn import K_CANDIDATES, T_CANDIDATES, KnnClassifier
@@ -22,6 +21,7 @@ from herbens.retrieval.prototypes import (PrototypeClassifier, class_prototypes,
                                           temperature_log_loss)
 from herbens.retrieval.pseudorun import write_pseudo_run
 from herbens.retrieval.search import BACKENDS
+from herbens.stores.embeddings import embeddings_dir, iter_chunks, read_embeddings
 
 METHODS = ("prototype", "knn")
 PROTOTYPE_TEMPERATURES = tuple(np.geomspace(0.001, 1.0, 31).round(6).tolist())

@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.embeddings import EmbeddingsSplit, iter_chunks
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, write_json
-from herbens.logits import open_logits_writer
+from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
+from herbens.stores.logits import open_logits_writer
 
 
 def derived_logits(species: np.ndarray, taxonomy: Taxonomy) -> dict[str, np.ndarray]:

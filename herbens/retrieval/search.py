@@ -25,7 +25,7 @@ BACKENDS = ("exact", "faiss")
 
 def _index_chunks(index, chunk_rows: int) -> Iterable[tuple[int, np.ndarray]]:
     """``(start, float32 block)`` over an index given as an array or an EmbeddingsSplit."""
-    from herbens.embeddings import EmbeddingsSplit, iter_chunks
+    from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
 
     if isinstance(index, EmbeddingsSplit):
         for start, _, block in iter_chunks(index, chunk_rows):
@@ -71,7 +71,7 @@ def exact_topk(queries: np.ndarray, index, k: int, *, query_rows: int = 256,
 
     Args:
         queries: ``[Q, D]`` unit vectors (array or memory map).
-        index: ``[N, D]`` unit vectors: an array or an :class:`~herbens.embeddings.EmbeddingsSplit`.
+        index: ``[N, D]`` unit vectors: an array or an :class:`~herbens.stores.embeddings.EmbeddingsSplit`.
         k: neighbours per query (capped at N).
         query_rows, index_rows: block sizes; memory ~ ``query_rows x index_rows x 4`` bytes.
 

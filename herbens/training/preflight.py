@@ -25,9 +25,11 @@ from torch.utils.data import default_collate
 
 from herbens.data.loaders import predict_loader
 from herbens.data.transforms import build_tta_views, view_row_names
-from herbens.engine import batch_targets, combine_views
 from herbens.errors import HerbensError
-from herbens.optim import SGD_FAMILY, build_optimizer, build_training_schedule
+from herbens.infer.loop import combine_views
+from herbens.optim.optimizers import SGD_FAMILY, build_optimizer
+from herbens.optim.schedules import build_training_schedule
+from herbens.training.engine import batch_targets
 
 # Bytes per element of a stored logit (the logits store keeps float16).
 LOGIT_BYTES = 2
@@ -130,7 +132,7 @@ def preserved_rngs():
 def check_schedule(optimizer, sched_cfg: dict, train_cfg: dict, updates_per_epoch: int, lr: float) -> None:
     """Step the run's schedule through its whole length, on a stand-in optimizer.
 
-    The schedule is the one training builds (:func:`herbens.optim.build_training_schedule`:
+    The schedule is the one training builds (:func:`herbens.optim.schedules.build_training_schedule`:
     with ``train.freeze_trunk_epochs``, the probe's and then the fine-tuning's). The stand-in
     has the real optimizer's groups (learning rates and ``lr_scale``) over one dummy parameter
     each, so the real optimizer and schedule are left untouched.
@@ -244,7 +246,7 @@ def run_preflight(cfg: dict, setup, run_dir: Path) -> Plan:
     """Every check above, in the order of cheapest first; returns the run's :class:`Plan`.
 
     Args:
-        setup: the built run (:class:`herbens.training.TrainingSetup`), before any training.
+        setup: the built run (:class:`herbens.training.setup.TrainingSetup`), before any training.
         run_dir: the run directory (created here when missing).
     Raises:
         HerbensError: naming the key or file at fault.

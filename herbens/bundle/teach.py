@@ -2,7 +2,7 @@
 
 The teacher is exactly the ensemble its JSON record describes: it is exported into
 ``<out>/bundle/`` (:func:`herbens.bundle.export.export_bundle`) and the training images are
-predicted through the bundle (:func:`herbens.predict.block_probabilities`: each member's own
+predicted through the bundle (:func:`herbens.bundle.predict.block_probabilities`: each member's own
 test-time views and data config, combined with the ensemble's fitted weights, temperatures, tau
 and alpha/beta). Per level, the top-K classes and log-probabilities of every training image and
 the remaining mass go into ``<out>/targets/train/`` (:mod:`herbens.targets`), beside the
@@ -60,8 +60,8 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
     """
     from herbens.bundle.export import export_bundle, resolve_source
     from herbens.bundle.load import load_bundle
-    from herbens.predict import block_probabilities
-    from herbens.targets import open_targets_writer
+    from herbens.bundle.predict import block_probabilities
+    from herbens.stores.targets import open_targets_writer
 
     if k < 1:
         raise HerbensError(f"--k must be at least 1, got {k}")

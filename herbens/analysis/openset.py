@@ -105,7 +105,7 @@ def run_open_set(recipe: str, overrides: list[str], workdir: Path, *, share: flo
     from herbens.bundle.scoring import single_run_params
     from herbens.config import load_config
     from herbens.data.taxonomy import Taxonomy
-    from herbens.training import fit
+    from herbens.training.fit import fit
 
     if not 0 < share < 1:
         raise HerbensError(f"--holdout must be between 0 and 1, got {share}")

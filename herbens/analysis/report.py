@@ -24,11 +24,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from herbens.analysis.evaluate import evaluate_predictions, format_anova, format_bins, format_group_table, format_summary, load_predictions, unique_names
 from herbens.errors import HerbensError
-from herbens.evaluate import (evaluate_predictions, format_anova, format_bins, format_group_table,
-                              format_summary, load_predictions, unique_names)
 from herbens.fileio import atomic_write, read_json, write_json
-from herbens.logits import format_ids
+from herbens.stores.logits import format_ids
 
 #: Per-epoch series drawn from history.jsonl: (key, y-axis label, title, file stem).
 HISTORY_PLOTS = (

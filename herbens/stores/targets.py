@@ -27,7 +27,7 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, write_json
-from herbens.logits import BlockWriter, _duplicates, _NpyFile, _open_npy, _read_ids, read_store_meta
+from herbens.stores.logits import BlockWriter, _duplicates, _NpyFile, _open_npy, _read_ids, read_store_meta
 
 FORMAT_VERSION = 1
 KIND = "sparse_targets"

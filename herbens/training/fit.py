@@ -7,143 +7,35 @@ weights -> logits for val/test -> metrics.json.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 
 from herbens import __version__
-from herbens.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from herbens.config import check_resume, load_run_config, save_config
 from herbens.data.dataset import BadImageWarning
-from herbens.data.loaders import predict_loader, train_loader
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.splits import save_split
 from herbens.data.taxonomy import Taxonomy
-from herbens.data.transforms import build_train_transform, build_tta_views, model_data_config
-from herbens.engine import TrainParts, TrainState, current_lr, predict, train_one_epoch
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
-from herbens.infer import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
-from herbens.losses import build_criterion
+from herbens.infer.loop import predict
+from herbens.infer.splits import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
 from herbens.metrics import macro_f1
-from herbens.models.compiling import compile_model, compile_seconds
-from herbens.models.clip import init_text_heads, text_head_scales, with_text_head_scales
-from herbens.models.net import build_model
-from herbens.preflight import Plan, run_preflight
-from herbens.optim import build_optimizer, build_training_schedule, epoch_updates, scaled_lr
-from herbens.targets import teacher_for_training
-
-
-# What a run writes before its first checkpoint; a folder holding nothing else is a failed start.
-START_FILES = ("config.yaml", "provenance.json", "taxonomy.json", "split.csv", "history.jsonl", "checkpoints",
-               "trackers")
-
-
-def failed_start(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds only what a run that died before its first checkpoint wrote."""
-    if not run_dir.is_dir() or latest_checkpoint(run_dir) is not None:
-        return False
-    names = {p.name for p in run_dir.iterdir()}
-    return bool(names) and names <= set(START_FILES)
-
-
-def clear_failed_start(run_dir: Path) -> None:
-    """Remove what a run wrote before its first checkpoint, and the folder once it is empty."""
-    for name in START_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()  # only when empty
-
-
-def start_mode(run_dir: Path, resume: bool, overwrite: bool) -> str:
-    """How to start in ``run_dir``: ``resume``, ``overwrite``, ``clear`` (a failed start) or ``new``.
-
-    Reads only, so that every process decides alike before the main one deletes anything;
-    refuses to silently mix a new run into an old one.
-    """
-    if failed_start(run_dir):
-        return "clear"  # also under --resume: there is nothing to resume
-    if resume:
-        if latest_checkpoint(run_dir) is None:
-            raise HerbensError(f"--resume: {run_dir} has no checkpoint to resume from")
-        return "resume"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            return "overwrite"
-        raise HerbensError(f"run directory {run_dir} already exists: pass --resume to continue it, "
-                           f"--overwrite to start again, or choose another name=...")
-    return "new"
-
-
-def launched_on_cpus_only() -> bool:
-    """Whether this process is one of several started without any GPU (torchrun on CPUs).
-
-    Accelerate forms a multi-CPU (gloo) process group only when it is told ``cpu=True``;
-    ``accelerate launch --cpu`` says so through ACCELERATE_USE_CPU, but plain ``torchrun`` does
-    not, and every rank would then train alone, all writing the same run directory.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return world_size > 1 and not torch.cuda.is_available()
-
-
-def tracker_names(cfg: dict) -> list[str]:
-    """``train.trackers`` (names checked by the schema at load), each one installed here."""
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import LoggerType
-
-    names = list(cfg["train"]["trackers"])
-    for name in names:
-        if LoggerType(name) not in get_available_trackers():
-            raise HerbensError(f"train.trackers: {name} is not installed (pip install {name})")
-    return names
-
-
-def check_precision(precision: str, cpu: bool) -> None:
-    """Refuse ``train.precision=fp16`` on a CPU, where Accelerate would silently train in fp32.
-
-    Asked of Accelerate's process state before the Accelerator exists, whose mixed precision
-    cannot change once set in a process.
-    """
-    from accelerate import PartialState
-
-    if precision == "fp16" and PartialState(cpu=cpu).device.type == "cpu":
-        raise HerbensError("train.precision=fp16 needs a GPU: this process runs on the CPU, where Accelerate "
-                           "ignores fp16 and trains in fp32; set train.precision=bf16 (CPU autocast) or no")
-
-
-def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
-    """Accelerator for the recipe's precision, accumulation and trackers (logging into
-    ``run_dir/trackers``; ``run_dir`` defaults to ``output_dir/name``)."""
-    from accelerate.utils import ProjectConfiguration
-
-    run_dir = Path(run_dir or Path(cfg["output_dir"]) / str(cfg["name"]))
-    trackers = tracker_names(cfg)
-    cpu = launched_on_cpus_only()
-    check_precision(cfg["train"]["precision"], cpu)
-    handlers = []
-    if cfg["train"]["freeze_trunk_epochs"]:
-        # The frozen trunk gets no gradients during the probe: DDP must expect unused parameters.
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(mixed_precision=cfg["train"]["precision"], cpu=cpu,
-                       gradient_accumulation_steps=int(cfg["train"]["grad_accum"]),
-                       log_with=trackers or None, kwargs_handlers=handlers,
-                       project_config=ProjectConfiguration(project_dir=str(run_dir),
-                                                           logging_dir=str(run_dir / "trackers")))
+from herbens.models.clip import text_head_scales, with_text_head_scales
+from herbens.models.compiling import compile_seconds
+from herbens.training.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
+from herbens.training.engine import TrainParts, TrainState, current_lr, train_one_epoch
+from herbens.training.preflight import Plan, run_preflight
+from herbens.training.run_folder import clear_failed_start, first_missing_folder, remove_created_folders, start_mode
+from herbens.training.setup import TrainingSetup, build_accelerator, build_setup
 
 
 def git_revision() -> str | None:
@@ -167,25 +59,6 @@ def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
     save_split(run_dir / "split.csv", data.val["image_id"].tolist())
 
 
-def build_mixup(cfg: dict, num_classes: int):
-    aug = cfg["augment"]
-    if not (aug["mixup"] or aug["cutmix"]):
-        return None
-    from timm.data import Mixup
-
-    # The losses smooth soft targets themselves (every level alike), so Mixup must not.
-    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], label_smoothing=0.0,
-                 num_classes=num_classes)
-
-
-def build_ema(cfg: dict, model):
-    if not cfg["train"]["ema"]:
-        return None
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=float(cfg["train"]["ema_decay"]))
-
-
 def validate(accelerator, model, loader, levels, taxonomy: Taxonomy) -> dict:
     """Per-level macro-F1 of each head's own prediction on the validation split."""
     scores = predict(accelerator, model, loader, levels, desc="validate")
@@ -200,70 +73,6 @@ def append_history(run_dir: Path, state: TrainState) -> None:
     with atomic_write(run_dir / "history.jsonl") as handle:
         for record in state.history:
             handle.write(json.dumps(record) + "\n")
-
-
-@dataclass
-class TrainingSetup:
-    """A run's built parts, prepared by Accelerate, before any training step."""
-
-    accelerator: Accelerator
-    data: RunData
-    model: torch.nn.Module        # prepared (and compiled, with model.compile)
-    plain_model: torch.nn.Module  # the same weights, unwrapped and uncompiled: saved and averaged
-    criterion: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: object
-    ema: object
-    loader: object
-    sampler: object
-    val_loader: object
-    data_config: dict
-    mixup: object
-    batch: int                    # images per process and micro-batch
-    global_batch: int
-    lr: float
-    updates_per_epoch: int
-    compiled_modules: int         # modules compiled in place (model.compile)
-    config: dict                  # the recipe as config.yaml records it (text heads' scales filled in)
-
-
-def build_setup(cfg: dict, accelerator: Accelerator, data: RunData,
-                resumed_scales: dict[str, float] | None = None) -> TrainingSetup:
-    """Model, loaders, loss, optimizer, schedule and EMA, prepared by Accelerate.
-
-    ``resumed_scales``: the text heads' scales a resumed run recorded; its checkpoint holds their
-    weights, so the CLIP text tower is not run again.
-    """
-    teacher, distill = teacher_for_training(cfg["distill"], data.train, data.taxonomy, tuple(cfg["levels"]))
-    if resumed_scales is None:
-        model = build_model(cfg, data.taxonomy)
-        # Text-initialised heads take CLIP's logit scale, a head argument: the saved config keeps it.
-        config = with_text_head_scales(cfg, init_text_heads(model, cfg, data.taxonomy))
-    else:
-        config = with_text_head_scales(cfg, resumed_scales)
-        model = build_model(config, data.taxonomy)
-    data_config = model_data_config(model.data_config, cfg["input"])
-    loader, sampler = train_loader(data.train, data.images_dir, data.taxonomy,
-                                   build_train_transform(data_config, cfg["augment"]), cfg, teacher=teacher)
-    val_loader = predict_loader(data.val, data.images_dir, data.taxonomy,
-                                build_tta_views(["center"], data_config), cfg, data_config=data_config)
-    criterion = build_criterion(cfg["levels"], data.taxonomy, distill).to(accelerator.device)
-    # A P x K batch sampler sets the batch size itself (P classes x K images).
-    batch = sampler.batch_size if getattr(sampler, "is_batch_sampler", False) else int(cfg["train"]["batch_size"])
-    global_batch = batch * int(cfg["train"]["grad_accum"]) * accelerator.num_processes
-    lr = scaled_lr(cfg["optimizer"], global_batch)
-    optimizer = build_optimizer(model, list(criterion.parameters()), cfg["optimizer"], lr)
-    # Compiled in place (nn.Module.compile): the module saved and averaged keeps plain state-dict
-    # keys (no `_orig_mod.` prefix, which a freshly built model in herbens infer would not know).
-    plain_model = model
-    compiled = compile_model(model, cfg["model"]["compile"], cfg["model"]["backbone"])
-    model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
-    updates = epoch_updates(len(loader), int(cfg["train"]["grad_accum"]))
-    schedule = build_training_schedule(optimizer, cfg["scheduler"], cfg["train"], updates, lr)
-    return TrainingSetup(accelerator, data, model, plain_model, criterion, optimizer, schedule,
-                         build_ema(cfg, plain_model), loader, sampler, val_loader, data_config,
-                         build_mixup(cfg, data.taxonomy.num_classes("species")), batch, global_batch, lr, updates,
-                         compiled, config)
 
 
 def _start(cfg: dict, resume: bool, overwrite: bool, dry: bool):
@@ -308,37 +117,13 @@ def check(cfg: dict, resume: bool = False, overwrite: bool = False) -> Plan:
     Leaves the file system as it found it (a run folder that did not exist is removed again).
     """
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
-    created = _first_missing(run_dir)
+    created = first_missing_folder(run_dir)
     try:
         setup, plan, _, _ = _start(cfg, resume, overwrite, dry=True)
         setup.accelerator.end_training()
     finally:
-        _remove_created(run_dir, created)
+        remove_created_folders(run_dir, created)
     return plan
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (what creating it would add)."""
-    missing = None
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing = folder
-    return missing
-
-
-def _remove_created(run_dir: Path, created: Path | None) -> None:
-    """Remove the run folder and the parents this process created, as far as they are empty.
-
-    Only empty folders go: another run started at the same time into a new output_dir keeps its own.
-    """
-    if created is None:
-        return
-    for folder in (run_dir, *run_dir.parents):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        if folder == created:
-            break
 
 
 def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
@@ -355,11 +140,11 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     """
     wall_start = time.perf_counter()
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
-    created = _first_missing(run_dir)
+    created = first_missing_folder(run_dir)
     try:
         setup, plan, resume, run_dir = _start(cfg, resume, overwrite, dry=False)
     except BaseException:
-        _remove_created(run_dir, created)
+        remove_created_folders(run_dir, created)
         raise
     accelerator = setup.accelerator
     accelerator.print(plan.summary())
@@ -385,7 +170,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     except BaseException:
         if accelerator.is_main_process and not resume and latest_checkpoint(run_dir) is None:
             clear_failed_start(run_dir)
-            _remove_created(run_dir, created)
+            remove_created_folders(run_dir, created)
         raise
 
     ema = setup.ema
@@ -500,7 +285,7 @@ def _save_weights(accelerator, run_dir: Path, model, ema) -> None:
 
 def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, accelerator, wall: float, params: int,
                    compile_time: float):
-    from herbens.logits import read_logits
+    from herbens.stores.logits import read_logits
     from herbens.metrics import level_scores
 
     val = read_logits(run_dir, "val") if "val" in cfg["infer"]["splits"] else None

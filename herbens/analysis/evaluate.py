@@ -217,7 +217,7 @@ def argmax_rows(matrix, chunk: int | None = None, *, where: str = "logits",
     each goes through the logits store's finiteness check (a NaN row has no argmax worth
     scoring): HerbensError naming ``where`` and the first bad row's id (from ``ids``).
     """
-    from herbens.logits import check_finite
+    from herbens.stores.logits import check_finite
 
     if chunk is None:
         chunk = max(1, ARGMAX_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
@@ -234,13 +234,13 @@ def run_predictions(run_dir: str | Path, split: str = "val"
                     ) -> tuple[np.ndarray, np.ndarray, Taxonomy, list[str]]:
     """True and predicted species indices of a run's stored logits, with its taxonomy.
 
-    The store goes through the shared reader checks (:func:`herbens.logits.read_logits` with
+    The store goes through the shared reader checks (:func:`herbens.stores.logits.read_logits` with
     the run's taxonomy: shapes, ids, hashes; every block read is checked for finiteness).
     Images without a label (-1) are left out, and so are the rows of images that were
     unreadable at inference (a fallback, not a prediction), with a warning; their ids are the
     fourth value returned. A split without any labels is an error.
     """
-    from herbens.logits import read_logits
+    from herbens.stores.logits import read_logits
 
     run_dir = Path(run_dir)
     taxonomy = Taxonomy.of_run(run_dir)

@@ -1,12 +1,11 @@
-"""Per-level logits of a run's validation and test images, through the logits store.
+"""Per-level logits and embeddings of a run's train, validation and test images, into the stores.
 
-Called at the end of training with the model in memory, and by ``herbens infer runs/NAME``,
-which rebuilds the model from the run's ``config.yaml`` and final weights.
+Called at the end of training with the model in memory, and by ``herbens infer runs/NAME``
+(:mod:`herbens.infer.run`).
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import warnings
 from pathlib import Path
@@ -16,12 +15,13 @@ import torch
 
 from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader
-from herbens.data.run_data import RunData, load_run_data
-from herbens.data.transforms import build_tta_views, model_data_config, view_row_names
-from herbens.engine import predict_batches
-from herbens.embeddings import open_embeddings_writer
+from herbens.data.run_data import RunData
+from herbens.data.transforms import build_tta_views, view_row_names
 from herbens.errors import HerbensError
-from herbens.logits import UNREADABLE_FALLBACKS, format_ids, open_logits_writer
+from herbens.infer.loop import predict_batches
+from herbens.stores.embeddings import open_embeddings_writer
+from herbens.stores.logits import UNREADABLE_FALLBACKS, format_ids, open_logits_writer
+
 
 #: ``infer.bad_images``: what a val/test row whose image cannot be decoded gets (under
 #: ``data.bad_images: skip``; ``error`` stops at the image). ``fail``: the split is not written
@@ -126,6 +126,8 @@ def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException)
     command = f"herbens infer {shlex.quote(str(run_dir))} --split {' '.join(splits)}"
     return (f"training finished and its weights are saved ({weights} in {run_dir}), but writing the "
             f"{splits[0]} logits failed: {exc}. Finish the run without retraining: {command}")
+
+
 def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_config: dict,
                            run_dir: Path, split: str, views: list[str] | None = None) -> None:
     """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``."""
@@ -153,6 +155,8 @@ def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_co
 def embedding_splits(data: RunData) -> list[str]:
     """The splits a run can embed: train and val, and test when test metadata exists."""
     return ["train", "val"] + (["test"] if data.test is not None else [])
+
+
 def prior_logits(taxonomy, level: str) -> np.ndarray:
     """Log training frequency of each class of ``level`` (counts clamped to 1), float32.
 
@@ -204,96 +208,3 @@ def _consecutive_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
     edges = [0, *breaks.tolist(), len(ordered)]
     return list(zip(edges[:-1], edges[1:]))
-
-
-def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
-    """Rebuild a run's model and load its final (EMA, when present) weights."""
-    from herbens.models.net import build_model
-
-    weights = run_dir / "model_ema.pt"
-    if not (use_ema and weights.exists()):
-        weights = run_dir / "model.pt"
-    if not weights.exists():
-        raise HerbensError(f"{run_dir} has no final weights (model.pt): has training finished?")
-    model = build_model({**cfg, "model": {**cfg["model"], "pretrained": False}}, taxonomy)
-    try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign: any failure names the file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HerbensError(f"cannot load weights {weights}: {reason} (truncated or corrupt? "
-                           "retrain, or copy it again from where training wrote it)") from exc
-    return model
-
-
-def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
-              data_root: str | None = None, batch_size: int | None = None,
-              tta_space: str | None = None, keep_views: bool | None = None,
-              embeddings: bool = False, bad_images: str | None = None) -> None:
-    """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views).
-
-    With ``embeddings`` (or the recipe's ``infer.embeddings``) also write its embeddings of the
-    train, val and test images. ``bad_images`` overrides the recipe for this inference: every
-    image is tried (``data.bad_images: skip``), then ``fail`` refuses the split listing every
-    unreadable image and ``prior`` stores the fallback for them (``infer.bad_images``).
-    """
-    from accelerate import Accelerator
-
-    from herbens.training import launched_on_cpus_only
-
-    from herbens.config import load_run_config
-
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    if data_root:
-        cfg["data"]["root"] = data_root
-    if batch_size:
-        cfg["infer"]["batch_size"] = batch_size
-    if tta_space is not None:
-        cfg["infer"]["tta_space"] = tta_space
-    if keep_views is not None:
-        cfg["infer"]["keep_views"] = keep_views
-    if bad_images is not None:
-        cfg["data"]["bad_images"] = "skip"
-        cfg["infer"]["bad_images"] = bad_images
-    accelerator = Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only())
-    data = load_run_data(cfg, run_dir, reuse_split=True)
-    model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
-    data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])
-    for split in splits:
-        write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, views)
-    if embeddings or cfg["infer"]["embeddings"]:
-        for split in embedding_splits(data):
-            write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, views)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "infer", help="write a run's per-level logits for val/test images (with test-time views)",
-        description="Predict a finished run's validation and/or test images and store the logits "
-                    "in runs/NAME/logits/<split>/ for the ensembler.")
-    parser.add_argument("run", help="run directory, e.g. runs/convnext_b")
-    parser.add_argument("--split", nargs="+", default=["val", "test"], choices=["val", "test"])
-    parser.add_argument("--tta", nargs="+", default=None, metavar="VIEW",
-                        help="test-time views to average (default: the recipe's infer.tta)")
-    parser.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--tta-space", choices=["logit", "prob"], default=None,
-                        help="average views' logits or probabilities (default: the recipe's)")
-    parser.add_argument("--keep-views", action=argparse.BooleanOptionalAction, default=None,
-                        help="also store per-view logits (default: the recipe's infer.keep_views)")
-    parser.add_argument("--embeddings", action="store_true",
-                        help="also write L2-normalised embeddings of the train, val and test images to "
-                             "runs/NAME/embeddings/<split>/ (for herbens retrieval)")
-    parser.add_argument("--no-logits", action="store_true", help="write no logits (with --embeddings)")
-    parser.add_argument("--bad-images", choices=INFER_BAD_IMAGES, default=None,
-                        help="unreadable images: fail (write nothing, list them all) or prior (store the "
-                             "training prior for them and record them as unreadable); default: the recipe's")
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.no_logits and not args.embeddings:
-        raise HerbensError("--no-logits leaves nothing to do without --embeddings")
-    infer_run(args.run, [] if args.no_logits else args.split, args.tta, args.data_root, args.batch_size,
-              args.tta_space, args.keep_views, embeddings=args.embeddings, bad_images=args.bad_images)
-    return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,58 +21,10 @@ import numpy as np
 import pandas as pd
 
 from herbens.bundle import thresholds as th
+from herbens.bundle.inputs import collect_inputs
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-LIST_SUFFIXES = {".csv", ".txt", ".lst"}
-PATH_COLUMNS = ("path", "file", "file_name", "filename", "image")
-
-
-# ----------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------
-def collect_inputs(source: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image paths to predict, and ``(path, reason)`` for entries that are skipped.
-
-    Raises:
-        HerbensError: when ``source`` does not exist or yields no image at all.
-    """
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
-        paths = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        skipped = [(str(p), "not an image file (by its extension)") for p in files
-                   if p.suffix.lower() not in IMAGE_SUFFIXES]
-        if not paths:
-            raise HerbensError(f"{source}: no image files found (searched recursively for "
-                               f"{', '.join(sorted(IMAGE_SUFFIXES))})")
-        return paths, skipped
-    if source.is_file() and source.suffix.lower() in LIST_SUFFIXES:
-        paths = _listed_paths(source)
-        if not paths:
-            raise HerbensError(f"{source}: the list names no image")
-        return paths, []
-    if source.is_file():
-        return [str(source)], []
-    raise HerbensError(f"input {source} does not exist")
-
-
-def _listed_paths(listing: Path) -> list[str]:
-    """Paths from a CSV (column path/file_name/..., else the first) or a text file (one a line);
-    relative paths are relative to the list's folder."""
-    if listing.suffix.lower() == ".csv":
-        try:
-            frame = pd.read_csv(listing, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise HerbensError(f"{listing}: not a readable CSV ({exc})") from None
-        column = next((c for c in frame.columns if c.lower() in PATH_COLUMNS), frame.columns[0] if len(frame.columns) else None)
-        entries = frame[column].tolist() if column is not None else []
-    else:
-        entries = listing.read_text().splitlines()
-    entries = [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
-    return [e if os.path.isabs(e) else str(listing.parent / e) for e in entries]
 
 
 # ----------------------------------------------------------------------------------------
@@ -111,12 +62,12 @@ def member_logits(member, paths: list[str], classes: dict[str, int], batch_size:
                   embeddings: bool = False) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     """Per-level logits ``[n, C]`` of one member (rows of failed images stay NaN) and the errors
     by row; with ``embeddings`` also ``"embedding"``: unit ``[n, D]`` (views combined as the
-    embeddings store combines them, :func:`herbens.engine.combine_embedding_views`)."""
+    embeddings store combines them, :func:`herbens.infer.loop.combine_embedding_views`)."""
     import torch
     from torch.utils.data import DataLoader
 
     from herbens.data.transforms import build_tta_views, eval_decode_size
-    from herbens.engine import combine_embedding_views, combine_views
+    from herbens.infer.loop import combine_embedding_views, combine_views
 
     views = build_tta_views(member.views, member.data_config)
     dataset = _Images(paths, views, eval_decode_size(member.data_config, member.views), max_pixels)

@@ -27,8 +27,7 @@ import numpy as np
 
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, write_json
-from herbens.logits import (DTYPE, FORMAT_VERSION, LogitsWriter, _check_labels, _duplicates, _fsync,
-                            _open_npy, _read_ids, _read_labels, read_store_meta, release_pages)
+from herbens.stores.logits import DTYPE, FORMAT_VERSION, LogitsWriter, _check_labels, _duplicates, _fsync, _open_npy, _read_ids, _read_labels, read_store_meta, release_pages
 
 KIND = "embeddings"
 MATRIX = "embeddings"  # the writer's key, and the file's stem

@@ -36,7 +36,8 @@ def zero_shot_scores(cfg: dict, run_dir: Path | None = None) -> dict:
     from herbens.data.transforms import build_tta_views, model_data_config
     from herbens.models.clip import init_text_heads
     from herbens.models.net import build_model
-    from herbens.training import build_accelerator, validate
+    from herbens.training.setup import build_accelerator
+    from herbens.training.fit import validate
 
     levels = list(cfg["text_heads"]["levels"])
     if not levels:

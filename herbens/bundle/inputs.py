@@ -1,0 +1,64 @@
+"""What ``herbens predict`` and ``herbens enrol`` read: an image, a folder of images, or a list of paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from herbens.errors import HerbensError
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+
+
+LIST_SUFFIXES = {".csv", ".txt", ".lst"}
+
+
+PATH_COLUMNS = ("path", "file", "file_name", "filename", "image")
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+def collect_inputs(source: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image paths to predict, and ``(path, reason)`` for entries that are skipped.
+
+    Raises:
+        HerbensError: when ``source`` does not exist or yields no image at all.
+    """
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        paths = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped = [(str(p), "not an image file (by its extension)") for p in files
+                   if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if not paths:
+            raise HerbensError(f"{source}: no image files found (searched recursively for "
+                               f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+        return paths, skipped
+    if source.is_file() and source.suffix.lower() in LIST_SUFFIXES:
+        paths = _listed_paths(source)
+        if not paths:
+            raise HerbensError(f"{source}: the list names no image")
+        return paths, []
+    if source.is_file():
+        return [str(source)], []
+    raise HerbensError(f"input {source} does not exist")
+
+
+def _listed_paths(listing: Path) -> list[str]:
+    """Paths from a CSV (column path/file_name/..., else the first) or a text file (one a line);
+    relative paths are relative to the list's folder."""
+    if listing.suffix.lower() == ".csv":
+        try:
+            frame = pd.read_csv(listing, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise HerbensError(f"{listing}: not a readable CSV ({exc})") from None
+        column = next((c for c in frame.columns if c.lower() in PATH_COLUMNS), frame.columns[0] if len(frame.columns) else None)
+        entries = frame[column].tolist() if column is not None else []
+    else:
+        entries = listing.read_text().splitlines()
+    entries = [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
+    return [e if os.path.isabs(e) else str(listing.parent / e) for e in entries]

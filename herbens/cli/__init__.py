@@ -1,0 +1,1 @@
+"""The `herbens` command line: one module per verb; the only package that knows argparse."""

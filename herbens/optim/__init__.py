@@ -1,0 +1,1 @@
+"""The optimizer and the learning-rate schedule of a recipe, through timm's factories."""

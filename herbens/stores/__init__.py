@@ -1,0 +1,1 @@
+"""Per-split stores beside a run: logits, embeddings and sparse teacher targets."""

@@ -1,0 +1,1 @@
+"""Training: the run folder, the parts built from a recipe, the training loop, checkpoints and the preflight."""
