@@ -59,6 +59,10 @@ def _listed_paths(listing: Path) -> list[str]:
         column = next((c for c in frame.columns if c.lower() in PATH_COLUMNS), frame.columns[0] if len(frame.columns) else None)
         entries = frame[column].tolist() if column is not None else []
     else:
-        entries = listing.read_text().splitlines()
+        try:
+            entries = listing.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise HerbensError(f"{listing}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                               "save the list as UTF-8") from None
     entries = [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
     return [e if os.path.isabs(e) else str(listing.parent / e) for e in entries]
