@@ -22,6 +22,7 @@ import pandas as pd
 
 from herbens.bundle import thresholds as th
 from herbens.bundle.inputs import collect_inputs
+from herbens.bundle.naming import decision_fields, is_enrolled
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.data.loaders import paths_loader
 from herbens.errors import HerbensError
@@ -141,14 +142,15 @@ def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int =
 # Outputs
 # ----------------------------------------------------------------------------------------
 def records(bundle, pred: Predictions) -> list[dict]:
-    """One JSON-ready dict per image."""
+    """One JSON-ready dict per image: the decided ``name``, ``rank`` and ``reason`` first
+    (:mod:`herbens.bundle.naming`), then the top-k species and the best genus and family."""
     names, genera, families = bundle.names, bundle.level_names("genus"), bundle.level_names("family")
     out = []
-    for i, path in enumerate(pred.paths):
+    for i, (path, fields) in enumerate(zip(pred.paths, decision_fields(bundle, pred.rows, pred.decisions))):
         species = [{"category_id": int(names.category_id[s]), "scientific_name": names.scientific_name[s],
-                    "authors": names.authors[s], "probability": float(p)}
+                    "authors": names.authors[s], "probability": float(p), "enrolled": is_enrolled(bundle, s)}
                    for s, p in zip(pred.top_species[i], pred.top_probs[i])]
-        out.append({"path": path, "decision": pred.decisions[i], "species": species,
+        out.append({"path": path, **fields, "decision": pred.decisions[i], "species": species,
                     "genus": genera[pred.rows.top["genus"][i]],
                     "genus_probability": float(pred.rows.confidence["genus"][i]),
                     "family": families[pred.rows.top["family"][i]],
@@ -161,7 +163,7 @@ def as_frame(items: list[dict], top_k: int) -> pd.DataFrame:
     """The CSV table: one row per image, the top-k species as numbered columns."""
     table = []
     for item in items:
-        row = {"path": item["path"], "decision": item["decision"]}
+        row = {k: item[k] for k in ("path", "name", "rank", "reason", "decision")}
         for j, sp in enumerate(item["species"][:top_k], start=1):
             row.update({f"category_id_{j}": sp["category_id"], f"scientific_name_{j}": sp["scientific_name"],
                         f"authors_{j}": sp["authors"], f"probability_{j}": round(sp["probability"], 6)})
@@ -210,12 +212,15 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
         print(f"skipped {path}: {reason}", file=sys.stderr)
     for path, error in pred.failures:
         print(f"failed {path}: {error}", file=sys.stderr)
-    items = records(bundle, pred) if pred.paths else []
+    if not pred.paths:
+        raise HerbensError(f"{source}: none of the {len(paths)} image(s) could be read (each failure is "
+                           f"listed above); nothing written")
+    items = records(bundle, pred)
     write_outputs(Path(output), fmt, items, top_k, pred.failures, bundle)
     if html is not None:
         from herbens.bundle.page import write_page
 
-        write_page(Path(html), items, bundle)
+        write_page(Path(html), items, bundle, pred.failures)
     counts = {d: sum(1 for it in items if it["decision"] == d) for d in th.DECISIONS}
     log(f"wrote {output}: {len(items)} image(s) predicted ("
         + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"), {len(pred.failures)} unreadable"
