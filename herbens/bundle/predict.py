@@ -112,12 +112,24 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     bar.close()
 
 
+def check_predict_options(top_k: int, batch_size: int, workers: int, block: int, max_pixels: int | None) -> None:
+    """Refuse numeric options torch would reject deep inside the loader (or silently misuse)."""
+    least = {"top_k (--top-k)": (top_k, 1), "batch_size (--batch-size)": (batch_size, 1),
+             "workers (--workers)": (workers, 0), "block": (block, 1)}
+    if max_pixels is not None:
+        least["max_pixels (--max-image-pixels)"] = (max_pixels, 1)
+    for name, (value, lowest) in least.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise HerbensError(f"predict: {name} must be an integer of at least {lowest}, got {value!r}")
+
+
 def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   workers: int = 0, block: int = 1024, progress: bool = True,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
     """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
     from herbens.ensemble.combine import top_k_columns
 
+    check_predict_options(top_k, batch_size, workers, block, max_pixels)
     kept, tops, probs, rows, failures = [], [], [], [], {}
     for start, good, level_probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
                                                                workers=workers, block=block, progress=progress,
@@ -196,8 +208,7 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
     """Everything ``herbens predict`` does; returns the exit status (1 when some image failed)."""
     from herbens.bundle.load import load_bundle
 
-    if top_k < 1:
-        raise HerbensError("--top-k must be at least 1")
+    check_predict_options(top_k, batch_size, workers, 1, max_pixels)
     if device.startswith("cuda"):
         import torch
 
