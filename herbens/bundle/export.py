@@ -234,7 +234,7 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     with atomic_dir(out) as tmp:
         folders = [tmp / "members" / f"m{i}_{run.name}" for i, run in enumerate(run_dirs)]
         members = [export_member(run, folder, taxonomy, onnx, log) for run, folder in zip(run_dirs, folders)]
-        enrolment = export_prototypes(run_dirs, folders, params, taxonomy, log, seed)
+        enrolment = export_prototypes(run_dirs, folders, combined_chunks(run_dirs, params, "val"), taxonomy, log, seed)
         taxonomy.save(tmp / "taxonomy.json")
         frame = names_table(taxonomy, members[0]["data_root"], log)
         with atomic_write(tmp / "names.csv", newline="") as handle:
