@@ -22,6 +22,7 @@ import pandas as pd
 
 from herbens.bundle import thresholds as th
 from herbens.bundle.inputs import collect_inputs
+from herbens.bundle.naming import decision_fields, is_enrolled
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
@@ -157,12 +158,24 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     bar.close()
 
 
+def check_predict_options(top_k: int, batch_size: int, workers: int, block: int, max_pixels: int | None) -> None:
+    """Refuse numeric options torch would reject deep inside the loader (or silently misuse)."""
+    least = {"top_k (--top-k)": (top_k, 1), "batch_size (--batch-size)": (batch_size, 1),
+             "workers (--workers)": (workers, 0), "block": (block, 1)}
+    if max_pixels is not None:
+        least["max_pixels (--max-image-pixels)"] = (max_pixels, 1)
+    for name, (value, lowest) in least.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise HerbensError(f"predict: {name} must be an integer of at least {lowest}, got {value!r}")
+
+
 def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   workers: int = 0, block: int = 1024, progress: bool = True,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
     """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
     from herbens.ensemble.combine import top_k_columns
 
+    check_predict_options(top_k, batch_size, workers, block, max_pixels)
     kept, tops, probs, rows, failures = [], [], [], [], {}
     for start, good, level_probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
                                                                workers=workers, block=block, progress=progress,
@@ -187,14 +200,15 @@ def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int =
 # Outputs
 # ----------------------------------------------------------------------------------------
 def records(bundle, pred: Predictions) -> list[dict]:
-    """One JSON-ready dict per image."""
+    """One JSON-ready dict per image: the decided ``name``, ``rank`` and ``reason`` first
+    (:mod:`herbens.bundle.naming`), then the top-k species and the best genus and family."""
     names, genera, families = bundle.names, bundle.level_names("genus"), bundle.level_names("family")
     out = []
-    for i, path in enumerate(pred.paths):
+    for i, (path, fields) in enumerate(zip(pred.paths, decision_fields(bundle, pred.rows, pred.decisions))):
         species = [{"category_id": int(names.category_id[s]), "scientific_name": names.scientific_name[s],
-                    "authors": names.authors[s], "probability": float(p)}
+                    "authors": names.authors[s], "probability": float(p), "enrolled": is_enrolled(bundle, s)}
                    for s, p in zip(pred.top_species[i], pred.top_probs[i])]
-        out.append({"path": path, "decision": pred.decisions[i], "species": species,
+        out.append({"path": path, **fields, "decision": pred.decisions[i], "species": species,
                     "genus": genera[pred.rows.top["genus"][i]],
                     "genus_probability": float(pred.rows.confidence["genus"][i]),
                     "family": families[pred.rows.top["family"][i]],
@@ -207,7 +221,7 @@ def as_frame(items: list[dict], top_k: int) -> pd.DataFrame:
     """The CSV table: one row per image, the top-k species as numbered columns."""
     table = []
     for item in items:
-        row = {"path": item["path"], "decision": item["decision"]}
+        row = {k: item[k] for k in ("path", "name", "rank", "reason", "decision")}
         for j, sp in enumerate(item["species"][:top_k], start=1):
             row.update({f"category_id_{j}": sp["category_id"], f"scientific_name_{j}": sp["scientific_name"],
                         f"authors_{j}": sp["authors"], f"probability_{j}": round(sp["probability"], 6)})
@@ -240,8 +254,7 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
     """Everything ``herbens predict`` does; returns the exit status (1 when some image failed)."""
     from herbens.bundle.load import load_bundle
 
-    if top_k < 1:
-        raise HerbensError("--top-k must be at least 1")
+    check_predict_options(top_k, batch_size, workers, 1, max_pixels)
     if device.startswith("cuda"):
         import torch
 
@@ -256,12 +269,15 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
         print(f"skipped {path}: {reason}", file=sys.stderr)
     for path, error in pred.failures:
         print(f"failed {path}: {error}", file=sys.stderr)
-    items = records(bundle, pred) if pred.paths else []
+    if not pred.paths:
+        raise HerbensError(f"{source}: none of the {len(paths)} image(s) could be read (each failure is "
+                           f"listed above); nothing written")
+    items = records(bundle, pred)
     write_outputs(Path(output), fmt, items, top_k, pred.failures, bundle)
     if html is not None:
         from herbens.bundle.page import write_page
 
-        write_page(Path(html), items, bundle)
+        write_page(Path(html), items, bundle, pred.failures)
     counts = {d: sum(1 for it in items if it["decision"] == d) for d in th.DECISIONS}
     log(f"wrote {output}: {len(items)} image(s) predicted ("
         + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"), {len(pred.failures)} unreadable"

@@ -19,6 +19,7 @@ from herbens.data.run_data import RunData
 from herbens.data.transforms import build_tta_views, view_row_names
 from herbens.errors import HerbensError
 from herbens.infer.loop import predict_batches
+from herbens.numerics import log_prior
 from herbens.stores.embeddings import open_embeddings_writer
 from herbens.stores.logits import UNREADABLE_FALLBACKS, format_ids, open_logits_writer
 
@@ -163,8 +164,7 @@ def prior_logits(taxonomy, level: str) -> np.ndarray:
     The fallback scores of an unreadable image: what is known about it without its pixels.
     Its softmax is the class frequencies and its argmax the most frequent class.
     """
-    counts = np.maximum(np.asarray(taxonomy.level_counts(level), dtype=np.float64), 1.0)
-    return np.log(counts / counts.sum()).astype(np.float32)
+    return log_prior(taxonomy.level_counts(level))
 
 
 def _substitute_unreadable(writer, index: np.ndarray, record: dict, fallback: dict, keep_views: bool,
