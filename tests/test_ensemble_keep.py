@@ -86,3 +86,72 @@ def test_identical_noise_runs_keep_a_step_on_at_most_5_percent_of_seeds(tmp_path
                       - _test_f1(equal, space, logits["test"], y["test"]))
     assert kept <= 0.05 * len(_seeds()), kept
     assert np.mean(change) >= -0.002, np.mean(change)
+
+
+def _strong_and_weak(rng, classes=12, n_val=150):
+    """One strong run, a weak cross-entropy run and a weak ArcFace-like one (cosines x 30-64)."""
+    tax = make_taxonomy(species=classes, genera=4, families=2)
+    y = {"val": rng.integers(0, classes, n_val), "test": rng.integers(0, classes, TEST_ROWS)}
+    scale = rng.uniform(30, 64)
+    logits = {s: [{"species": noisy_logits(rng, v, classes, 2.5, 1.0)},
+                  {"species": noisy_logits(rng, v, classes, 0.8, 1.0)},
+                  {"species": scale * 0.05 * noisy_logits(rng, v, classes, 0.8, 1.0)}] for s, v in y.items()}
+    return tax, y, logits
+
+
+def _prior_shift(rng, classes=20, planted=1.0):
+    """Three runs biased by ``planted * log(prior)`` (long-tailed prior), balanced validation."""
+    counts = np.round(100 * 0.85 ** np.arange(classes)).astype(int) + 1
+    tax = make_taxonomy(species=classes, genera=5, families=2, counts=counts)
+    log_prior = np.log(counts / counts.sum())
+    y = {"val": np.repeat(np.arange(classes), 8), "test": np.repeat(np.arange(classes), TEST_ROWS // classes)}
+    logits = {s: [{"species": noisy_logits(rng, v, classes, 2.0, 1.0) + planted * log_prior} for _ in range(3)]
+              for s, v in y.items()}
+    return tax, y, logits
+
+
+def _planted(tmp_path, name, generate, seeds=40):
+    """Per seed: (fitted params, table, summary's val entry, class space, logits, labels)."""
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        tax, y, logits = generate(rng)
+        params, steps, info, space = _fit(tmp_path, f"{name}{seed}", tax, logits["val"], y["val"], nested=True)
+        yield params, steps, info, space, logits["test"], y["test"]
+
+
+@pytest.mark.slow
+def test_one_strong_two_weak_ensemble_is_at_least_the_strong_member(tmp_path):
+    """The ArcFace-like weak run would swamp a plain logit mean; on one scale, the ensemble's
+    test macro-F1 is at least the strong member's minus one standard error (over 40 seeds)."""
+    diff = []
+    for params, _, _, space, test, y in _planted(tmp_path, "sw", _strong_and_weak):
+        strong = params.replace(weights=np.eye(3)[0], tau=0.0, alpha=0.0, beta=0.0)
+        diff.append(_test_f1(params, space, test, y) - _test_f1(strong, space, test, y))
+    assert np.mean(diff) >= -np.std(diff, ddof=1) / np.sqrt(len(diff)), diff
+
+
+@pytest.mark.slow
+def test_real_prior_shift_keeps_and_recovers_tau(tmp_path):
+    """Runs biased by 1.0 * log(prior): tau is kept on (nearly) every seed and equals the bias
+    in the ensemble's own scale (the runs' logits enter divided by their temperatures)."""
+    kept, error = 0, []
+    for params, steps, *_ in _planted(tmp_path, "prior", _prior_shift):
+        kept += next(s for s in steps if s["step"].startswith("+ inverse")).get("kept") is True
+        scale = float(np.sum(params.weights / params.temperatures["species"]))
+        error.append(params.tau - 1.0 * scale)
+    assert kept >= 38
+    assert abs(np.median(error)) < 0.15, error
+
+
+@pytest.mark.slow
+def test_honest_estimate_is_unbiased_where_out_of_fold_is_not(tmp_path):
+    """A small real prior shift (0.3): tau is kept on the seeds where validation flatters it,
+    so the out-of-fold score of the final ensemble runs above its test score; the nested
+    (honest) one does not, within 0.01 on average over 40 seeds."""
+    honest, oof = [], []
+    for params, _, info, space, test, y in _planted(tmp_path, "small", lambda rng: _prior_shift(rng, planted=0.3)):
+        f1 = _test_f1(params, space, test, y)
+        honest.append(info["honest"]["species_macro_f1"] - f1)
+        oof.append(info["out_of_fold"]["species_macro_f1"] - f1)
+    assert abs(np.mean(honest)) <= 0.01, np.mean(honest)
+    assert np.mean(oof) > np.mean(honest), (np.mean(oof), np.mean(honest))
