@@ -54,7 +54,11 @@ def _listed_paths(listing: Path) -> list[str]:
     if listing.suffix.lower() == ".csv":
         entries = _csv_paths(listing)
     else:
-        entries = listing.read_text().splitlines()
+        try:
+            entries = listing.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise HerbensError(f"{listing}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                               "save the list as UTF-8") from None
     entries = [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
     return [e if os.path.isabs(e) else str(listing.parent / e) for e in entries]
 
