@@ -73,7 +73,7 @@ def export_prototypes(run_dirs: list[Path], folders: list[Path], params, taxonom
         return None
     temperatures = {}
     for run, folder in zip(run_dirs, folders):
-        splits = [read_embeddings(run, s, taxonomy_hash=taxonomy.hash, num_species=taxonomy.num_classes("species"))
+        splits = [read_embeddings(run, s, taxonomy=taxonomy)
                   for s in ("train", "val")]
         for split in splits:
             if split.labels is None or (split.labels < 0).any():
