@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import train_tiny
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.command import ensemble_runs
@@ -137,6 +138,37 @@ def test_genus_and_family_logits_are_logsumexp_over_members():
         want = np.stack([np.log(np.exp(s[:, groups == g].astype(np.float64)).sum(axis=1))
                          for g in range(tax.num_classes(level))], axis=1)
         np.testing.assert_allclose(got[level], want, rtol=1e-5, atol=1e-5)
+
+
+def test_derived_logits_stay_finite_with_a_sharp_temperature():
+    # ArcFace embeddings fit T ~ 0.001: a whole genus hundreds below the row's best species
+    # used to underflow to exp(...) = 0 and log(0) = -inf (issue 23).
+    tax = tiny_taxonomy()
+    cos = np.random.default_rng(5).uniform(-1, 1, (6, 12)).astype(np.float32)
+    cos[:, tax.species_to_genus == 0] = -1.0  # genus 0: species without a prototype
+    got = derived_logits(cos / np.float32(0.001), tax)
+    for level in ("genus", "family"):
+        assert np.isfinite(got[level]).all() and np.isfinite(got[level].astype(np.float16)).all()
+        groups = tax.level_map(level)
+        scores = cos.astype(np.float64) / 0.001
+        want = np.stack([_slow_logsumexp(scores[:, groups == g]) for g in range(tax.num_classes(level))], axis=1)
+        np.testing.assert_allclose(got[level], want, rtol=1e-6)
+
+
+def _slow_logsumexp(block: np.ndarray) -> np.ndarray:
+    best = block.max(axis=1)
+    return best + np.log(np.exp(block - best[:, None]).sum(axis=1))
+
+
+def test_prototype_retrieval_on_an_arcface_run(tiny_herbarium, tmp_path):
+    assert train_tiny(tiny_herbarium, tmp_path, recipe="demo_arcface",
+                      extra=["name=arc", "train.epochs=1", "infer.embeddings=true"]) == 0
+    out = tmp_path / "arc_proto"
+    assert main(["retrieval", str(tmp_path / "arc"), "--method", "prototype", "-o", str(out), "--quiet"]) == 0
+    for split in ("val", "test"):
+        logits = read_logits(out, split)
+        for level in logits.levels:
+            assert np.isfinite(np.asarray(logits.level(level), dtype=np.float32)).all()
 
 
 def test_fuse_with_head_is_the_head_when_nothing_is_enrolled():

@@ -139,7 +139,7 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (e.g. data.root=...)")
     p.add_argument("--holdout", type=float, default=0.1, help="share of species held out (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the held-out species and the folds")
-    p.add_argument("--workdir", type=Path, default=Path("runs/openset"),
+    p.add_argument("--workdir", type=Path, default=Path("openset"),
                    help="where the filtered metadata and the run go (default: %(default)s)")
     p.add_argument("--ood-score", choices=th.OOD_SCORES, default="msp")
     p.add_argument("--target-precision", type=float, default=0.95)

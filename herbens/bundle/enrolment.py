@@ -48,6 +48,7 @@ import numpy as np
 
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.numerics import log_softmax
 
 PROTOTYPES = "prototypes.npy"
 OWNERS = "prototype_owners.npy"
@@ -142,7 +143,6 @@ class Enrolment:
         """:class:`~herbens.bundle.scoring.LevelProbabilities` over known + enrolled species from
         the combined head probabilities of ``n`` images and each member's embeddings ``[n, D]``."""
         from herbens.bundle.scoring import LevelProbabilities, sum_within
-        from herbens.ensemble.combine import log_softmax
         from herbens.retrieval.prototypes import cosine_scores, fuse_with_head
 
         proto = np.mean([log_softmax(cosine_scores(e, p) / np.float32(t))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from herbens.errors import HerbensError
+from herbens.numerics import log_softmax, logsumexp
 from herbens.stores.embeddings import l2_normalise
 
 NO_PROTOTYPE = -1.0  # cosine score of a species that has no prototype: the lowest possible
@@ -176,17 +177,10 @@ def fuse_with_head(head_logits: np.ndarray, proto_logits: np.ndarray, num_known:
     Returns:
         float32 log-probabilities ``[q, num_known + E]``.
     """
-    head = _log_softmax(np.asarray(head_logits, dtype=np.float32))
-    proto = _log_softmax(np.asarray(proto_logits, dtype=np.float32))
+    head = log_softmax(np.asarray(head_logits, dtype=np.float32))
+    proto = log_softmax(np.asarray(proto_logits, dtype=np.float32))
     if head.shape[1] != num_known or proto.shape[1] < num_known:
         raise HerbensError(f"fuse: head has {head.shape[1]} classes, prototypes {proto.shape[1]}, "
                            f"known {num_known}")
-    known = proto[:, :num_known]
-    m = known.max(axis=1, keepdims=True)
-    log_known_mass = m + np.log(np.exp(known - m).sum(axis=1, keepdims=True))
+    log_known_mass = logsumexp(proto[:, :num_known], keepdims=True)
     return np.concatenate([head + log_known_mass, proto[:, num_known:]], axis=1)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))

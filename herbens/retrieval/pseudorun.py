@@ -27,13 +27,26 @@ def derived_logits(species: np.ndarray, taxonomy: Taxonomy) -> dict[str, np.ndar
     from scipy import sparse
 
     out = {"species": species}
-    m = species.max(axis=1, keepdims=True)
-    expo = np.exp(species - m).astype(np.float64)
     for level in LEVELS[1:]:
         groups = taxonomy.level_map(level)
+        # Shift by each group's own best member, not the row's best: with a sharp temperature
+        # (ArcFace embeddings fit T ~ 0.01) a whole genus can sit hundreds below the row's best
+        # species, where exp underflows to 0 and the log of the sum is -inf.
+        group_max = _group_max(np.asarray(species, dtype=np.float64), groups, taxonomy.num_classes(level))
+        expo = np.exp(species - group_max[:, groups])
         member = sparse.csr_matrix((np.ones(len(groups)), (np.arange(len(groups)), groups)),
                                    shape=(len(groups), taxonomy.num_classes(level)))
-        out[level] = (np.log(np.asarray(expo @ member)) + m).astype(np.float32)
+        out[level] = (np.log(np.asarray(expo @ member)) + group_max).astype(np.float32)
+    return out
+
+
+def _group_max(scores: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """``[q, G]``: each row's best score among each group's members (-inf for a group without any)."""
+    order = np.argsort(groups, kind="stable")
+    ordered = groups[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    out = np.full((len(scores), num_groups), -np.inf)
+    out[:, ordered[starts]] = np.maximum.reduceat(scores[:, order], starts, axis=1)
     return out
 
 
