@@ -78,7 +78,7 @@ def training_banks(run_dirs: list[Path], taxonomy, seed: int, per_species: int =
     """Per member run: a stratified sample of its unit training embeddings (float16)."""
     banks = []
     for run in run_dirs:
-        train = read_embeddings(run, "train", taxonomy_hash=taxonomy.hash, num_species=taxonomy.num_classes("species"))
+        train = read_embeddings(run, "train", taxonomy=taxonomy)
         if train.labels is None:
             raise HerbensError(f"{train.where}: the OOD bank's stratified sample needs species labels")
         banks.append(np.asarray(train.matrix[stratified_sample(train.labels, per_species, seed)], dtype=np.float16))
@@ -90,7 +90,7 @@ def split_distance(run_dirs: list[Path], banks: list[np.ndarray], split: str, im
     """The bundle's distance of a split's ``image_ids`` (every member's embeddings of them)."""
     queries = []
     for run in run_dirs:
-        stored = read_embeddings(run, split, taxonomy_hash=taxonomy.hash)
+        stored = read_embeddings(run, split, taxonomy=taxonomy)
         row = {image_id: i for i, image_id in enumerate(stored.image_ids)}
         missing = [i for i in image_ids if i not in row]
         if missing:
