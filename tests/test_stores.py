@@ -210,3 +210,16 @@ def test_a_bundle_predicts_with_the_views_its_ensemble_was_fitted_on(tiny_herbar
     # model is nearly uniform, so the recipe's centre + hflip views are off by ~1.6e-3, not less.
     for j in (1, 2, 3):
         np.testing.assert_allclose(both[f"probability_{j}"], both[f"Score_{j}"], atol=2.5e-4)
+
+
+def test_export_takes_the_views_of_the_validation_logits(tmp_path):
+    from herbens.bundle.export import fitted_views
+
+    cfg = {"infer": {"tta": ["center", "hflip"], "tta_space": "logit"}}
+    run = _run_with_views(tmp_path / "a", (["tencrop"], "prob"), (["tencrop"], "prob"))
+    notes = []
+    assert fitted_views(run, cfg, TAX, notes.append) == (["tencrop"], "prob") and not notes
+    # A store that does not record them (an older one): the recipe's, and the log says so.
+    run = _run_with_views(tmp_path / "b", (["tencrop"], None), (["tencrop"], None))
+    assert fitted_views(run, cfg, TAX, notes.append) == (["tencrop"], "logit")
+    assert "do not record their views and tta_space" in notes[0]
