@@ -47,7 +47,9 @@ def member_logits(member, paths: list[str], classes: dict[str, int], batch_size:
     Predicted by the one loop of ``herbens infer`` (:func:`herbens.infer.loop.predict_batches`)
     with the member's own views, data config and precision; ``progress(n)`` after each batch.
     """
-    loader = paths_loader(paths, member.tta, member.data_config, batch_size, workers, max_pixels)
+    # Pinned host memory lets the copy to a GPU overlap the next batch's decoding.
+    loader = paths_loader(paths, member.tta, member.data_config, batch_size, workers, max_pixels,
+                          pin_memory=torch.device(device).type == "cuda")
     out = {lv: np.full((len(paths), n), np.nan, dtype=np.float32) for lv, n in classes.items()}
     errors: dict[int, str] = {}
     for index, record in predict_batches(Engine.local(device, member.precision), member.model, loader,
