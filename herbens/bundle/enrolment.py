@@ -47,7 +47,7 @@ from typing import Callable
 import numpy as np
 
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
 from herbens.numerics import log_softmax
 
 PROTOTYPES = "prototypes.npy"
@@ -294,6 +294,7 @@ def _checked_text(value: str, what: str) -> str:
     return value
 
 
+@one_writer
 def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: str | None = None,
                   family: str | None = None, category_id: int | None = None, device: str = "cpu",
                   batch_size: int = 32, log: Callable[[str], None] = print) -> dict:
@@ -358,6 +359,7 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
     return entry
 
 
+@one_writer
 def unenrol_species(bundle_path, *, name: str | None = None, category_id: int | None = None,
                     log: Callable[[str], None] = print) -> dict:
     """Remove an enrolled species (by name or category_id); returns its entry.
