@@ -98,6 +98,35 @@ def test_onnx_member_is_listed_in_the_manifest(exported):
     assert single.members[0].onnx_path is not None
     manifest = json.loads((exported[3] / "manifest.json").read_text())
     assert "members/m0_tiny/model.onnx" in manifest["files"]
+    card = (exported[3] / "README.md").read_text()
+    assert "## ONNX graphs" in card and "Input `images`: float32 `[batch, 3, H, W]`" in card
+    assert "| m0_tiny |" in card.split("## ONNX graphs")[1] and "every threshold (back-off, OOD)" in card
+    assert "## ONNX graphs" not in (exported[0] / "README.md").read_text()  # exported without --onnx
+
+
+def test_onnx_without_its_extra_is_refused_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    # The source does not even exist: the extra is checked first, so that is not what is reported.
+    with pytest.raises(HerbensError, match=r"--onnx needs onnxscript .*pip install -e '\.\[onnx\]'"):
+        export_bundle(tmp_path / "no_such_run", tmp_path / "b", onnx=True, log=lambda _: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_onnx_export_keeps_the_exporters_chatter_out(tmp_path, capfd, taxonomy):
+    from herbens.bundle.onnx_export import export_onnx
+    from herbens.config import load_config
+    from herbens.models.net import build_model
+
+    cfg = load_config("demo_ce", ["model.backbone=test_resnet", "input.size=[32,32]"])
+    model = build_model(cfg, taxonomy).eval()
+    capfd.readouterr()
+    levels = [lv for lv in ("species", "genus", "family") if lv in cfg["levels"]]
+    export_onnx(model, levels, {"input_size": (3, 32, 32)}, tmp_path / "m.onnx")  # checked against PyTorch
+    out, err = capfd.readouterr()
+    assert "torch.onnx" not in out + err and "Obtain model graph" not in out + err, out + err
 
 
 def test_bundle_records_what_it_needs(exported, monkeypatch):

@@ -4,6 +4,7 @@ planted case where retrieval helps, faiss agreeing with the exact search, and th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -14,13 +15,15 @@ from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.command import ensemble_runs
 from herbens.errors import HerbensError
+from herbens.numerics import stratified_folds
 from herbens.retrieval.command import retrieval_run
+from herbens.retrieval.fit import fit_temperature
 from herbens.retrieval.knn import KnnClassifier, knn_logits
 from herbens.retrieval.prototypes import (Prototypes, class_prototypes, cosine_scores, fuse_with_head,
                                           species_prototype)
 from herbens.retrieval.pseudorun import derived_logits
 from herbens.retrieval.search import exact_topk, faiss_topk, merge_topk
-from herbens.stores.embeddings import write_embeddings
+from herbens.stores.embeddings import read_embeddings, write_embeddings
 from herbens.stores.logits import read_logits, write_logits
 
 
@@ -311,3 +314,66 @@ def test_fewshot_enrols_planted_new_species_without_hurting_known_ones():
     assert topk_hits(scores, np.array([0, 1]), 2).tolist() == [False, False]
     with pytest.raises(HerbensError, match="more than 5 images"):
         evaluate_fewshot(known, 0.05, val_head, val_emb, val_y, new_head[:5], new_emb[:5], np.zeros(5, int))
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-fitted temperature and k: reported in sample and out of fold
+# ----------------------------------------------------------------------------------------
+def _row_log_loss(logits_row, label):
+    """Slow reference: -log softmax(logits)[label]."""
+    total = sum(math.exp(v - max(logits_row)) for v in logits_row)
+    return max(logits_row) + math.log(total) - logits_row[label]
+
+
+def test_fit_temperature_in_sample_is_optimistic_out_of_fold_is_honest():
+    # Planted: candidate g fits exactly the rows of fold g (loss 0) and no other (loss 1). In
+    # sample every candidate fits a fifth of the rows (mean loss 0.8); out of fold, a fold's
+    # rows are judged by a candidate chosen without them, which never fits them (loss 1).
+    labels = np.repeat(np.arange(5), 4)
+    folds = stratified_folds(labels)
+    losses = (folds.fold[:, None] != np.arange(5)[None, :]).astype(np.float64)
+    record = fit_temperature(losses, labels, [0.1, 0.2, 0.3, 0.4, 0.5])
+    assert record["log_loss"] == {"in_sample": pytest.approx(0.8), "out_of_fold": pytest.approx(1.0)}
+    assert record["folds"] == 5 and record["temperature"] == 0.1
+    assert [c["temperature"] for c in record["fold_choices"]] == [0.2, 0.1, 0.1, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("method", ["prototype", "knn"])
+def test_retrieval_reports_and_writes_validation_out_of_fold(planted, method):
+    """The out-of-fold log-loss is each validation row's loss under the values fitted without its
+    fold (recomputed by slow references), and the pseudo-run's validation logits are those rows'
+    scores under those values; test logits use the values fitted on every row."""
+    root, head, tax, truth = planted
+    out = root / f"oof_{method}"
+    lines = []
+    record = retrieval_run(head, out, method, progress=False, log=lines.append)
+    fitted = record["fitted"]
+    assert any("in-sample" in line and "out-of-fold" in line for line in lines)
+    assert set(record["val_scores"]) == {"in_sample", "out_of_fold"} and record["val_logits"].startswith("out-of-fold")
+    train, val = read_embeddings(head, "train"), read_embeddings(head, "val")
+    index, queries = np.asarray(train.matrix, np.float32), np.asarray(val.matrix, np.float32)
+    fold = stratified_folds(truth["val"]).fold
+    choices = fitted["fold_choices"]
+    protos = class_prototypes(index, train.labels, 12)
+
+    def reference(q, choice):
+        if method == "prototype":
+            return cosine_scores(q[None], protos)[0].astype(np.float64) / choice["temperature"]
+        return brute_force_knn(q[None], index, train.labels, 12, choice["k"], choice["temperature"], 1e-3)[0]
+
+    stored = np.asarray(read_logits(out, "val").level("species"))
+    oof, ins = [], []
+    for r in range(len(queries)):
+        expected = reference(queries[r], choices[fold[r]])
+        np.testing.assert_allclose(stored[r], expected, rtol=2e-3, atol=2e-3)  # float16 store
+        oof.append(_row_log_loss(list(expected), truth["val"][r]))
+        ins.append(_row_log_loss(list(reference(queries[r], fitted)), truth["val"][r]))
+    assert fitted["log_loss"]["out_of_fold"] == pytest.approx(np.mean(oof), rel=1e-4)
+    assert fitted["log_loss"]["in_sample"] == pytest.approx(np.mean(ins), rel=1e-4)
+    # Some fold chose other values than the full fit (else the check above could not tell the
+    # out-of-fold logits from the full fit's), and in sample is the optimistic one here.
+    assert any(any(c[key] != fitted[key] for key in c) for c in choices)
+    assert fitted["log_loss"]["in_sample"] < fitted["log_loss"]["out_of_fold"]
+    test = np.asarray(read_logits(out, "test").level("species"))
+    test_q = np.asarray(read_embeddings(head, "test").matrix, np.float32)
+    np.testing.assert_allclose(test[3], reference(test_q[3], fitted), rtol=2e-3, atol=2e-3)

@@ -24,88 +24,42 @@ from herbens.bundle import thresholds as th
 from herbens.bundle.inputs import collect_inputs
 from herbens.bundle.naming import decision_fields, is_enrolled
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+from herbens.data.loaders import paths_loader
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
+from herbens.infer.loop import Engine, predict_batches
 
 
 # ----------------------------------------------------------------------------------------
 # Member logits
 # ----------------------------------------------------------------------------------------
-class _Images:
-    """Dataset over paths with a member's views; an unreadable file gives its error, not a crash."""
-
-    def __init__(self, paths: list[str], views, decode_size, max_pixels: int | None):
-        from herbens.data.dataset import HerbariumDataset
-
-        self.inner = HerbariumDataset(pd.DataFrame({"file_name": paths}), "", None, transform=None,
-                                      decode_size=decode_size, views=[fn for _, fn in views], max_pixels=max_pixels)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i: int) -> dict:
-        try:
-            return {"index": i, "image": self.inner[i]["image"], "error": None}
-        except HerbensError as exc:
-            return {"index": i, "image": None, "error": str(exc)}
-
-
-def _collate(items: list[dict]) -> dict:
-    import torch
-
-    ok = [it for it in items if it["error"] is None]
-    return {"index": [it["index"] for it in ok], "images": torch.stack([it["image"] for it in ok]) if ok else None,
-            "errors": [(it["index"], it["error"]) for it in items if it["error"] is not None]}
-
-
 def member_logits(member, paths: list[str], classes: dict[str, int], batch_size: int, device: str,
                   workers: int, progress: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                   embeddings: bool = False) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     """Per-level logits ``[n, C]`` of one member (rows of failed images stay NaN) and the errors
     by row; with ``embeddings`` also ``"embedding"``: unit ``[n, D]`` (views combined as the
-    embeddings store combines them, :func:`herbens.infer.loop.combine_embedding_views`)."""
-    import torch
-    from torch.utils.data import DataLoader
+    embeddings store combines them).
 
-    from herbens.data.transforms import build_tta_views, eval_decode_size
-    from herbens.infer.loop import combine_embedding_views, combine_views
-
-    views = build_tta_views(member.views, member.data_config)
-    dataset = _Images(paths, views, eval_decode_size(member.data_config, member.views), max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+    Predicted by the one loop of ``herbens infer`` (:func:`herbens.infer.loop.predict_batches`)
+    with the member's own views, data config and precision; ``progress(n)`` after each batch.
+    """
+    loader = paths_loader(paths, member.tta, member.data_config, batch_size, workers, max_pixels)
     out = {lv: np.full((len(paths), n), np.nan, dtype=np.float32) for lv, n in classes.items()}
     errors: dict[int, str] = {}
-    autocast = _autocast(member.precision, device)
-    with torch.no_grad():
-        for batch in loader:
-            errors.update(batch["errors"])
-            if batch["images"] is not None:
-                images = batch["images"].to(device)
-                v = images.shape[1]
-                with autocast:
-                    outputs = member.model(images.flatten(0, 1))
-                for lv in classes:
-                    per_view = outputs[lv].float().view(-1, v, outputs[lv].shape[-1])
-                    # float16 rounding as in the logits store, so the bundle predicts what
-                    # `herbens infer` + `herbens ensemble` predict for the same images.
-                    out[lv][batch["index"]] = combine_views(per_view, member.tta_space).cpu().numpy() \
-                        .astype(np.float16).astype(np.float32)
-                if embeddings:
-                    emb = outputs["embedding"].float()
-                    out.setdefault("embedding", np.full((len(paths), emb.shape[-1]), np.nan, dtype=np.float32))
-                    out["embedding"][batch["index"]] = combine_embedding_views(emb.view(-1, v, emb.shape[-1])).cpu().numpy()
-            progress(len(batch["index"]) + len(batch["errors"]))
+    for index, record in predict_batches(Engine.local(device, member.precision), member.model, loader,
+                                         tuple(classes), space=member.tta.space, embedding=embeddings):
+        errors.update(record["errors"])
+        if len(index):
+            for lv in classes:
+                # float16 rounding as in the logits store, so the bundle predicts what
+                # `herbens infer` + `herbens ensemble` predict for the same images.
+                out[lv][index] = record[lv].astype(np.float16).astype(np.float32)
+            if embeddings:
+                emb = record["embedding"]
+                out.setdefault("embedding", np.full((len(paths), emb.shape[-1]), np.nan, dtype=np.float32))
+                out["embedding"][index] = emb
+        progress(len(index) + len(record["errors"]))
     return out, errors
-
-
-def _autocast(precision: str, device: str):
-    import contextlib
-
-    import torch
-
-    if device.startswith("cuda") and precision in ("fp16", "bf16"):
-        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------

@@ -146,22 +146,25 @@ class PrototypeClassifier:
     prototypes: Prototypes
     temperature: float = 0.05
 
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.num_classes
+
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Species logits ``[q, C]`` of unit query embeddings."""
         return cosine_scores(queries, self.prototypes) / np.float32(self.temperature)
 
 
-def temperature_log_loss(cosines: np.ndarray, labels: np.ndarray, temperatures) -> np.ndarray:
-    """Summed log-loss of ``softmax(cosines / T)`` on labelled rows, for each candidate ``T``.
+def temperature_row_losses(cosines: np.ndarray, labels: np.ndarray, temperatures) -> np.ndarray:
+    """Log-loss ``[n, G]`` of ``softmax(cosines / T)`` on each labelled row, for each candidate ``T``.
 
-    Called chunk by chunk and summed, so fitting never holds a whole split's scores.
+    Called chunk by chunk, so fitting never holds a whole split's scores (only ``[N, G]`` losses).
     """
     rows = np.arange(len(labels))
-    out = np.zeros(len(temperatures))
+    out = np.zeros((len(labels), len(temperatures)))
     for i, t in enumerate(temperatures):
         z = cosines / np.float32(t)
-        m = z.max(axis=1)
-        out[i] = float((m + np.log(np.exp(z - m[:, None]).sum(axis=1)) - z[rows, labels]).sum())
+        out[:, i] = logsumexp(z) - z[rows, labels]
     return out
 
 

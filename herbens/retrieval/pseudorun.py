@@ -51,7 +51,7 @@ def _group_max(scores: np.ndarray, groups: np.ndarray, num_groups: int) -> np.nd
 
 
 def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dict[str, EmbeddingsSplit],
-                     scores: Callable[[np.ndarray], np.ndarray], record: dict, chunk_rows: int = 2048,
+                     scores: Callable[[str, int, np.ndarray], np.ndarray], record: dict, chunk_rows: int = 2048,
                      progress: bool = True) -> Path:
     """Score each split's embeddings chunk by chunk and write the pseudo-run atomically.
 
@@ -60,7 +60,7 @@ def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dic
         output: pseudo-run directory (replaced atomically if it exists).
         taxonomy: the source run's taxonomy.
         splits: split name -> its embeddings (``val`` carries labels).
-        scores: unit query block ``[q, D]`` -> species logits ``[q, C]``.
+        scores: (split name, first row, unit query block ``[q, D]``) -> species logits ``[q, C]``.
         record: written as ``retrieval.json`` (method, fitted values, scores).
         chunk_rows: query rows per chunk (memory ~ chunk_rows x classes x 4 bytes x a few).
     """
@@ -81,7 +81,7 @@ def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dic
                 chunks = iter_chunks(split, chunk_rows)
                 for start, _, block in tqdm(chunks, total=-(-len(split) // chunk_rows), desc=f"retrieval {name}",
                                             disable=None if progress else True, leave=False):
-                    for level, values in derived_logits(scores(block), taxonomy).items():
+                    for level, values in derived_logits(scores(name, start, block), taxonomy).items():
                         writer.write(level, start, values)
         write_json(tmp / "retrieval.json", record)
     return output

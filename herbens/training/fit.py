@@ -27,7 +27,7 @@ from herbens.data.splits import save_split
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
-from herbens.infer.loop import predict
+from herbens.infer.loop import Engine, predict
 from herbens.infer.splits import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
 from herbens.metrics import level_scores, macro_f1
 from herbens.models.clip import text_head_scales, with_text_head_scales
@@ -63,7 +63,7 @@ def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
 
 def validate(accelerator, model, loader, levels, taxonomy: Taxonomy) -> dict:
     """Per-level macro-F1 of each head's own prediction on the validation split."""
-    scores = predict(accelerator, model, loader, levels, desc="validate")
+    scores = predict(Engine.of_accelerator(accelerator), model, loader, levels, desc="validate")
     out = {}
     for level in levels:
         true = taxonomy.level_indices(level, scores["labels"])
