@@ -21,8 +21,8 @@ import pandas as pd
 
 from herbens.bundle import thresholds as th
 from herbens.bundle.prototype_export import export_prototypes
-from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, MANIFEST, ONNX, RECIPE, WEIGHTS, load_bundle,
-                                 write_manifest)
+from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, check_export_target,
+                                 load_bundle, write_manifest)
 from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
                                     params_record, single_run_params)
 from herbens.config import load_run_config, save_config
@@ -261,7 +261,7 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     if ood_score not in th.OOD_SCORES:
         raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
     out = Path(out)
-    check_target(out, overwrite)
+    check_export_target(out, overwrite)
     if onnx:
         check_onnx_extra()
     run_dirs, params, record = resolve_source(source)
@@ -271,7 +271,7 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     log(th.format_report(fitted))
     val_scores = level_scores(labels, rows.top["species"], taxonomy)
     with exclusive_lock(out, on_wait=log), atomic_dir(out) as tmp:
-        check_target(out, overwrite)  # again, now that no other writer can change it
+        check_export_target(out, overwrite)  # again, now that no other writer can change it
         folders = [tmp / "members" / f"m{i}_{run.name}" for i, run in enumerate(run_dirs)]
         members = [export_member(run, folder, taxonomy, onnx, log) for run, folder in zip(run_dirs, folders)]
         enrolment = export_prototypes(run_dirs, folders, combined_chunks(run_dirs, params, "val"), taxonomy, log, seed)
@@ -298,18 +298,6 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
         load_bundle(tmp)  # refuse to publish a bundle that does not load
     log(f"wrote bundle {out} ({len(members)} member(s), {taxonomy.num_classes('species')} species)")
     return out
-
-
-def check_target(out: Path, overwrite: bool) -> None:
-    """Refuse an output folder export did not write (a run, a dataset...), and a bundle unless
-    ``overwrite``."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not (out / MANIFEST).is_file():
-        raise HerbensError(f"{out} exists and is not a herbens bundle (no {MANIFEST}): export does not "
-                           "replace it; choose another -o")
-    if not overwrite:
-        raise HerbensError(f"{out} already holds a bundle; pass --overwrite to replace it")
 
 
 def model_card(bundle: dict, taxonomy: Taxonomy) -> str:

@@ -89,6 +89,18 @@ def verify_manifest(root: Path) -> dict[str, str]:
     return files
 
 
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder export did not write (a run, a dataset...), and a bundle unless
+    ``overwrite``."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / MANIFEST).is_file():
+        raise HerbensError(f"{out} exists and is not a herbens bundle (no {MANIFEST}): export does not "
+                           "replace it; choose another -o")
+    if not overwrite:
+        raise HerbensError(f"{out} already holds a bundle; pass --overwrite to replace it")
+
+
 def _check_manifest_hash(root: Path) -> None:
     hash_file = root / MANIFEST_HASH
     if not hash_file.is_file():
