@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from herbens.bundle import distance
 from herbens.bundle import thresholds as th
 from herbens.bundle.prototype_export import export_prototypes
 from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, check_export_target,
@@ -111,6 +113,28 @@ def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val",
         parts.append(th.summarize(probs, ood_score))
         labels.append(chunk_labels)
     return th.RowSummary.concat(parts), (None if labels[0] is None else np.concatenate(labels))
+
+
+def row_image_ids(run_dirs: list[Path], split: str = "val") -> list[str]:
+    """The image ids of :func:`combined_chunks`' labelled rows, in their order."""
+    from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
+
+    runs = load_runs(run_dirs, splits=(split,))
+    return labelled(align_split(runs, split, class_space(runs), exact=False, log=lambda _: None)).image_ids
+
+
+def validation_rows_with_ood(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str, seed: int):
+    """:func:`validation_rows` with the chosen OOD score, and the members' OOD banks (None
+    unless ``knn``: then each row's OOD score is its negated distance to the banks)."""
+    if ood_score != "knn":
+        return (*validation_rows(run_dirs, params, taxonomy, ood_score), None)
+    if not distance.has_embeddings(run_dirs):
+        raise HerbensError("--ood-score knn needs train and val embeddings of every member run "
+                           "(herbens infer RUN --embeddings, or train with infer.embeddings=true)")
+    rows, truth, labels = validation_rows(run_dirs, params, taxonomy, "msp")
+    banks = distance.training_banks(run_dirs, taxonomy, seed)
+    ids = row_image_ids(run_dirs, "val")
+    return replace(rows, ood=-distance.split_distance(run_dirs, banks, "val", ids, taxonomy)), truth, labels, banks
 
 
 def validation_rows(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str):
@@ -266,7 +290,7 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
         check_onnx_extra()
     run_dirs, params, record = resolve_source(source)
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
-    rows, truth, labels = validation_rows(run_dirs, params, taxonomy, ood_score)
+    rows, truth, labels, banks = validation_rows_with_ood(run_dirs, params, taxonomy, ood_score, seed)
     fitted = th.cross_fit(rows, truth, target_precision, ood_keep, folds, seed)
     log(th.format_report(fitted))
     val_scores = level_scores(labels, rows.top["species"], taxonomy)
@@ -274,6 +298,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
         check_export_target(out, overwrite)  # again, now that no other writer can change it
         folders = [tmp / "members" / f"m{i}_{run.name}" for i, run in enumerate(run_dirs)]
         members = [export_member(run, folder, taxonomy, onnx, log) for run, folder in zip(run_dirs, folders)]
+        for folder, bank in zip(folders, banks or []):
+            distance.save_bank(folder, bank)
         enrolment = export_prototypes(run_dirs, folders, combined_chunks(run_dirs, params, "val"), taxonomy, log, seed)
         taxonomy.save(tmp / "taxonomy.json")
         frame = names_table(taxonomy, members[0]["data_root"], log)
@@ -286,6 +312,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
             "taxonomy_hash": taxonomy.hash,
             "ensemble": params_record(params),
             "thresholds": {**fitted, "thresholds": _json_thresholds(fitted["thresholds"]), "ood_score": ood_score},
+            "ood_bank": None if banks is None else {"k": distance.K, "per_species": distance.PER_SPECIES,
+                                                    "rows": [len(b) for b in banks]},
             "val_scores": val_scores,
             "enrolment": enrolment,
             "provenance": {"source": str(source), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -376,7 +404,8 @@ def register(subparsers) -> None:
     p.add_argument("--target-precision", type=float, default=0.95,
                    help="precision each back-off level must reach on validation (default: %(default)s)")
     p.add_argument("--ood-score", choices=th.OOD_SCORES, default="msp",
-                   help="open-set score: max softmax probability or energy (default: %(default)s)")
+                   help="open-set score: max softmax probability, energy, or knn (distance to the k-th "
+                        "nearest training embedding; needs the runs' embeddings) (default: %(default)s)")
     p.add_argument("--ood-keep", type=float, default=0.95,
                    help="share of known validation images the OOD threshold keeps (default: %(default)s)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")

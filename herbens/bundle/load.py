@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from herbens.bundle.distance import BANK, load_banks
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.views import Views
 from herbens.ensemble.combine import ClassSpace, Params
@@ -146,6 +147,7 @@ class Bundle:
     thresholds: dict
     ood_score: str
     enrolment: object = None      # herbens.bundle.enrolment.Enrolment when species are enrolled
+    ood_banks: list | None = None  # per member training embeddings of the knn OOD score (herbens.bundle.distance)
 
     def level_names(self, level: str) -> list[str]:
         """Genus or family names per column (enrolled species' new ones after the trained)."""
@@ -185,8 +187,11 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
         thresholds, ood_score = thresholds_from_json(record["thresholds"]["thresholds"]), record["thresholds"]["ood_score"]
     except KeyError as exc:
         raise HerbensError(f"{root}: bundle.json or a member's {DATA_CONFIG} lacks the key {exc}") from None
+    banks = load_banks(root, record["members"]) if ood_score == "knn" else None
+    if ood_score == "knn" and banks is None:
+        raise HerbensError(f"bundle {root}: its OOD score is knn but no member has {BANK}")
     return Bundle(root, record, taxonomy, names, members, params, class_space_of(taxonomy),
-                  thresholds, ood_score, enrolment)
+                  thresholds, ood_score, enrolment, banks)
 
 
 def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Member:
