@@ -59,7 +59,7 @@ def test_moved_bundle_predicts_what_infer_and_ensemble_predict(exported, tiny_he
     bundle, submission, topk, _, _ = exported
     out = tmp_path / "pred.csv"
     assert main(["predict", str(bundle), str(tiny_herbarium / "test_images"), "-o", str(out), "--top-k", "3",
-                 "--quiet"]) == 0
+                 "--no-progress"]) == 0
     pred = pd.read_csv(out)
     ids = _test_paths(tiny_herbarium)
     pred["Id"] = pred["path"].map(ids)
@@ -80,7 +80,7 @@ def test_single_run_bundle_predicts_the_runs_own_logits(exported, tiny_herbarium
     _, _, _, single, (ids, logits) = exported
     out = tmp_path / "single.json"
     assert main(["predict", str(single), str(tiny_herbarium / "test_images"), "-o", str(out), "--format", "json",
-                 "--quiet"]) == 0
+                 "--no-progress"]) == 0
     record = json.loads(out.read_text())
     by_id = {_test_paths(tiny_herbarium)[p["path"]]: p for p in record["predictions"]}
     tax = load_bundle(single).taxonomy
@@ -154,7 +154,7 @@ def test_bad_input_is_reported_per_file_and_the_rest_predicted(exported, tmp_pat
     (folder / "notes.txt").write_text("not an image")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "p.csv"
-    assert main(["predict", str(exported[0]), str(folder), "-o", str(out), "--quiet"]) == 1
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"failed {folder / 'broken.jpg'}: cannot decode image" in err
     assert f"skipped {folder / 'notes.txt'}: not an image file" in err
@@ -162,7 +162,7 @@ def test_bad_input_is_reported_per_file_and_the_rest_predicted(exported, tmp_pat
 
     listing = tmp_path / "list.csv"
     listing.write_text("path\nsheets/a.jpg\nsheets/missing.jpg\n")
-    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "l.csv"), "--quiet"]) == 1
+    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "l.csv"), "--no-progress"]) == 1
     assert "failed" in capsys.readouterr().err and len(pd.read_csv(tmp_path / "l.csv")) == 1
 
 
@@ -179,7 +179,7 @@ def test_decompression_bomb_is_refused_per_file(exported, tmp_path, capsys):
     folder = tmp_path / "bomb"
     _good_image(folder / "small.png")
     Image.new("RGB", (400, 400)).save(folder / "huge.png")
-    assert main(["predict", str(exported[0]), str(folder), "-o", str(tmp_path / "b.csv"), "--quiet",
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(tmp_path / "b.csv"), "--no-progress",
                  "--max-image-pixels", "10000"]) == 1
     assert "huge.png" in (err := capsys.readouterr().err) and "over the limit of 10,000" in err
     assert len(pd.read_csv(tmp_path / "b.csv")) == 1
@@ -187,7 +187,7 @@ def test_decompression_bomb_is_refused_per_file(exported, tmp_path, capsys):
 
 def test_html_page_is_self_contained_and_renders_one_card_per_image(exported, tiny_herbarium, tmp_path):
     out = tmp_path / "p.csv"
-    main(["predict", str(exported[0]), str(tiny_herbarium / "test_images"), "-o", str(out), "--html", "--quiet"])
+    main(["predict", str(exported[0]), str(tiny_herbarium / "test_images"), "-o", str(out), "--html", "--no-progress"])
     page = out.with_suffix(".html").read_text()
     count = len(pd.read_csv(out))
     assert page.count('class="card"') == count

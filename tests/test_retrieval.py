@@ -11,7 +11,7 @@ import pytest
 
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.ensemble.command import ensemble_runs
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.errors import HerbensError
 from herbens.retrieval.command import retrieval_run
 from herbens.retrieval.knn import KnnClassifier, knn_logits
@@ -216,12 +216,12 @@ def test_pseudo_run_helps_the_ensemble(planted, method):
 def test_sub_centres_and_faiss_through_the_verb(planted):
     root, head, tax, _ = planted
     assert main(["retrieval", str(head), "--method", "prototype", "--sub-centers", "3",
-                 "-o", str(root / "sub"), "--quiet"]) == 0
+                 "-o", str(root / "sub"), "--no-progress"]) == 0
     assert json.loads((root / "sub" / "retrieval.json").read_text())["fitted"]["prototypes"] == 36
     pytest.importorskip("faiss")
     assert main(["retrieval", str(head), "--method", "knn", "--backend", "faiss", "--k", "5",
-                 "-o", str(root / "kf"), "--quiet"]) == 0
-    assert main(["retrieval", str(head), "--method", "knn", "--k", "5", "-o", str(root / "ke"), "--quiet"]) == 0
+                 "-o", str(root / "kf"), "--no-progress"]) == 0
+    assert main(["retrieval", str(head), "--method", "knn", "--k", "5", "-o", str(root / "ke"), "--no-progress"]) == 0
     np.testing.assert_array_equal(np.asarray(read_logits(root / "kf", "test").level("species")),
                                   np.asarray(read_logits(root / "ke", "test").level("species")))
 

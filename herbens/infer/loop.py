@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from herbens.errors import HerbensError
+from herbens.progress import progress_bar
 
 
 
@@ -57,7 +57,7 @@ def predict_batches(accelerator, model, loader, levels, desc: str = "predict", s
     (:func:`combine_embedding_views`).
     """
     model.eval()
-    bar = tqdm(total=len(loader), desc=desc, disable=not accelerator.is_main_process, leave=False)
+    bar = progress_bar(total=len(loader), desc=desc, unit="batch", enabled=accelerator.is_main_process)
     for batch in loader:
         images = batch["image"]
         views = images.shape[1] if images.ndim == 5 else 1

@@ -43,8 +43,10 @@ def _split_frame(data: RunData, split: str):
 
 
 def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                       run_dir: Path, split: str, views: list[str] | None = None) -> None:
+                       run_dir: Path, split: str, views: list[str] | None = None) -> int:
     """Predict every image of ``split`` with test-time views combined and store the logits.
+
+    Returns the number of rows stored.
 
     Batches stream straight into the logits store, so a full test split (210,407 x 15,501
     per level) never sits in memory; the split appears only once every row is written.
@@ -86,6 +88,7 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
             _finish_unreadable(writer, ids, split, policy)
 
     written_by_main_process(accelerator, batches, write, f"the {split} logits")
+    return len(ids)
 
 
 def written_by_main_process(accelerator, batches, write, what: str) -> None:
@@ -129,8 +132,11 @@ def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException)
 
 
 def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                           run_dir: Path, split: str, views: list[str] | None = None) -> None:
-    """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``."""
+                           run_dir: Path, split: str, views: list[str] | None = None) -> int:
+    """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``.
+
+    Returns the number of rows stored.
+    """
     views = list(views or cfg["infer"]["tta"])
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
@@ -150,6 +156,7 @@ def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_co
                     writer.write(int(index[order[start]]), record["embedding"][order[start:stop]])
 
     written_by_main_process(accelerator, batches, write, f"the {split} embeddings")
+    return len(frame)
 
 
 def embedding_splits(data: RunData) -> list[str]:
