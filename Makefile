@@ -30,4 +30,4 @@ test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs data/demo submissions/*.csv reports
+	rm -rf $(VENV) runs openset teachers data/demo submissions/*.csv reports

@@ -5,7 +5,7 @@
 Needs the demo's outputs under ``--workdir`` (``make demo``: data/demo, runs/demo_*,
 submissions/demo.json). Then, in this process:
 
-1. ``herbens teach submissions/demo.json -o runs/demo_teacher`` (the ensemble's top-K soft
+1. ``herbens teach submissions/demo.json -o teachers/demo_teacher`` (the ensemble's top-K soft
    targets for its training images);
 2. for each seed, the best single demo recipe (``demo_balanced``) and its distilled twin
    (``demo_distil``: the same recipe, budget and backbone, plus the teacher) are trained;
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     submission = args.workdir / "submissions" / "demo.json"
     if not submission.exists():
         raise SystemExit(f"{submission} is missing: run `make demo` (or `herbens demo`) first")
-    teacher = write_teacher(submission, runs / "demo_teacher", log=lambda _: None, progress=False)
+    teacher = write_teacher(submission, args.workdir / "teachers" / "demo_teacher", log=lambda _: None, progress=False)
     taxonomy = Taxonomy.load(runs / DEMO_RECIPES[0] / "taxonomy.json")
     truth = solution_labels(root, taxonomy)
     scores = {"single": [], "student": []}

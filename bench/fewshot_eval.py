@@ -33,7 +33,7 @@ from herbens.data.synth import synthesize  # noqa: E402
 from herbens.data.taxonomy import Taxonomy  # noqa: E402
 from herbens.errors import HerbensError  # noqa: E402
 from herbens.fileio import read_json, write_json  # noqa: E402
-from herbens.retrieval.command import fit_prototypes  # noqa: E402
+from herbens.retrieval.fit import fit_prototypes  # noqa: E402
 from herbens.retrieval.fewshot import evaluate_fewshot  # noqa: E402
 from herbens.stores.embeddings import read_embeddings  # noqa: E402
 from herbens.stores.logits import read_logits  # noqa: E402
@@ -91,7 +91,8 @@ def evaluate(run: Path, held: dict[str, int], draws: int, seed: int) -> dict:
     taxonomy = Taxonomy.load(run / "taxonomy.json")
     train = read_embeddings(run, "train", taxonomy_hash=taxonomy.hash)
     val_head, val_emb, val = aligned(run, "val")
-    clf, fitted, proto_val_pred = fit_prototypes(train, val, taxonomy, 1, None, seed)
+    fit = fit_prototypes(train, val, taxonomy, 1, None, seed)
+    clf, proto_val_pred = fit.full, fit.predictions["in_sample"]  # argmax: the same for any temperature
     new_head, new_emb, test = aligned(run, "test")
     new_labels = np.array([held[i] for i in test.image_ids])
     from herbens.metrics import macro_f1

@@ -103,7 +103,9 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     synthesize_once(root, DEMO_DATA)
     run_dirs, times = [], {}
     for recipe in recipes:
-        cfg = load_config(recipe, [f"data.root={root}", f"output_dir={workdir / 'runs'}"] + list(overrides or []))
+        # infer.embeddings: the runs' train/val embeddings make the exported bundle enrol-ready.
+        cfg = load_config(recipe, [f"data.root={root}", f"output_dir={workdir / 'runs'}", "infer.embeddings=true"]
+                          + list(overrides or []))
         print(f"\n== training {cfg['name']} ({cfg['model']['backbone']}, species loss "
               f"{loss_names(cfg['levels']['species'])}) ==")
         t0 = time.perf_counter()
@@ -131,7 +133,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
 
         print(f"\n== open set: {recipes[0]} trained without 10 % of the species ==")
         extra["openset"] = run_open_set(recipes[0], [f"data.root={root}"] + list(overrides or []),
-                                        workdir / "runs" / "openset", share=0.1, seed=0)
+                                        workdir / "openset", share=0.1, seed=0)  # runs/ holds runs only
     print_table(rows)
     _print_validation(fitted)
     total = time.perf_counter() - start

@@ -98,6 +98,35 @@ def test_onnx_member_is_listed_in_the_manifest(exported):
     assert single.members[0].onnx_path is not None
     manifest = json.loads((exported[3] / "manifest.json").read_text())
     assert "members/m0_tiny/model.onnx" in manifest["files"]
+    card = (exported[3] / "README.md").read_text()
+    assert "## ONNX graphs" in card and "Input `images`: float32 `[batch, 3, H, W]`" in card
+    assert "| m0_tiny |" in card.split("## ONNX graphs")[1] and "every threshold (back-off, OOD)" in card
+    assert "## ONNX graphs" not in (exported[0] / "README.md").read_text()  # exported without --onnx
+
+
+def test_onnx_without_its_extra_is_refused_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    # The source does not even exist: the extra is checked first, so that is not what is reported.
+    with pytest.raises(HerbensError, match=r"--onnx needs onnxscript .*pip install -e '\.\[onnx\]'"):
+        export_bundle(tmp_path / "no_such_run", tmp_path / "b", onnx=True, log=lambda _: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_onnx_export_keeps_the_exporters_chatter_out(tmp_path, capfd, taxonomy):
+    from herbens.bundle.onnx_export import export_onnx
+    from herbens.config import load_config
+    from herbens.models.net import build_model
+
+    cfg = load_config("demo_ce", ["model.backbone=test_resnet", "input.size=[32,32]"])
+    model = build_model(cfg, taxonomy).eval()
+    capfd.readouterr()
+    levels = [lv for lv in ("species", "genus", "family") if lv in cfg["levels"]]
+    export_onnx(model, levels, {"input_size": (3, 32, 32)}, tmp_path / "m.onnx")  # checked against PyTorch
+    out, err = capfd.readouterr()
+    assert "torch.onnx" not in out + err and "Obtain model graph" not in out + err, out + err
 
 
 def test_bundle_records_what_it_needs(exported, monkeypatch):
@@ -173,6 +202,38 @@ def test_empty_folder_and_missing_input_are_errors(exported, tmp_path, capsys):
     assert main(["predict", str(exported[0]), str(tmp_path / "nope"), "-o", str(tmp_path / "x.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_outputs_name_the_decision_and_a_run_with_nothing_readable_writes_nothing(exported, tmp_path, capsys):
+    folder = tmp_path / "sheets"
+    _good_image(folder / "a.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "p.json"
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(out), "--format", "json", "--html",
+                 "--quiet"]) == 1
+    (item,) = json.loads(out.read_text())["predictions"]
+    assert item["rank"] == item["decision"] and item["reason"]
+    names = pd.read_csv(exported[0] / "names.csv", keep_default_na=False)
+    top = item["species"][0]
+    expected = {"species": f"{top['scientific_name']} {top['authors']}".strip(), "genus": item["genus"],
+                "family": item["family"], "unknown": "unknown"}[item["decision"]]
+    assert item["name"] == expected and top["enrolled"] is False and len(names) >= 1
+    page = out.with_suffix(".html").read_text()
+    assert "2 files:" in page and "1 failed" in page and "broken.jpg" in page and "Thresholds (" in page
+    csv = tmp_path / "p.csv"
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(csv), "--quiet"]) == 1
+    assert list(pd.read_csv(csv).columns[:5]) == ["path", "name", "rank", "reason", "decision"]
+    capsys.readouterr()
+
+    listing = tmp_path / "gone.txt"
+    listing.write_text("missing1.jpg\nmissing2.jpg\n")
+    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "none.csv"), "--quiet"]) == 2
+    assert "none of the 2 image(s) could be read" in capsys.readouterr().err
+    assert not (tmp_path / "none.csv").exists()
+    headerless = tmp_path / "list.csv"
+    headerless.write_text("sheets/a.jpg\nsheets/a.jpg\n")
+    assert main(["predict", str(exported[0]), str(headerless), "-o", str(tmp_path / "h.csv"), "--quiet"]) == 2
+    assert "needs a header row naming its path column" in capsys.readouterr().err
 
 
 def test_decompression_bomb_is_refused_per_file(exported, tmp_path, capsys):

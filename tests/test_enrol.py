@@ -221,3 +221,38 @@ def test_energy_bundle_refuses_to_enrol(held_out, tmp_path):
     bundle = export_bundle(run, tmp_path / "energy", ood_score="energy", log=lambda _: None)
     with pytest.raises(HerbensError, match="enrolment needs the msp OOD score"):
         enrol_species(bundle, _shots(held[:1], tmp_path / "s"), "Carex nova", family="Cyperaceae", log=lambda _: None)
+
+
+def test_export_cross_fits_the_enrolment_temperatures_and_reports_both(held_out, tmp_path):
+    """The head temperature's out-of-fold log-loss is every validation row's loss under the
+    temperature fitted without its fold (recomputed here from the combined scores); each
+    member's prototype temperature is reported the same way, and the log says which is which."""
+    import json
+    import math
+
+    from herbens.bundle.export import combined_chunks, resolve_source
+    from herbens.numerics import stratified_folds
+
+    run = held_out[0]
+    lines = []
+    bundle = export_bundle(run, tmp_path / "b", log=lines.append)
+    setup = json.loads((bundle / "bundle.json").read_text())["enrolment"]
+    head = setup["fit"]["head_temperature"]
+    assert head["temperature"] == setup["head_temperature"] and head["folds"] >= 2
+    [member] = setup["fit"]["prototype_temperatures"].values()
+    assert member["temperature"] == next(iter(setup["prototype_temperatures"].values()))
+    assert set(member["log_loss"]) == {"in_sample", "out_of_fold"} and member["log_loss"]["out_of_fold"] is not None
+    assert any(line.startswith("enrolment: head temperature") and "out-of-fold" in line for line in lines)
+    run_dirs, params, _ = resolve_source(run)
+    scores, labels = zip(*[(p.scores.astype(np.float64), y) for p, y in combined_chunks(run_dirs, params, "val")])
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    fold = stratified_folds(labels).fold
+
+    def loss(row, label, t):
+        z = [v / t for v in row]
+        return max(z) + math.log(sum(math.exp(v - max(z)) for v in z)) - z[label]
+
+    oof = [loss(scores[r], labels[r], head["fold_choices"][fold[r]]["temperature"]) for r in range(len(labels))]
+    ins = [loss(scores[r], labels[r], head["temperature"]) for r in range(len(labels))]
+    assert head["log_loss"]["out_of_fold"] == pytest.approx(np.mean(oof), rel=1e-5)
+    assert head["log_loss"]["in_sample"] == pytest.approx(np.mean(ins), rel=1e-5)

@@ -177,3 +177,36 @@ def test_model_kwargs_reach_timm(taxonomy):
     assert net.eval()(torch.zeros(1, 3, 64, 64))["species"].shape == (1, 7)
     with pytest.raises(Exception):
         HierarchicalNet("test_vit3", {"species": 7}, {})(torch.zeros(1, 3, 64, 64))
+
+
+def test_offline_pretrained_recipe_fails_at_once_offering_both_ways_out(monkeypatch, taxonomy):
+    from herbens.models import hub
+
+    def unreachable(address, timeout=None):
+        assert address == ("huggingface.co", 443)
+        raise OSError("Network is unreachable")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm was asked to fetch weights the probe knew it could not get")
+
+    monkeypatch.setattr(hub.socket, "create_connection", unreachable)
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: None)  # nothing cached
+    for name in hub.PROXY_VARIABLES + ("HF_HUB_OFFLINE",):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(timm, "create_model", no_download)
+    with pytest.raises(HerbensError) as caught:
+        build_model(make_cfg("model.pretrained=true"), taxonomy)
+    message = str(caught.value)
+    assert "huggingface.co cannot be reached" in message
+    assert "model.pretrained_file=PATH" in message and "model.pretrained=false" in message
+
+
+def test_cached_weights_need_no_probe(monkeypatch):
+    from herbens.models import hub
+
+    def probe(*args, **kwargs):
+        raise AssertionError("probed the network for cached weights")
+
+    monkeypatch.setattr(hub.socket, "create_connection", probe)
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: "/cache/" + name)
+    hub.check_weights_reachable("test_resnet")

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from herbens.analysis.evaluate import evaluate_predictions
-from herbens.analysis.report import plot_f1_vs_cost, plot_family_accuracy, plot_history, plot_throughput, plot_training_bins, write_report
+from herbens.analysis.figures import (plot_f1_vs_cost, plot_family_accuracy, plot_history, plot_throughput,
+                                      plot_training_bins)
+from herbens.analysis.report import write_report
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError

@@ -4,22 +4,26 @@ planted case where retrieval helps, faiss agreeing with the exact search, and th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
 import pytest
 
+from conftest import train_tiny
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.pipeline import ensemble_runs
 from herbens.errors import HerbensError
+from herbens.numerics import stratified_folds
 from herbens.retrieval.command import retrieval_run
+from herbens.retrieval.fit import fit_temperature
 from herbens.retrieval.knn import KnnClassifier, knn_logits
 from herbens.retrieval.prototypes import (Prototypes, class_prototypes, cosine_scores, fuse_with_head,
                                           species_prototype)
 from herbens.retrieval.pseudorun import derived_logits
 from herbens.retrieval.search import exact_topk, faiss_topk, merge_topk
-from herbens.stores.embeddings import write_embeddings
+from herbens.stores.embeddings import read_embeddings, write_embeddings
 from herbens.stores.logits import read_logits, write_logits
 
 
@@ -137,6 +141,37 @@ def test_genus_and_family_logits_are_logsumexp_over_members():
         want = np.stack([np.log(np.exp(s[:, groups == g].astype(np.float64)).sum(axis=1))
                          for g in range(tax.num_classes(level))], axis=1)
         np.testing.assert_allclose(got[level], want, rtol=1e-5, atol=1e-5)
+
+
+def test_derived_logits_stay_finite_with_a_sharp_temperature():
+    # ArcFace embeddings fit T ~ 0.001: a whole genus hundreds below the row's best species
+    # used to underflow to exp(...) = 0 and log(0) = -inf (issue 23).
+    tax = tiny_taxonomy()
+    cos = np.random.default_rng(5).uniform(-1, 1, (6, 12)).astype(np.float32)
+    cos[:, tax.species_to_genus == 0] = -1.0  # genus 0: species without a prototype
+    got = derived_logits(cos / np.float32(0.001), tax)
+    for level in ("genus", "family"):
+        assert np.isfinite(got[level]).all() and np.isfinite(got[level].astype(np.float16)).all()
+        groups = tax.level_map(level)
+        scores = cos.astype(np.float64) / 0.001
+        want = np.stack([_slow_logsumexp(scores[:, groups == g]) for g in range(tax.num_classes(level))], axis=1)
+        np.testing.assert_allclose(got[level], want, rtol=1e-6)
+
+
+def _slow_logsumexp(block: np.ndarray) -> np.ndarray:
+    best = block.max(axis=1)
+    return best + np.log(np.exp(block - best[:, None]).sum(axis=1))
+
+
+def test_prototype_retrieval_on_an_arcface_run(tiny_herbarium, tmp_path):
+    assert train_tiny(tiny_herbarium, tmp_path, recipe="demo_arcface",
+                      extra=["name=arc", "train.epochs=1", "infer.embeddings=true"]) == 0
+    out = tmp_path / "arc_proto"
+    assert main(["retrieval", str(tmp_path / "arc"), "--method", "prototype", "-o", str(out), "--quiet"]) == 0
+    for split in ("val", "test"):
+        logits = read_logits(out, split)
+        for level in logits.levels:
+            assert np.isfinite(np.asarray(logits.level(level), dtype=np.float32)).all()
 
 
 def test_fuse_with_head_is_the_head_when_nothing_is_enrolled():
@@ -279,3 +314,66 @@ def test_fewshot_enrols_planted_new_species_without_hurting_known_ones():
     assert topk_hits(scores, np.array([0, 1]), 2).tolist() == [False, False]
     with pytest.raises(HerbensError, match="more than 5 images"):
         evaluate_fewshot(known, 0.05, val_head, val_emb, val_y, new_head[:5], new_emb[:5], np.zeros(5, int))
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-fitted temperature and k: reported in sample and out of fold
+# ----------------------------------------------------------------------------------------
+def _row_log_loss(logits_row, label):
+    """Slow reference: -log softmax(logits)[label]."""
+    total = sum(math.exp(v - max(logits_row)) for v in logits_row)
+    return max(logits_row) + math.log(total) - logits_row[label]
+
+
+def test_fit_temperature_in_sample_is_optimistic_out_of_fold_is_honest():
+    # Planted: candidate g fits exactly the rows of fold g (loss 0) and no other (loss 1). In
+    # sample every candidate fits a fifth of the rows (mean loss 0.8); out of fold, a fold's
+    # rows are judged by a candidate chosen without them, which never fits them (loss 1).
+    labels = np.repeat(np.arange(5), 4)
+    folds = stratified_folds(labels)
+    losses = (folds.fold[:, None] != np.arange(5)[None, :]).astype(np.float64)
+    record = fit_temperature(losses, labels, [0.1, 0.2, 0.3, 0.4, 0.5])
+    assert record["log_loss"] == {"in_sample": pytest.approx(0.8), "out_of_fold": pytest.approx(1.0)}
+    assert record["folds"] == 5 and record["temperature"] == 0.1
+    assert [c["temperature"] for c in record["fold_choices"]] == [0.2, 0.1, 0.1, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("method", ["prototype", "knn"])
+def test_retrieval_reports_and_writes_validation_out_of_fold(planted, method):
+    """The out-of-fold log-loss is each validation row's loss under the values fitted without its
+    fold (recomputed by slow references), and the pseudo-run's validation logits are those rows'
+    scores under those values; test logits use the values fitted on every row."""
+    root, head, tax, truth = planted
+    out = root / f"oof_{method}"
+    lines = []
+    record = retrieval_run(head, out, method, progress=False, log=lines.append)
+    fitted = record["fitted"]
+    assert any("in-sample" in line and "out-of-fold" in line for line in lines)
+    assert set(record["val_scores"]) == {"in_sample", "out_of_fold"} and record["val_logits"].startswith("out-of-fold")
+    train, val = read_embeddings(head, "train"), read_embeddings(head, "val")
+    index, queries = np.asarray(train.matrix, np.float32), np.asarray(val.matrix, np.float32)
+    fold = stratified_folds(truth["val"]).fold
+    choices = fitted["fold_choices"]
+    protos = class_prototypes(index, train.labels, 12)
+
+    def reference(q, choice):
+        if method == "prototype":
+            return cosine_scores(q[None], protos)[0].astype(np.float64) / choice["temperature"]
+        return brute_force_knn(q[None], index, train.labels, 12, choice["k"], choice["temperature"], 1e-3)[0]
+
+    stored = np.asarray(read_logits(out, "val").level("species"))
+    oof, ins = [], []
+    for r in range(len(queries)):
+        expected = reference(queries[r], choices[fold[r]])
+        np.testing.assert_allclose(stored[r], expected, rtol=2e-3, atol=2e-3)  # float16 store
+        oof.append(_row_log_loss(list(expected), truth["val"][r]))
+        ins.append(_row_log_loss(list(reference(queries[r], fitted)), truth["val"][r]))
+    assert fitted["log_loss"]["out_of_fold"] == pytest.approx(np.mean(oof), rel=1e-4)
+    assert fitted["log_loss"]["in_sample"] == pytest.approx(np.mean(ins), rel=1e-4)
+    # Some fold chose other values than the full fit (else the check above could not tell the
+    # out-of-fold logits from the full fit's), and in sample is the optimistic one here.
+    assert any(any(c[key] != fitted[key] for key in c) for c in choices)
+    assert fitted["log_loss"]["in_sample"] < fitted["log_loss"]["out_of_fold"]
+    test = np.asarray(read_logits(out, "test").level("species"))
+    test_q = np.asarray(read_embeddings(head, "test").matrix, np.float32)
+    np.testing.assert_allclose(test[3], reference(test_q[3], fitted), rtol=2e-3, atol=2e-3)

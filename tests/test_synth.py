@@ -18,6 +18,7 @@ from PIL import Image
 
 from herbens.cli.main import main
 from herbens.data import synth
+from herbens.data.synth import write as synth_write
 from herbens.errors import HerbensError
 
 SMALL = dict(species=12, seed=3, long_edge=64, min_images=2, max_images=30, test_per_species=2,
@@ -131,7 +132,7 @@ def test_training_counts_are_long_tailed_within_bounds(dataset):
 
 
 def test_genus_and_family_sizes_are_uneven():
-    plan = synth._plan(200, seed=0, min_images=3, max_images=80, test_per_species=1, institutions=4)
+    plan = synth.make_plan(200, seed=0, min_images=3, max_images=80, test_per_species=1, institutions=4)
     species_per_genus = Counter(t.genus for t in plan.taxa)
     genera_per_family = Counter(f for f, _ in {(t.family, t.genus) for t in plan.taxa})
     assert min(species_per_genus.values()) == 1 and max(species_per_genus.values()) >= 6
@@ -139,7 +140,7 @@ def test_genus_and_family_sizes_are_uneven():
 
 
 def test_visual_cues_are_nested_in_the_taxonomy():
-    plan = synth._plan(120, seed=1, min_images=3, max_images=80, test_per_species=1, institutions=4)
+    plan = synth.make_plan(120, seed=1, min_images=3, max_images=80, test_per_species=1, institutions=4)
     by_genus: dict = {}
     by_family: dict = {}
     for t in plan.taxa:
@@ -190,7 +191,7 @@ def test_images_are_portrait_sheets_of_the_requested_size(dataset):
 
 
 def test_render_sheet_draws_a_plant_on_pale_paper():
-    plan = synth._plan(4, seed=0, min_images=1, max_images=2, test_per_species=0, institutions=1)
+    plan = synth.make_plan(4, seed=0, min_images=1, max_images=2, test_per_species=0, institutions=1)
     image = synth.render_sheet(plan.taxa[0].look, plan.inst_looks[0], np.random.default_rng(0),
                                long_edge=300)
     assert image.size == (204, 300)
@@ -232,7 +233,7 @@ def test_interrupted_run_leaves_no_metadata(tmp_path, monkeypatch):
         if len(calls) > 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(synth, "_render_job", crash)
+    monkeypatch.setattr(synth_write, "_render_job", crash)
     with pytest.raises(KeyboardInterrupt):
         _synth(out, species=3, max_images=3)
     # The metadata of the earlier, complete run went first: no stale file can pass for new.

@@ -76,3 +76,44 @@ def test_ood_scores():
     probs = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
     np.testing.assert_allclose(th.ood_score(scores, probs, "msp"), probs.max(1))
     np.testing.assert_allclose(th.ood_score(scores, probs, "energy"), np.log(np.exp(scores).sum(1)))
+
+
+def _fold_thresholds(rows, truth, target, keep, folds, seed):
+    """Slow reference: each fold's thresholds refitted on the rows outside it, by brute force."""
+    from herbens.numerics import stratified_folds
+
+    fold = stratified_folds(truth["species"], folds, seed).fold
+    fitted = []
+    for i in range(folds):
+        rest = np.flatnonzero(fold != i)
+        fitted.append(th.fit_thresholds(rows.take(rest), {lv: t[rest] for lv, t in truth.items()}, target, keep))
+    return fold, fitted
+
+
+def test_out_of_fold_report_judges_each_row_by_thresholds_fitted_without_it():
+    rows, truth = synthetic_rows(n=300, seed=4)
+    result = th.cross_fit(rows, truth, target=0.9, ood_keep=0.9, folds=3, seed=2)
+    fold, fitted = _fold_thresholds(rows, truth, 0.9, 0.9, 3, 2)
+    for level in LEVELS:
+        accepted = np.array([rows.confidence[level][r] >= fitted[fold[r]][level] for r in range(300)])
+        correct = rows.top[level] == truth[level]
+        assert result["out_of_fold"][level]["coverage"] == pytest.approx(accepted.mean())
+        assert result["out_of_fold"][level]["precision"] == pytest.approx(correct[accepted].mean())
+    flagged = np.mean([rows.ood[r] < fitted[fold[r]]["ood"] for r in range(300)])
+    assert result["out_of_fold"]["ood_flagged"] == pytest.approx(flagged)
+    assert result["in_sample"] == th.level_report(rows, truth, result["thresholds"])
+
+
+def test_open_set_rates_use_thresholds_fitted_without_the_judged_known_images():
+    from herbens.analysis.openset import open_set_report
+
+    known, truth = synthetic_rows(n=200, seed=5)
+    unknown, _ = synthetic_rows(n=50, seed=6)
+    unknown.ood *= 0.5  # held-out species look less familiar
+    report = open_set_report(known, truth, unknown, target=0.9, keep=0.9, folds=2, seed=3)
+    fold, fitted = _fold_thresholds(known, truth, 0.9, 0.9, 2, 3)
+    known_flagged = np.mean([known.ood[r] < fitted[fold[r]]["ood"] for r in range(200)])
+    held_flagged = np.mean([np.mean(unknown.ood < thr["ood"]) for thr in fitted])
+    assert report["known_ood_flagged"] == pytest.approx(known_flagged)
+    assert report["held_out_ood_flagged"] == pytest.approx(held_flagged)
+    assert report["held_out_ood_flagged"] > report["known_ood_flagged"]

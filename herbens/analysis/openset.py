@@ -64,24 +64,22 @@ def open_set_report(known, known_truth: dict, unknown, target: float, keep: floa
                     seed: int = 0) -> dict:
     """AUROC of the OOD score, and flag rates of known and held-out images, cross-fitted.
 
-    Each fold's thresholds are fitted on the other known folds; they judge the known images of
-    their own fold and every held-out image; the rates are averaged over folds. A flag is the
+    Each fold's thresholds are fitted on the other known folds (:func:`herbens.bundle.thresholds.
+    cross_fitted`); known rates pool every known image under its own fold's thresholds, held-out
+    rates average every held-out image's flags over the folds' thresholds. A flag is the
     OOD test alone (``ood_flagged``) or the whole decision being ``unknown`` (``decided_unknown``).
     """
-    fold = th.stratified_folds(known_truth["species"], folds, seed)
-    rates = {"known_ood_flagged": [], "held_out_ood_flagged": [], "known_decided_unknown": [],
-             "held_out_decided_unknown": []}
-    for k in range(folds):
-        fit_rows, own = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        thr = th.fit_thresholds(known.take(fit_rows), {lv: t[fit_rows] for lv, t in known_truth.items()}, target, keep)
-        part = known.take(own)
-        rates["known_ood_flagged"].append(float((part.ood < thr["ood"]).mean()))
-        rates["held_out_ood_flagged"].append(float((unknown.ood < thr["ood"]).mean()))
-        rates["known_decided_unknown"].append(float((th.decide(part, thr) == "unknown").mean()))
-        rates["held_out_decided_unknown"].append(float((th.decide(unknown, thr) == "unknown").mean()))
+    fitted = th.cross_fitted(known, known_truth, target, keep, folds, seed)
+    if fitted.out_of_fold is None:
+        raise HerbensError(f"open-set report: {len(known)} known validation images cannot be split into {folds} folds")
+    fits = [thr for thr in fitted.fold_values if thr is not None]
+    rates = {"known_ood_flagged": fitted.out_of_fold["ood_flagged"].mean(),
+             "known_decided_unknown": (fitted.out_of_fold["decision"] == "unknown").mean(),
+             "held_out_ood_flagged": np.mean([(unknown.ood < thr["ood"]).mean() for thr in fits]),
+             "held_out_decided_unknown": np.mean([(th.decide(unknown, thr) == "unknown").mean() for thr in fits])}
     return {"auroc": auroc(known.ood, unknown.ood), "known_images": len(known), "held_out_images": len(unknown),
             "folds": folds, "ood_keep": keep, "target_precision": target,
-            **{k: float(np.mean(v)) for k, v in rates.items()}}
+            **{k: float(v) for k, v in rates.items()}}
 
 
 def format_open_set(report: dict, score: str) -> str:

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from herbens.analysis.evaluate import evaluate_predictions, format_anova, format_bins, format_group_table, format_summary, load_predictions, unique_names
+from herbens.analysis.evaluate import evaluate_predictions, load_predictions, unique_names
+from herbens.analysis.figures import (is_number, plot_f1_vs_cost, plot_family_accuracy,
+                                      plot_history, plot_throughput, plot_training_bins,
+                                      save_figure)
+from herbens.analysis.tables import format_anova, format_bins, format_group_table, format_summary, pct
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, read_json, write_json
 from herbens.stores.logits import format_ids
@@ -35,7 +37,6 @@ HISTORY_PLOTS = (
     ("val_species_macro_f1", "validation species macro-F1 (%)",
      "Validation species macro-F1 per epoch", "val_macro_f1"),
 )
-PERCENT_KEYS = {"val_species_macro_f1"}
 
 
 @dataclass
@@ -147,128 +148,6 @@ def collect_entries(inputs: list[Path], solution=None, metadata=None, split: str
     return entries, notes
 
 
-# ----- figures ------------------------------------------------------------------------------------
-
-def new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
-    """A figure on the Agg canvas, never touching pyplot's global state."""
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, list(axes)
-
-
-def save_figure(fig: Figure, path: Path) -> None:
-    """Write ``fig`` as PNG atomically."""
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
-
-
-def plot_family_accuracy(best: list[dict], worst: list[dict], title: str) -> Figure:
-    """Fig. 3a: species accuracy of the best and worst families, SE bars, test counts."""
-    fig, axes = new_figure(12, 0.35 * max(len(best), len(worst), 3) + 1.8, ncols=2)
-    for ax, records, which, colour in ((axes[0], best, "Best", "tab:green"),
-                                       (axes[1], worst, "Worst", "tab:red")):
-        y = np.arange(len(records))[::-1]  # first record on top
-        acc = [100 * r["accuracy"] for r in records]
-        se = [100 * (r["se"] or 0.0) for r in records]
-        ax.barh(y, acc, xerr=se, color=colour, alpha=0.8, capsize=3)
-        ax.set_yticks(y, [f"{r['name']} (n={r['n_images']})" for r in records])
-        ax.set_xlim(0, 105)
-        ax.set_xlabel("species accuracy (%), bars: binomial SE")
-        ax.set_ylabel("family (test images)")
-        ax.set_title(f"{which} {len(records)} families")
-    fig.suptitle(title)
-    return fig
-
-
-def plot_training_bins(series: list[tuple[str, list[dict]]]) -> Figure | None:
-    """Fig. 3b: mean per-species accuracy against training images per species, SE bars."""
-    series = [(name, bins) for name, bins in series if bins]
-    if not series:
-        return None
-    labels = _ordered_bins([b for _, bins in series for b in bins])
-    position = {label: i for i, label in enumerate(labels)}
-    fig, (ax,) = new_figure(8, 4.5)
-    for i, (name, bins) in enumerate(series):
-        # Shift each input a little sideways so overlapping error bars stay readable.
-        shift = 0.08 * (i - (len(series) - 1) / 2)
-        x = [position[b["bin"]] + shift for b in bins]
-        y = [100 * b["accuracy"] for b in bins]
-        err = [100 * (b["se"] or 0.0) for b in bins]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("training images per species")
-    ax.set_ylabel("mean per-species accuracy (%)")
-    ax.set_title("Accuracy by training-set size (bars: SE of the mean over species)")
-    ax.legend(fontsize="small")
-    return fig
-
-
-def _ordered_bins(bins: list[dict]) -> list[str]:
-    lows = {}
-    for b in bins:
-        lows[b["bin"]] = b["lo"]
-    return sorted(lows, key=lows.get)
-
-
-def plot_history(histories: list[tuple[str, list[dict]]], key: str, ylabel: str,
-                 title: str) -> Figure | None:
-    """One line per run of ``key`` against epoch; None when no run logged ``key``."""
-    lines = []
-    for name, records in histories:
-        points = [(r.get("epoch", i), r[key]) for i, r in enumerate(records)
-                  if _is_number(r.get(key)) and _is_number(r.get("epoch", i))]
-        if points:
-            lines.append((name, points))
-    if not lines:
-        return None
-    scale = 100.0 if key in PERCENT_KEYS else 1.0
-    fig, (ax,) = new_figure(7, 4)
-    for name, points in lines:
-        x, y = zip(*points)
-        ax.plot(x, [scale * v for v in y], marker="o", markersize=3, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    return fig
-
-
-def plot_throughput(values: list[tuple[str, float]]) -> Figure | None:
-    """Training images per second of each run."""
-    if not values:
-        return None
-    fig, (ax,) = new_figure(max(5, 0.8 * len(values) + 2), 4)
-    names, speeds = zip(*values)
-    bars = ax.bar(range(len(values)), speeds, color="tab:blue")
-    ax.bar_label(bars, fmt="%.0f", fontsize="small")
-    ax.set_xticks(range(len(values)), names, rotation=30, ha="right")
-    ax.set_xlabel("run")
-    ax.set_ylabel("training images per second")
-    ax.set_title("Training throughput")
-    return fig
-
-
-def plot_f1_vs_cost(points: list[tuple[str, float, float]]) -> Figure | None:
-    """Species macro-F1 against device-hours, one labelled point per run."""
-    if not points:
-        return None
-    fig, (ax,) = new_figure(7, 4.5)
-    for name, hours, f1 in points:
-        ax.scatter([hours], [100 * f1])
-        ax.annotate(name, (hours, 100 * f1), textcoords="offset points", xytext=(4, 4),
-                    fontsize="small")
-    ax.set_xlabel("training cost (device-hours)")
-    ax.set_ylabel("species macro-F1 (%)")
-    ax.set_title("Macro-F1 against cost")
-    ax.margins(0.15)
-    return fig
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "input"
 
@@ -278,10 +157,10 @@ def _slug(name: str) -> str:
 def throughput_of(entry: Entry) -> float | None:
     """metrics.json cost.images_per_second, else the mean over history epochs."""
     speed = ((entry.metrics or {}).get("cost") or {}).get("images_per_second")
-    if _is_number(speed):
+    if is_number(speed):
         return float(speed)
     epochs = [r["images_per_second"] for r in entry.history or []
-              if _is_number(r.get("images_per_second"))]
+              if is_number(r.get("images_per_second"))]
     return float(np.mean(epochs)) if epochs else None
 
 
@@ -290,7 +169,7 @@ def macro_f1_of(entry: Entry) -> float | None:
     if entry.evaluation is not None:
         return entry.evaluation["species_macro_f1"]
     value = ((entry.metrics or {}).get("val") or {}).get("species_macro_f1")
-    return float(value) if _is_number(value) else None
+    return float(value) if is_number(value) else None
 
 
 def draw_figures(entries: list[Entry], figures: Figures) -> None:
@@ -318,7 +197,7 @@ def draw_figures(entries: list[Entry], figures: Figures) -> None:
     for e in runs:
         hours = ((e.metrics or {}).get("cost") or {}).get("device_hours")
         f1 = macro_f1_of(e)
-        if _is_number(hours) and f1 is not None:
+        if is_number(hours) and f1 is not None:
             points.append((e.name, float(hours), f1))
         else:
             figures.notes.append(f"{e.name}: no cost.device_hours or species macro-F1, "
@@ -336,16 +215,12 @@ def _html_table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
 def _summary_html(entries: list[Entry]) -> str:
     keys = [("species_macro_f1", "species F1"), ("species_accuracy", "species acc"),
             ("genus_macro_f1", "genus F1"), ("genus_accuracy", "genus acc"),
             ("family_macro_f1", "family F1"), ("family_accuracy", "family acc"),
             ("head_macro_f1", "head F1"), ("tail_macro_f1", "tail F1")]
-    rows = [[e.name, e.kind, e.evaluation["n_images"]] + [_pct(e.evaluation.get(k)) for k, _ in keys]
+    rows = [[e.name, e.kind, e.evaluation["n_images"]] + [pct(e.evaluation.get(k)) for k, _ in keys]
             for e in entries if e.evaluation is not None]
     if not rows:
         return "<p>No input could be scored (see notes).</p>"
@@ -369,7 +244,7 @@ def _runs_html(entries: list[Entry]) -> str:
 
 
 def _fmt(value) -> str:
-    return f"{value:.4g}" if _is_number(value) else "-"
+    return f"{value:.4g}" if is_number(value) else "-"
 
 
 def _detail_html(entry: Entry) -> str:
@@ -377,19 +252,19 @@ def _detail_html(entry: Entry) -> str:
 
     def groups(records):
         return _html_table(["family", "test images", "training images", "accuracy %", "SE %"],
-                           [[r["name"], r["n_images"], r["train_images"], _pct(r["accuracy"]),
-                             _pct(r["se"])] for r in records])
+                           [[r["name"], r["n_images"], r["train_images"], pct(r["accuracy"]),
+                             pct(r["se"])] for r in records])
 
     bins = _html_table(["training images", "species", "test images", "mean accuracy %", "SE %",
                         "pooled accuracy %"],
-                       [[b["bin"], b["n_species"], b["n_images"], _pct(b["accuracy"]),
-                         _pct(b["se"]), _pct(b["image_accuracy"])] for b in ev["by_training_count"]])
+                       [[b["bin"], b["n_species"], b["n_images"], pct(b["accuracy"]),
+                         pct(b["se"]), pct(b["image_accuracy"])] for b in ev["by_training_count"]])
     anova = html.escape(format_anova(ev["anova"])).replace("\n", "<br>")
     ht = ev["head_tail"]
     return (f"<h3>{html.escape(entry.name)}</h3>"
             f"<p>Head ({ht['head_species']} species, &ge; {ht['head_min_train_images']} training "
-            f"images) macro-F1 {_pct(ev['head_macro_f1'])} %; tail ({ht['tail_species']} species, "
-            f"&le; {ht['tail_max_train_images']}) macro-F1 {_pct(ev['tail_macro_f1'])} %.</p>"
+            f"images) macro-F1 {pct(ev['head_macro_f1'])} %; tail ({ht['tail_species']} species, "
+            f"&le; {ht['tail_max_train_images']}) macro-F1 {pct(ev['tail_macro_f1'])} %.</p>"
             f"<h4>Best families</h4>{groups(ev['family_best'])}"
             f"<h4>Worst families</h4>{groups(ev['family_worst'])}"
             f"<h4>Accuracy by training images per species</h4>"

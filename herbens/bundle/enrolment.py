@@ -6,10 +6,11 @@ correct, the fusion that ``bench/fewshot_eval.py`` evaluates):
 - At export, when every member run has stored embeddings (``herbens infer RUN --embeddings``:
   ``embeddings/train`` and ``embeddings/val``), each member folder gets the known species'
   prototypes (``prototypes.npy`` ``[P, D]`` float32, ``prototype_owners.npy`` ``[P]``; class
-  means of the member's training embeddings, :func:`~herbens.retrieval.command.fit_prototypes`),
+  means of the member's training embeddings, :func:`~herbens.retrieval.fit.fit_prototypes`),
   and ``bundle.json`` an ``enrolment`` record: each member's prototype temperature (fitted on its
   validation embeddings by log-loss) and the head temperature of the bundle's combined species
-  scores (fitted on the validation rows by log-loss, ``HEAD_TEMPERATURES``). Otherwise the
+  scores (fitted on the validation rows by log-loss, ``HEAD_TEMPERATURES``); both cross-fitted,
+  their log-loss in sample and out of fold printed and kept in the record's ``fit``. Otherwise the
   record is ``null`` and enrolment is refused with the command that fixes it. The known
   prototypes are needed: fusion gives the enrolled species the share of the prototype softmax
   that the known species' prototypes leave them.
@@ -42,12 +43,19 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
+from herbens.bundle.scoring import LevelProbabilities, sum_within
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.numerics import log_softmax
+from herbens.retrieval.fewshot import HEAD_TEMPERATURES
+from herbens.retrieval.fit import describe_fit, fit_prototypes, fit_temperature
+from herbens.retrieval.prototypes import (Prototypes, cosine_scores, fuse_with_head, species_prototype,
+                                          temperature_row_losses)
+from herbens.stores.embeddings import embeddings_dir, read_embeddings
 
 PROTOTYPES = "prototypes.npy"
 OWNERS = "prototype_owners.npy"
@@ -59,42 +67,47 @@ NAME_COLUMNS = ("category_id", "scientific_name", "authors", "genus", "family")
 # ----------------------------------------------------------------------------------------
 # Export: the known species' prototypes and the temperatures
 # ----------------------------------------------------------------------------------------
-def export_prototypes(run_dirs: list[Path], folders: list[Path], params, taxonomy, log: Callable,
+def export_prototypes(run_dirs: list[Path], folders: list[Path], val_chunks: Iterable, taxonomy, log: Callable,
                       seed: int = 0) -> dict | None:
     """Write each member's known-species prototypes; returns ``bundle.json``'s ``enrolment``
-    record, or None (with a note) when some member run has no train/val embeddings."""
-    from herbens.stores.embeddings import embeddings_dir, read_embeddings
-    from herbens.retrieval.command import fit_prototypes
+    record, or None (with a note) when some member run has no train/val embeddings.
 
+    ``val_chunks`` yields ``(LevelProbabilities, labels)`` of the bundle's combined validation
+    rows (``export.combined_chunks``): the head temperature is fitted on them. Every temperature
+    is cross-fitted; the record's ``fit`` holds each one's log-loss in sample and out of fold.
+    """
     lacking = [run for run in run_dirs if not all(embeddings_dir(run, s).is_dir() for s in ("train", "val"))]
     if lacking:
         log(f"note: run '{lacking[0]}' has no embeddings/train and embeddings/val; the bundle cannot enrol "
             "species (herbens infer RUN --embeddings, then export again)")
         return None
-    temperatures = {}
+    temperatures, fits = {}, {}
     for run, folder in zip(run_dirs, folders):
         splits = [read_embeddings(run, s, taxonomy_hash=taxonomy.hash, num_species=taxonomy.num_classes("species"))
                   for s in ("train", "val")]
         for split in splits:
             if split.labels is None or (split.labels < 0).any():
                 raise HerbensError(f"{split.where}: every row needs a species label to build the bundle's prototypes")
-        clf, fitted, _ = fit_prototypes(splits[0], splits[1], taxonomy, 1, None, seed)
-        _save_npy(folder / PROTOTYPES, clf.prototypes.vectors.astype(np.float32))
-        _save_npy(folder / OWNERS, clf.prototypes.owners.astype(np.int64))
-        temperatures[folder.name] = float(fitted["temperature"])
-    return {"head_temperature": fit_head_temperature(run_dirs, params), "prototype_temperatures": temperatures}
+        fit = fit_prototypes(splits[0], splits[1], taxonomy, 1, None, seed)
+        _save_npy(folder / PROTOTYPES, fit.full.prototypes.vectors.astype(np.float32))
+        _save_npy(folder / OWNERS, fit.full.prototypes.owners.astype(np.int64))
+        temperatures[folder.name] = float(fit.fitted["temperature"])
+        fits[folder.name] = fit.fitted
+        log(f"enrolment: member {folder.name} prototype {describe_fit(fit.fitted)}")
+    head = fit_head_temperature(val_chunks)
+    log(f"enrolment: head {describe_fit(head)}")
+    return {"head_temperature": head["temperature"], "prototype_temperatures": temperatures,
+            "fit": {"head_temperature": head, "prototype_temperatures": fits}}
 
 
-def fit_head_temperature(run_dirs: list[Path], params) -> float:
-    """Temperature of the bundle's combined species scores, by log-loss on the validation rows."""
-    from herbens.bundle.export import combined_chunks
-    from herbens.retrieval.fewshot import HEAD_TEMPERATURES
-    from herbens.retrieval.prototypes import temperature_log_loss
-
-    losses = np.zeros(len(HEAD_TEMPERATURES))
-    for probs, labels in combined_chunks(run_dirs, params, "val"):
-        losses += temperature_log_loss(probs.scores, labels, HEAD_TEMPERATURES)
-    return float(HEAD_TEMPERATURES[int(np.argmin(losses))])
+def fit_head_temperature(val_chunks: Iterable) -> dict:
+    """Temperature of the bundle's combined species scores by log-loss on the validation rows,
+    cross-fitted (:func:`herbens.retrieval.fit.fit_temperature`)."""
+    losses, labels = [], []
+    for probs, chunk_labels in val_chunks:
+        losses.append(temperature_row_losses(probs.scores, chunk_labels, HEAD_TEMPERATURES))
+        labels.append(chunk_labels)
+    return fit_temperature(np.concatenate(losses), np.concatenate(labels), HEAD_TEMPERATURES)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -141,9 +154,6 @@ class Enrolment:
     def fuse(self, probs, embeddings: list[np.ndarray]):
         """:class:`~herbens.bundle.scoring.LevelProbabilities` over known + enrolled species from
         the combined head probabilities of ``n`` images and each member's embeddings ``[n, D]``."""
-        from herbens.bundle.scoring import LevelProbabilities, sum_within
-        from herbens.ensemble.combine import log_softmax
-        from herbens.retrieval.prototypes import cosine_scores, fuse_with_head
 
         proto = np.mean([log_softmax(cosine_scores(e, p) / np.float32(t))
                          for e, p, t in zip(embeddings, self.prototypes, self.temperatures)], axis=0)
@@ -185,8 +195,6 @@ def load_enrolment(root: Path, record: dict, taxonomy, member_names: list[str], 
         HerbensError: an enrolled file the manifest does not cover, a bundle without the
             export-time prototypes, or prototype shapes that do not match.
     """
-    from herbens.retrieval.prototypes import Prototypes
-
     species = read_species(root)
     if not species:
         return None
@@ -315,7 +323,6 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
     from herbens.bundle.load import load_bundle
     from herbens.bundle.inputs import collect_inputs
     from herbens.bundle.predict import member_logits
-    from herbens.retrieval.prototypes import species_prototype
 
     bundle = load_bundle(bundle_path, device=device)
     root = bundle.path

@@ -9,6 +9,7 @@ exactly as at prediction time (:mod:`herbens.bundle.scoring`). The layout is des
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,8 @@ from herbens.config import load_run_config, save_config
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+
+ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # setup.cfg's onnx extra
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,12 +144,26 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
         exporter = export_onnx(model, levels, data_config, folder / ONNX)
         log(f"member {folder.name}: ONNX graph written ({exporter} exporter, checked against PyTorch)")
     metrics = run_dir / "metrics.json"
-    return {"name": folder.name, "run": str(run_dir), "backbone": cfg["model"]["backbone"],
+    graph = {"exporter": exporter, "outputs": levels,
+             **{k: _plain(data_config[k]) for k in ("mean", "std", "interpolation", "crop_pct")}} if onnx else None
+    return {"name": folder.name, "onnx": graph, "run": str(run_dir), "backbone": cfg["model"]["backbone"],
             "weights": "ema" if (run_dir / "model_ema.pt").exists() else "final",
             "git_revision": _provenance(run_dir).get("git_revision"), "views": list(cfg["infer"]["tta"]),
             "input_size": list(data_config["input_size"]),
             "val": read_json(metrics).get("val", {}) if metrics.exists() else {},
             "data_root": cfg["data"]["root"]}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_onnx_extra() -> None:
+    """Refuse ``--onnx`` before any work when its extra is not installed."""
+    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise HerbensError(f"--onnx needs {', '.join(missing)} (the onnx extra): pip install -e '.[onnx]' in a "
+                           "herbens clone, or pip install 'herbens[onnx]'")
 
 
 def _provenance(run_dir: Path) -> dict:
@@ -204,6 +221,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
 
     if ood_score not in th.OOD_SCORES:
         raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
+    if onnx:
+        check_onnx_extra()
     run_dirs, params, record = resolve_source(source)
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
     rows, truth, labels = validation_rows(run_dirs, params, taxonomy, ood_score)
@@ -214,7 +233,7 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     with atomic_dir(out) as tmp:
         folders = [tmp / "members" / f"m{i}_{run.name}" for i, run in enumerate(run_dirs)]
         members = [export_member(run, folder, taxonomy, onnx, log) for run, folder in zip(run_dirs, folders)]
-        enrolment = export_prototypes(run_dirs, folders, params, taxonomy, log, seed)
+        enrolment = export_prototypes(run_dirs, folders, combined_chunks(run_dirs, params, "val"), taxonomy, log, seed)
         taxonomy.save(tmp / "taxonomy.json")
         frame = names_table(taxonomy, members[0]["data_root"], log)
         with atomic_write(tmp / "names.csv", newline="") as handle:
@@ -262,7 +281,7 @@ def model_card(bundle: dict, taxonomy: Taxonomy) -> str:
                      f"{scores.get(f'{lv}_accuracy', float('nan')):.4f} |")
     lines += ["", "## Back-off and open set", "", "```", th.format_report(
         {**fit, "thresholds": {k: (np.inf if v is None else v) for k, v in fit["thresholds"].items()}}), "```", "",
-        "## Intended use", "",
+        *onnx_section(members), "## Intended use", "",
         "Suggesting names for newly digitised herbarium sheets of the flora it was trained on, for a "
         "botanist to confirm. A species is named only when its probability reaches the species "
         "threshold; otherwise the genus or family alone, or unknown.", "",
@@ -273,6 +292,30 @@ def model_card(bundle: dict, taxonomy: Taxonomy) -> str:
         "institutions, imaging, regions) may be lower.",
         "- Rare species (few training images) are named less reliably than common ones.", ""]
     return "\n".join(lines)
+
+
+def onnx_section(members: list[dict]) -> list[str]:
+    """Model-card lines describing each member's ONNX graph (none when exported without)."""
+    graphs = [(m, m["onnx"]) for m in members if m.get("onnx")]
+    if not graphs:
+        return []
+    lines = ["## ONNX graphs", "",
+             "Each `members/<member>/model.onnx` is one member's network alone. Input `images`: float32 "
+             "`[batch, 3, H, W]`, RGB resized with the member's interpolation, centre-cropped by its crop_pct, "
+             "scaled to [0, 1] and normalised with its mean and std (`data_config.json`). Outputs: one logits "
+             "tensor per level, `[batch, classes]`, columns in the order of `taxonomy.json` (the trained rows "
+             "of `names.csv`).", "",
+             "| member | exporter | input | outputs | interpolation | crop_pct | mean | std |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, g in graphs:
+        lines.append(f"| {m['name']} | {g['exporter']} | 3x{m['input_size'][1]}x{m['input_size'][2]} | "
+                     f"{', '.join(g['outputs'])} | {g['interpolation']} | {g['crop_pct']} | "
+                     f"{', '.join(f'{v:.3f}' for v in g['mean'])} | {', '.join(f'{v:.3f}' for v in g['std'])} |")
+    lines += ["", "Not in the graphs: the test-time views and their averaging, the combination of members "
+              "(weights, temperatures, prior correction, genus/family terms), enrolled species' prototypes "
+              "and every threshold (back-off, OOD). `herbens predict` applies them; a graph alone gives one "
+              "member's raw logits.", ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------

@@ -49,16 +49,32 @@ def collect_inputs(source: str | Path) -> tuple[list[str], list[tuple[str, str]]
 
 
 def _listed_paths(listing: Path) -> list[str]:
-    """Paths from a CSV (column path/file_name/..., else the first) or a text file (one a line);
-    relative paths are relative to the list's folder."""
+    """Paths from a CSV (its header names the path column) or a text file (one a line, ``#``
+    comments); relative paths are relative to the list's folder."""
     if listing.suffix.lower() == ".csv":
-        try:
-            frame = pd.read_csv(listing, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise HerbensError(f"{listing}: not a readable CSV ({exc})") from None
-        column = next((c for c in frame.columns if c.lower() in PATH_COLUMNS), frame.columns[0] if len(frame.columns) else None)
-        entries = frame[column].tolist() if column is not None else []
+        entries = _csv_paths(listing)
     else:
-        entries = listing.read_text().splitlines()
+        try:
+            entries = listing.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise HerbensError(f"{listing}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                               "save the list as UTF-8") from None
     entries = [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
     return [e if os.path.isabs(e) else str(listing.parent / e) for e in entries]
+
+
+def _csv_paths(listing: Path) -> list[str]:
+    """The path column of a CSV list. Its header must name it: without one the first path
+    would be read as the header and silently dropped, so that is an error, not a guess."""
+    try:
+        frame = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        return []
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise HerbensError(f"{listing}: not a readable CSV ({exc})") from None
+    column = next((c for c in frame.columns if c.strip().lower() in PATH_COLUMNS), None)
+    if column is None:
+        raise HerbensError(f"{listing}: a .csv list needs a header row naming its path column "
+                           f"({', '.join(PATH_COLUMNS)}); its first row is {', '.join(map(str, frame.columns))!r}. "
+                           "Add a header line such as 'path', or list the paths one a line in a .txt")
+    return frame[column].tolist()

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from herbens.data.taxonomy import Taxonomy
+from herbens.data.views import Views
 from herbens.ensemble.combine import ClassSpace, Params
 from herbens.errors import HerbensError
 from herbens.fileio import read_json, write_json
@@ -82,11 +83,18 @@ class Member:
     name: str
     model: object                 # HierarchicalNet in eval mode
     data_config: dict             # timm data config: input_size, mean, std, interpolation, crop_pct
-    views: list[str]              # test-time views
-    tta_space: str                # how views are averaged (logit | prob)
+    tta: Views                    # test-time views and how they are averaged (logit | prob)
     precision: str                # the run's mixed precision (used on CUDA only)
     levels: tuple[str, ...]
     onnx_path: Path | None
+
+    @property
+    def views(self) -> list[str]:
+        return self.tta.names
+
+    @property
+    def tta_space(self) -> str:
+        return self.tta.space
 
 
 @dataclass
@@ -166,6 +174,10 @@ def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Me
     data_config = {**data["data_config"], "input_size": tuple(data["data_config"]["input_size"]),
                    "mean": tuple(data["data_config"]["mean"]), "std": tuple(data["data_config"]["std"])}
     onnx_path = folder / ONNX
-    return Member(name, model, data_config, list(data["views"]), data["tta_space"], data["precision"],
+    try:
+        tta = Views.parse(data["views"], data["tta_space"])
+    except HerbensError as exc:
+        raise HerbensError(f"{folder / DATA_CONFIG}: {exc}") from None
+    return Member(name, model, data_config, tta, data["precision"],
                   tuple(data["levels"]), onnx_path if onnx_path.is_file() else None)
 

@@ -8,6 +8,8 @@ unless its logits match PyTorch's.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -66,7 +68,11 @@ def export_onnx(model, levels: list[str], data_config: dict, path: Path) -> str:
 
 def _export(wrapper, sample, levels, path: Path, exporter: str) -> None:
     names = {"input_names": ["images"], "output_names": list(levels)}
-    with warnings.catch_warnings(), torch.no_grad():
+    # The exporters print progress ("[torch.onnx] Obtain model graph ...") per member: kept out
+    # of herbens' output; a failure still raises with its own message.
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(chatter), \
+            contextlib.redirect_stderr(chatter):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)

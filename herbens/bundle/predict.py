@@ -21,90 +21,45 @@ import pandas as pd
 
 from herbens.bundle import thresholds as th
 from herbens.bundle.inputs import collect_inputs
+from herbens.bundle.naming import decision_fields, is_enrolled
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+from herbens.data.loaders import paths_loader
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
+from herbens.infer.loop import Engine, predict_batches
 from herbens.progress import progress_bar
 
 
 # ----------------------------------------------------------------------------------------
 # Member logits
 # ----------------------------------------------------------------------------------------
-class _Images:
-    """Dataset over paths with a member's views; an unreadable file gives its error, not a crash."""
-
-    def __init__(self, paths: list[str], views, decode_size, max_pixels: int | None):
-        from herbens.data.dataset import HerbariumDataset
-
-        self.inner = HerbariumDataset(pd.DataFrame({"file_name": paths}), "", None, transform=None,
-                                      decode_size=decode_size, views=[fn for _, fn in views], max_pixels=max_pixels)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i: int) -> dict:
-        try:
-            return {"index": i, "image": self.inner[i]["image"], "error": None}
-        except HerbensError as exc:
-            return {"index": i, "image": None, "error": str(exc)}
-
-
-def _collate(items: list[dict]) -> dict:
-    import torch
-
-    ok = [it for it in items if it["error"] is None]
-    return {"index": [it["index"] for it in ok], "images": torch.stack([it["image"] for it in ok]) if ok else None,
-            "errors": [(it["index"], it["error"]) for it in items if it["error"] is not None]}
-
-
 def member_logits(member, paths: list[str], classes: dict[str, int], batch_size: int, device: str,
                   workers: int, progress: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                   embeddings: bool = False) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     """Per-level logits ``[n, C]`` of one member (rows of failed images stay NaN) and the errors
     by row; with ``embeddings`` also ``"embedding"``: unit ``[n, D]`` (views combined as the
-    embeddings store combines them, :func:`herbens.infer.loop.combine_embedding_views`)."""
-    import torch
-    from torch.utils.data import DataLoader
+    embeddings store combines them).
 
-    from herbens.data.transforms import build_tta_views, eval_decode_size
-    from herbens.infer.loop import combine_embedding_views, combine_views
-
-    views = build_tta_views(member.views, member.data_config)
-    dataset = _Images(paths, views, eval_decode_size(member.data_config, member.views), max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+    Predicted by the one loop of ``herbens infer`` (:func:`herbens.infer.loop.predict_batches`)
+    with the member's own views, data config and precision; ``progress(n)`` after each batch.
+    """
+    loader = paths_loader(paths, member.tta, member.data_config, batch_size, workers, max_pixels)
     out = {lv: np.full((len(paths), n), np.nan, dtype=np.float32) for lv, n in classes.items()}
     errors: dict[int, str] = {}
-    autocast = _autocast(member.precision, device)
-    with torch.no_grad():
-        for batch in loader:
-            errors.update(batch["errors"])
-            if batch["images"] is not None:
-                images = batch["images"].to(device)
-                v = images.shape[1]
-                with autocast:
-                    outputs = member.model(images.flatten(0, 1))
-                for lv in classes:
-                    per_view = outputs[lv].float().view(-1, v, outputs[lv].shape[-1])
-                    # float16 rounding as in the logits store, so the bundle predicts what
-                    # `herbens infer` + `herbens ensemble` predict for the same images.
-                    out[lv][batch["index"]] = combine_views(per_view, member.tta_space).cpu().numpy() \
-                        .astype(np.float16).astype(np.float32)
-                if embeddings:
-                    emb = outputs["embedding"].float()
-                    out.setdefault("embedding", np.full((len(paths), emb.shape[-1]), np.nan, dtype=np.float32))
-                    out["embedding"][batch["index"]] = combine_embedding_views(emb.view(-1, v, emb.shape[-1])).cpu().numpy()
-            progress(len(batch["index"]) + len(batch["errors"]))
+    for index, record in predict_batches(Engine.local(device, member.precision), member.model, loader,
+                                         tuple(classes), space=member.tta.space, embedding=embeddings):
+        errors.update(record["errors"])
+        if len(index):
+            for lv in classes:
+                # float16 rounding as in the logits store, so the bundle predicts what
+                # `herbens infer` + `herbens ensemble` predict for the same images.
+                out[lv][index] = record[lv].astype(np.float16).astype(np.float32)
+            if embeddings:
+                emb = record["embedding"]
+                out.setdefault("embedding", np.full((len(paths), emb.shape[-1]), np.nan, dtype=np.float32))
+                out["embedding"][index] = emb
+        progress(len(index) + len(record["errors"]))
     return out, errors
-
-
-def _autocast(precision: str, device: str):
-    import contextlib
-
-    import torch
-
-    if device.startswith("cuda") and precision in ("fp16", "bf16"):
-        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,12 +110,24 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     bar.close()
 
 
+def check_predict_options(top_k: int, batch_size: int, workers: int, block: int, max_pixels: int | None) -> None:
+    """Refuse numeric options torch would reject deep inside the loader (or silently misuse)."""
+    least = {"top_k (--top-k)": (top_k, 1), "batch_size (--batch-size)": (batch_size, 1),
+             "workers (--workers)": (workers, 0), "block": (block, 1)}
+    if max_pixels is not None:
+        least["max_pixels (--max-image-pixels)"] = (max_pixels, 1)
+    for name, (value, lowest) in least.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise HerbensError(f"predict: {name} must be an integer of at least {lowest}, got {value!r}")
+
+
 def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   workers: int = 0, block: int = 1024, progress: bool = True,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
     """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
     from herbens.ensemble.combine import top_k_columns
 
+    check_predict_options(top_k, batch_size, workers, block, max_pixels)
     kept, tops, probs, rows, failures = [], [], [], [], {}
     for start, good, level_probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
                                                                workers=workers, block=block, progress=progress,
@@ -185,14 +152,15 @@ def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int =
 # Outputs
 # ----------------------------------------------------------------------------------------
 def records(bundle, pred: Predictions) -> list[dict]:
-    """One JSON-ready dict per image."""
+    """One JSON-ready dict per image: the decided ``name``, ``rank`` and ``reason`` first
+    (:mod:`herbens.bundle.naming`), then the top-k species and the best genus and family."""
     names, genera, families = bundle.names, bundle.level_names("genus"), bundle.level_names("family")
     out = []
-    for i, path in enumerate(pred.paths):
+    for i, (path, fields) in enumerate(zip(pred.paths, decision_fields(bundle, pred.rows, pred.decisions))):
         species = [{"category_id": int(names.category_id[s]), "scientific_name": names.scientific_name[s],
-                    "authors": names.authors[s], "probability": float(p)}
+                    "authors": names.authors[s], "probability": float(p), "enrolled": is_enrolled(bundle, s)}
                    for s, p in zip(pred.top_species[i], pred.top_probs[i])]
-        out.append({"path": path, "decision": pred.decisions[i], "species": species,
+        out.append({"path": path, **fields, "decision": pred.decisions[i], "species": species,
                     "genus": genera[pred.rows.top["genus"][i]],
                     "genus_probability": float(pred.rows.confidence["genus"][i]),
                     "family": families[pred.rows.top["family"][i]],
@@ -205,7 +173,7 @@ def as_frame(items: list[dict], top_k: int) -> pd.DataFrame:
     """The CSV table: one row per image, the top-k species as numbered columns."""
     table = []
     for item in items:
-        row = {"path": item["path"], "decision": item["decision"]}
+        row = {k: item[k] for k in ("path", "name", "rank", "reason", "decision")}
         for j, sp in enumerate(item["species"][:top_k], start=1):
             row.update({f"category_id_{j}": sp["category_id"], f"scientific_name_{j}": sp["scientific_name"],
                         f"authors_{j}": sp["authors"], f"probability_{j}": round(sp["probability"], 6)})
@@ -238,8 +206,7 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
     """Everything ``herbens predict`` does; returns the exit status (1 when some image failed)."""
     from herbens.bundle.load import load_bundle
 
-    if top_k < 1:
-        raise HerbensError("--top-k must be at least 1")
+    check_predict_options(top_k, batch_size, workers, 1, max_pixels)
     if device.startswith("cuda"):
         import torch
 
@@ -254,12 +221,15 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
         print(f"skipped {path}: {reason}", file=sys.stderr)
     for path, error in pred.failures:
         print(f"failed {path}: {error}", file=sys.stderr)
-    items = records(bundle, pred) if pred.paths else []
+    if not pred.paths:
+        raise HerbensError(f"{source}: none of the {len(paths)} image(s) could be read (each failure is "
+                           f"listed above); nothing written")
+    items = records(bundle, pred)
     write_outputs(Path(output), fmt, items, top_k, pred.failures, bundle)
     if html is not None:
         from herbens.bundle.page import write_page
 
-        write_page(Path(html), items, bundle)
+        write_page(Path(html), items, bundle, pred.failures)
     counts = {d: sum(1 for it in items if it["decision"] == d) for d in th.DECISIONS}
     log(f"wrote {output}: {len(items)} image(s) predicted ("
         + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"), {len(pred.failures)} unreadable"

@@ -14,8 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from herbens.data.taxonomy import Taxonomy
-from herbens.ensemble.combine import Chunk, ClassSpace, Params, log_softmax, species_scores
+from herbens.ensemble.combine import Chunk, ClassSpace, Params, species_scores
 from herbens.errors import HerbensError
+from herbens.numerics import log_softmax
 
 
 def fitted_params(record: dict, num_members: int) -> Params:

@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp
 
 from herbens.data.taxonomy import LEVELS
 from herbens.errors import HerbensError
+from herbens import numerics
+from herbens.numerics import CrossFitted, logsumexp, stratified_folds
 
 OOD_SCORES = ("msp", "energy")
 DECISIONS = ("species", "genus", "family", "unknown")
@@ -54,7 +55,7 @@ def ood_score(scores: np.ndarray, species_probs: np.ndarray, kind: str) -> np.nd
     if kind == "msp":
         return species_probs.max(axis=1).astype(np.float64)
     if kind == "energy":
-        return logsumexp(scores.astype(np.float64), axis=1)
+        return logsumexp(scores.astype(np.float64))
     raise HerbensError(f"unknown OOD score {kind!r}; expected one of {', '.join(OOD_SCORES)}")
 
 
@@ -108,31 +109,46 @@ def decide(rows: RowSummary, thresholds: dict) -> np.ndarray:
     return decision
 
 
-def level_report(rows: RowSummary, truth: dict[str, np.ndarray], thresholds: dict) -> dict:
-    """Per level: precision and coverage of the predictions at or above its threshold; plus the
-    share of each decision and the known images flagged unknown by the OOD score."""
+def row_outcomes(rows: RowSummary, truth: dict[str, np.ndarray], thresholds: dict, index: np.ndarray) -> dict:
+    """Per row of ``index``: accepted and correct at each level, the decision and the OOD flag."""
+    part = rows.take(index)
+    out = {"decision": decide(part, thresholds), "ood_flagged": part.ood < thresholds["ood"]}
+    for level in LEVELS:
+        out[f"accepted.{level}"] = part.confidence[level] >= thresholds[level]
+        out[f"correct.{level}"] = part.top[level] == truth[level][index]
+    return out
+
+
+def summarise(outcomes: dict) -> dict:
+    """Per level: precision and coverage of the accepted predictions; plus the share of each
+    decision and the rows flagged unknown by the OOD score (from :func:`row_outcomes`)."""
+    def share(mask):
+        return float(mask.mean()) if len(mask) else 0.0
+
     report = {}
     for level in LEVELS:
-        accepted = rows.confidence[level] >= thresholds[level]
-        correct = rows.top[level] == truth[level]
-        report[level] = {"coverage": float(accepted.mean()) if len(rows) else 0.0,
+        accepted, correct = outcomes[f"accepted.{level}"], outcomes[f"correct.{level}"]
+        report[level] = {"coverage": share(accepted),
                          "precision": float(correct[accepted].mean()) if accepted.any() else None}
-    decisions = decide(rows, thresholds)
-    report["decisions"] = {d: float((decisions == d).mean()) if len(rows) else 0.0 for d in DECISIONS}
-    report["ood_flagged"] = float((rows.ood < thresholds["ood"]).mean()) if len(rows) else 0.0
+    report["decisions"] = {d: share(outcomes["decision"] == d) for d in DECISIONS}
+    report["ood_flagged"] = share(outcomes["ood_flagged"])
     return report
 
 
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number per row: each species' rows dealt round-robin over folds after a seeded shuffle."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), dtype=np.int64)
-    offset = 0
-    for species in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == species))
-        fold[rows] = (offset + np.arange(len(rows))) % folds
-        offset += len(rows)
-    return fold
+def level_report(rows: RowSummary, truth: dict[str, np.ndarray], thresholds: dict) -> dict:
+    """:func:`summarise` of every row under ``thresholds``."""
+    return summarise(row_outcomes(rows, truth, thresholds, np.arange(len(rows))))
+
+
+def cross_fitted(rows: RowSummary, truth: dict[str, np.ndarray], target: float, ood_keep: float,
+                 folds: int, seed: int) -> CrossFitted:
+    """Thresholds fitted on every row and on each stratified fold's complement
+    (:func:`herbens.numerics.cross_fit`), with per-row :func:`row_outcomes`."""
+    def fit(index):
+        return fit_thresholds(rows.take(index), {lv: t[index] for lv, t in truth.items()}, target, ood_keep)
+
+    return numerics.cross_fit(stratified_folds(truth["species"], folds, seed), fit,
+                     lambda thresholds, index: row_outcomes(rows, truth, thresholds, index))
 
 
 def cross_fit(rows: RowSummary, truth: dict[str, np.ndarray], target: float, ood_keep: float,
@@ -141,43 +157,13 @@ def cross_fit(rows: RowSummary, truth: dict[str, np.ndarray], target: float, ood
 
     Returns:
         ``{"thresholds", "target_precision", "ood_keep", "in_sample", "out_of_fold"}``: the
-        out-of-fold report pools every row's decision under thresholds fitted without its fold.
+        out-of-fold report pools every row's decision under thresholds fitted without its fold
+        (None when there are fewer than two folds).
     """
-    thresholds = fit_thresholds(rows, truth, target, ood_keep)
-    fold = stratified_folds(truth["species"], folds, seed)
-    pooled_rows, pooled_truth, pooled_thresholds = [], [], []
-    for k in range(folds):
-        fit_rows, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        if not len(fit_rows) or not len(held):
-            continue
-        fitted = fit_thresholds(rows.take(fit_rows), {lv: t[fit_rows] for lv, t in truth.items()}, target, ood_keep)
-        pooled_rows.append(held)
-        pooled_thresholds.append(fitted)
-    out_of_fold = _pooled_report(rows, truth, pooled_rows, pooled_thresholds)
-    return {"thresholds": thresholds, "target_precision": target, "ood_keep": ood_keep, "folds": folds,
-            "rows": len(rows), "in_sample": level_report(rows, truth, thresholds), "out_of_fold": out_of_fold}
-
-
-def _pooled_report(rows: RowSummary, truth: dict, held: list[np.ndarray], fitted: list[dict]) -> dict | None:
-    """Precision/coverage over all held-out rows, each judged by its own fold's thresholds."""
-    if not held:
-        return None
-    accepted = {lv: [] for lv in LEVELS}
-    correct = {lv: [] for lv in LEVELS}
-    decisions = []
-    for rows_k, thr in zip(held, fitted):
-        part = rows.take(rows_k)
-        decisions.append(decide(part, thr))
-        for lv in LEVELS:
-            accepted[lv].append(part.confidence[lv] >= thr[lv])
-            correct[lv].append(part.top[lv] == truth[lv][rows_k])
-    report = {}
-    for lv in LEVELS:
-        a, c = np.concatenate(accepted[lv]), np.concatenate(correct[lv])
-        report[lv] = {"coverage": float(a.mean()), "precision": float(c[a].mean()) if a.any() else None}
-    decisions = np.concatenate(decisions)
-    report["decisions"] = {d: float((decisions == d).mean()) for d in DECISIONS}
-    return report
+    fitted = cross_fitted(rows, truth, target, ood_keep, folds, seed)
+    out_of_fold = None if fitted.out_of_fold is None else summarise(fitted.out_of_fold)
+    return {"thresholds": fitted.value, "target_precision": target, "ood_keep": ood_keep, "folds": folds,
+            "rows": len(rows), "in_sample": summarise(fitted.in_sample), "out_of_fold": out_of_fold}
 
 
 def format_report(result: dict) -> str:

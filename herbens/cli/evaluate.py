@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from herbens.analysis.evaluate import evaluate_inputs, format_detail, format_summary
+from herbens.analysis.evaluate import evaluate_inputs
+from herbens.analysis.tables import format_detail, format_summary
 from herbens.errors import HerbensError
 from herbens.fileio import write_json
 

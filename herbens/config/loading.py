@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from herbens.config.components import lowercase, registry, with_value
+from herbens.config.components import lowercase, registry, suggestion, with_value
 from herbens.config.rules import check_rules
 from herbens.config.schema import Recipe, section_class
 from herbens.errors import HerbensError
@@ -25,7 +25,33 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "recipes"
 BASE_RECIPE = RECIPES_DIR / "_base.yaml"
 
 # libyaml's parser when installed (same YAML, ~10x faster than the pure-Python one).
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice (plain YAML keeps the last value without a word)."""
+
+    def __init__(self, key, first: int, second: int):
+        super().__init__(f"key {key!r} appears twice, on lines {first} and {second}")
+
+
+class _UniqueKeyLoader(_BASE_LOADER):
+    """The safe loader, refusing a key (or a whole section) that a mapping repeats."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor" merges on purpose
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in lines:
+                raise DuplicateKey(key, lines[key], line)
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+_LOADER = _UniqueKeyLoader
 # Key paths that hold component nodes ("*": any level).
 NODE_PATHS = (("model", "neck"), ("sampler",), ("levels", "*", "head"), ("levels", "*", "loss"))
 # Mappings replaced whole by a recipe or override, never merged key by key.
@@ -52,7 +78,9 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
         if candidate.is_file():
             return candidate
-    raise HerbensError(f"recipe {recipe!r} not found (neither a file nor a name in {RECIPES_DIR})")
+    names = [p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith("_")]
+    raise HerbensError(f"recipe {recipe!r} not found (neither a file nor a name in {RECIPES_DIR})"
+                       + suggestion(path.stem, names))
 
 
 def read_yaml(path: Path) -> dict:
@@ -62,8 +90,12 @@ def read_yaml(path: Path) -> dict:
             data = yaml.load(handle, Loader=_LOADER)
     except FileNotFoundError:
         raise HerbensError(f"{path}: file not found") from None
+    except DuplicateKey as exc:
+        raise HerbensError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise HerbensError(f"{path}: malformed YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise HerbensError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the recipe as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -22,6 +22,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from herbens.config.components import node_error, resolve_losses, resolve_node, suggestion
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.data.metadata import FORMATS
+from herbens.data.views import parse_view
+from herbens.errors import HerbensError
 
 RESUMABLE = {"resumable": True}
 
@@ -325,9 +327,6 @@ class Infer(Section):
     @field_validator("tta")
     @classmethod
     def _views(cls, names: list) -> list:
-        from herbens.data.transforms import parse_view
-        from herbens.errors import HerbensError
-
         for i, name in enumerate(names):
             try:
                 parse_view(name)

@@ -15,13 +15,16 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 from herbens.data.dataset import HerbariumDataset
 from herbens.data.samplers import build_sampler
 from herbens.data.taxonomy import Taxonomy
-from herbens.data.transforms import eval_decode_size
+from herbens.data.transforms import build_tta_views, eval_decode_size
+from herbens.data.views import Views
+from herbens.errors import HerbensError
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int):
@@ -164,7 +167,8 @@ def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cf
     """Ordered loader over every row of ``frame``; one stacked tensor of views per image.
 
     Args:
-        views: ``[(name, transform)]`` test-time views (:func:`build_tta_views`).
+        views: the test-time :class:`herbens.data.views.Views` (their transforms are built
+            from ``data_config``), or ready ``[(name, transform)]`` pairs (:func:`build_tta_views`).
         data_config: the model's data config with the recipe's input size; when given, images
             are decoded at the reduced scale the views allow (:func:`eval_decode_size`).
 
@@ -172,10 +176,54 @@ def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cf
     readable image's pixels flagged ``"unreadable"``, and the caller replaces those scores by
     the ``infer.bad_images`` fallback or fails the split (:func:`herbens.infer.splits.write_split_logits`).
     """
+    if isinstance(views, Views):
+        parsed, views = views, build_tta_views(views, data_config)
+    else:
+        parsed = Views.parse([name for name, _ in views])
     dataset = HerbariumDataset(frame, images_dir, taxonomy, transform=None,
                                bad_image_policy=cfg["data"]["bad_images"],
-                               decode_size=eval_decode_size(data_config, [name for name, _ in views])
-                               if data_config else None,
+                               decode_size=eval_decode_size(data_config, parsed) if data_config else None,
                                views=[fn for _, fn in views], max_pixels=cfg["data"]["max_image_pixels"])
     return DataLoader(dataset, batch_size=batch_size or int(cfg["infer"]["batch_size"]), shuffle=False,
                       **_loader_kwargs(cfg["data"]["num_workers"]))
+
+
+class ReportingPaths(torch.utils.data.Dataset):
+    """Images by path with test-time views; an unreadable file gives its error, not a crash.
+
+    What ``herbens predict`` reads: any image may be bad, and each is reported by its row while
+    the others are still predicted (:func:`collate_reporting`).
+    """
+
+    def __init__(self, paths: list[str], views: Views, data_config: dict, max_pixels: int | None):
+        self.inner = HerbariumDataset(pd.DataFrame({"file_name": paths}), "", None, transform=None,
+                                      decode_size=eval_decode_size(data_config, views),
+                                      views=[fn for _, fn in build_tta_views(views, data_config)],
+                                      max_pixels=max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            return {"index": i, "image": self.inner[i]["image"], "error": None}
+        except HerbensError as exc:
+            return {"index": i, "image": None, "error": str(exc)}
+
+
+def collate_reporting(items: list[dict]) -> dict:
+    """Stack the readable images of a batch; ``"errors"``: ``[(index, message)]`` of the others.
+
+    ``"image"`` is None when no image of the batch could be read.
+    """
+    ok = [it for it in items if it["error"] is None]
+    return {"index": torch.as_tensor([it["index"] for it in ok], dtype=torch.int64),
+            "image": torch.stack([it["image"] for it in ok]) if ok else None,
+            "errors": [(it["index"], it["error"]) for it in items if it["error"] is not None]}
+
+
+def paths_loader(paths: list[str], views: Views, data_config: dict, batch_size: int, workers: int = 0,
+                 max_pixels: int | None = None, pin_memory: bool = False) -> DataLoader:
+    """Ordered loader over image paths (:class:`ReportingPaths`, :func:`collate_reporting`)."""
+    return DataLoader(ReportingPaths(paths, views, data_config, max_pixels), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, collate_fn=collate_reporting, pin_memory=pin_memory)

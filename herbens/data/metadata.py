@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from herbens.errors import HerbensError
+from herbens.data.records import (int_column, json_records, optional_int_column, read_csv_text,
+                                  record_frame, require_keys)
 from herbens.fileio import read_json
 
 FORMATS = ("auto", "kaggle2022", "kaggle2021", "csv")
@@ -136,7 +138,7 @@ def inspect_test_metadata(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        frame = _read_csv(path, required=["image_id", "file_name"])[["image_id", "file_name"]]
+        frame = read_csv_text(path, required=["image_id", "file_name"])[["image_id", "file_name"]]
         images_dir = path.parent
     else:
         frame, images_dir = _test_from_json(read_json(path), path)
@@ -203,13 +205,13 @@ def _json_flavour(data: dict) -> str:
 # ----- Kaggle 2022 --------------------------------------------------------------------------
 
 def _train_from_kaggle2022(data: dict, path: Path) -> tuple[TrainMetadata, dict[str, list]]:
-    _require_keys(data, ["images", "annotations", "categories"], path)
-    images = _records(data, "images", ["image_id", "file_name"], "image_id", path)
-    annotations = _records(data, "annotations", ["image_id", "category_id"], "image_id", path)
-    raw_categories = _records(data, "categories", ["category_id", "scientificName", "family", "genus",
+    require_keys(data, ["images", "annotations", "categories"], path)
+    images = json_records(data, "images", ["image_id", "file_name"], "image_id", path)
+    annotations = json_records(data, "annotations", ["image_id", "category_id"], "image_id", path)
+    raw_categories = json_records(data, "categories", ["category_id", "scientificName", "family", "genus",
                                                    "species"], "category_id", path)
     categories = pd.DataFrame({
-        "category_id": _int_column(raw_categories, "category_id", "categories", path),
+        "category_id": int_column(raw_categories, "category_id", "categories", path),
         "scientific_name": raw_categories["scientificName"].astype(str),
         "family": raw_categories["family"].astype(str),
         "genus": raw_categories["genus"].astype(str),
@@ -217,9 +219,9 @@ def _train_from_kaggle2022(data: dict, path: Path) -> tuple[TrainMetadata, dict[
     })
     labels = pd.DataFrame({
         "image_id": annotations["image_id"].astype(str),
-        "category_id": _int_column(annotations, "category_id", "annotations", path),
-        "genus_id": _optional_int_column(annotations, "genus_id", "annotations", path),
-        "institution_id": _optional_int_column(annotations, "institution_id", "annotations", path),
+        "category_id": int_column(annotations, "category_id", "annotations", path),
+        "genus_id": optional_int_column(annotations, "genus_id", "annotations", path),
+        "institution_id": optional_int_column(annotations, "institution_id", "annotations", path),
     })
     files = pd.DataFrame({"image_id": images["image_id"].astype(str),
                           "file_name": images["file_name"].astype(str)})
@@ -229,14 +231,14 @@ def _train_from_kaggle2022(data: dict, path: Path) -> tuple[TrainMetadata, dict[
 # ----- Kaggle 2021 --------------------------------------------------------------------------
 
 def _train_from_kaggle2021(data: dict, path: Path) -> tuple[TrainMetadata, dict[str, list]]:
-    _require_keys(data, ["images", "annotations", "categories"], path)
-    images = _records(data, "images", ["id", "file_name"], "id", path)
-    annotations = _records(data, "annotations", ["image_id", "category_id"], "id", path)
-    raw_categories = _records(data, "categories", ["id", "name", "family"], "id", path)
+    require_keys(data, ["images", "annotations", "categories"], path)
+    images = json_records(data, "images", ["id", "file_name"], "id", path)
+    annotations = json_records(data, "annotations", ["image_id", "category_id"], "id", path)
+    raw_categories = json_records(data, "categories", ["id", "name", "family"], "id", path)
     names = raw_categories["name"].astype(str).str.strip()
     words = names.str.split()
     categories = pd.DataFrame({
-        "category_id": _int_column(raw_categories, "id", "categories", path),
+        "category_id": int_column(raw_categories, "id", "categories", path),
         "scientific_name": names,
         "family": raw_categories["family"].astype(str),
         # 2021 has no genus field: the genus is the first word of the binomial.
@@ -245,9 +247,9 @@ def _train_from_kaggle2021(data: dict, path: Path) -> tuple[TrainMetadata, dict[
     })
     labels = pd.DataFrame({
         "image_id": annotations["image_id"].astype(str),
-        "category_id": _int_column(annotations, "category_id", "annotations", path),
+        "category_id": int_column(annotations, "category_id", "annotations", path),
         "genus_id": -1,
-        "institution_id": _optional_int_column(annotations, "institution_id", "annotations", path),
+        "institution_id": optional_int_column(annotations, "institution_id", "annotations", path),
     })
     files = pd.DataFrame({"image_id": images["id"].astype(str), "file_name": images["file_name"].astype(str)})
     return _assemble(files, labels, categories, path.parent, path, derive_genus_id=True)
@@ -256,8 +258,8 @@ def _train_from_kaggle2021(data: dict, path: Path) -> tuple[TrainMetadata, dict[
 # ----- CSV ----------------------------------------------------------------------------------
 
 def _train_from_csv(path: Path) -> tuple[TrainMetadata, dict[str, list]]:
-    raw = _read_csv(path, required=["image_id", "file_name", "category_id"])
-    category_ids = _int_column(raw, "category_id", "rows", path)
+    raw = read_csv_text(path, required=["image_id", "file_name", "category_id"])
+    category_ids = int_column(raw, "category_id", "rows", path)
     if "scientific_name" in raw.columns:
         names = raw["scientific_name"].fillna("").astype(str).str.strip()
     else:
@@ -269,7 +271,7 @@ def _train_from_csv(path: Path) -> tuple[TrainMetadata, dict[str, list]]:
     categories = _categories_from_rows(per_row, path)
     labels = pd.DataFrame({"image_id": raw["image_id"].astype(str), "category_id": category_ids,
                            "genus_id": -1,
-                           "institution_id": _optional_int_column(raw, "institution_id", "rows", path)})
+                           "institution_id": optional_int_column(raw, "institution_id", "rows", path)})
     files = labels[["image_id"]].assign(file_name=raw["file_name"].astype(str))
     return _assemble(files, labels, categories, path.parent, path, derive_genus_id=True)
 
@@ -291,99 +293,20 @@ def _categories_from_rows(per_row: pd.DataFrame, path: Path) -> pd.DataFrame:
     return unique.reset_index(drop=True)
 
 
-def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
-    # Everything as text so that ids like "007" keep their zeros and "NA" is not a missing value.
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except FileNotFoundError as exc:
-        raise HerbensError(f"{path}: file not found") from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise HerbensError(f"{path}: not a readable CSV file ({exc})") from exc
-    raw.columns = [str(c).strip() for c in raw.columns]
-    missing = [c for c in required if c not in raw.columns]
-    if missing:
-        raise HerbensError(f"{path}: missing column(s) {', '.join(missing)} "
-                           f"(found: {', '.join(raw.columns) or 'none'})")
-    for column in required:
-        empty = raw[column].isna()
-        if empty.any():
-            row = int(np.flatnonzero(empty.to_numpy())[0])
-            raise HerbensError(f"{path}: row {row + 2} has no {column}")  # +2: header, 1-based
-    return raw
-
-
 # ----- test metadata ------------------------------------------------------------------------
 
 def _test_from_json(data: object, path: Path) -> tuple[pd.DataFrame, Path]:
     if isinstance(data, list):  # Kaggle 2022: a bare list of {image_id, file_name, license}
-        frame = _record_frame(data, "records", ["image_id", "file_name"], "image_id", path)
+        frame = record_frame(data, "records", ["image_id", "file_name"], "image_id", path)
         return frame[["image_id", "file_name"]], path.parent / "test_images"
     if isinstance(data, dict):  # Kaggle 2021: {"images": [{id, file_name, ...}], ...}
-        _require_keys(data, ["images"], path)
+        require_keys(data, ["images"], path)
         records = data["images"]
         id_key = "image_id" if records and isinstance(records[0], dict) and "image_id" in records[0] else "id"
-        frame = _records(data, "images", [id_key, "file_name"], id_key, path)
+        frame = json_records(data, "images", [id_key, "file_name"], id_key, path)
         return frame[[id_key, "file_name"]].rename(columns={id_key: "image_id"}), path.parent
     raise HerbensError(f"{path}: expected a JSON list of test images (or an object with images), "
                        f"got a {type(data).__name__}")
-
-
-# ----- shared record handling ---------------------------------------------------------------
-
-def _require_keys(data: dict, keys: list[str], path: Path) -> None:
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise HerbensError(f"{path}: missing top-level key(s) {', '.join(missing)} "
-                           f"(found: {', '.join(map(str, data)) or 'none'})")
-
-
-def _records(data: dict, key: str, fields: list[str], id_field: str, path: Path) -> pd.DataFrame:
-    records = data[key]
-    if not isinstance(records, list):
-        raise HerbensError(f"{path}: {key} must be a list, got a {type(records).__name__}")
-    return _record_frame(records, key, fields, id_field, path)
-
-
-def _record_frame(records: list, key: str, fields: list[str], id_field: str, path: Path) -> pd.DataFrame:
-    """A DataFrame of JSON records; a missing or null field names the record index and id."""
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise HerbensError(f"{path}: {key}[{i}] is a {type(record).__name__}, expected an object")
-    frame = pd.DataFrame.from_records(records, columns=_all_fields(records, fields))
-    for field in fields:
-        missing = frame[field].isna().to_numpy()
-        if missing.any():
-            i = int(np.flatnonzero(missing)[0])
-            ident = records[i].get(id_field)
-            where = f"{key}[{i}]" + (f" ({id_field} {ident!r})" if ident is not None and field != id_field else "")
-            raise HerbensError(f"{path}: {where} has no field {field!r}")
-    return frame
-
-
-def _all_fields(records: list[dict], fields: list[str]) -> list[str]:
-    # Required fields first so that a field no record has still becomes an (all-missing) column.
-    seen = dict.fromkeys(fields)
-    if records:
-        seen.update(dict.fromkeys(records[0]))
-    return list(seen)
-
-
-def _int_column(frame: pd.DataFrame, column: str, key: str, path: Path) -> np.ndarray:
-    """Integer ids; a value that is not an integer names its record."""
-    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    bad = ~np.isfinite(values) | (values != np.round(values))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        where = f"row {i + 2}" if key == "rows" else f"{key}[{i}]"  # CSV: 1-based, after the header
-        raise HerbensError(f"{path}: {where} has a non-integer {column} {frame[column].iloc[i]!r}")
-    return values.astype(np.int64)
-
-
-def _optional_int_column(frame: pd.DataFrame, column: str, key: str, path: Path) -> np.ndarray:
-    if column not in frame.columns:
-        return np.full(len(frame), -1, dtype=np.int64)
-    filled = frame[column].where(frame[column].notna(), -1)
-    return _int_column(filled.to_frame(column), column, key, path)
 
 
 # ----- joining images, annotations and categories -------------------------------------------

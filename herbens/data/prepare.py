@@ -147,6 +147,7 @@ def prepare_image(src: str, dst: str, size: int, quality: int = JPEG_QUALITY) ->
         HerbensError: the output cannot be written (full disk, read-only folder).
     """
     src_path, dst_path = Path(src), Path(dst)
+    _refuse_folder_clash(src_path, dst_path)
     try:
         upright, fmt = _header(src_path)
     except FileNotFoundError:
@@ -166,6 +167,15 @@ def prepare_image(src: str, dst: str, size: int, quality: int = JPEG_QUALITY) ->
         return "unreadable"
     _save_atomic(image, dst_path, fmt, quality)
     return "resized"
+
+
+def _refuse_folder_clash(src: Path, dst: Path) -> None:
+    # A folder where an image file is named would otherwise surface as IsADirectoryError.
+    if src.is_dir():
+        raise HerbensError(f"prepare: {src} is listed in the metadata as an image but is a folder")
+    if dst.is_dir():
+        raise HerbensError(f"prepare: a folder {dst} stands where the copy of {src} goes; "
+                           "move it away or choose another --out")
 
 
 def _header(path: Path) -> tuple[tuple[int, int], str]:

@@ -49,6 +49,10 @@ def load_run_data(cfg: dict, run_dir: Path, reuse_split: bool) -> RunData:
     else:
         train, val = stratified_split(images, cfg["data"]["val_fraction"], cfg["data"]["split_seed"],
                                       cfg["data"]["val_min_images"])
+    if train.empty:
+        raise HerbensError(f"{train_file}: no training images" + (
+            " (the metadata lists none)" if meta.images.empty else
+            f" left: all {len(images)} listed images are in the validation split"))
     taxonomy = taxonomy.with_training_rows(train["category_id"])
     test = test_dir = None
     if test_file is not None:

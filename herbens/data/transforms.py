@@ -6,7 +6,6 @@ ImageNet statistics); the input size comes from the recipe and may be non-square
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Callable
 
@@ -16,7 +15,12 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms as T
 
-from herbens.errors import HerbensError
+from herbens.data.views import VIEW_KINDS, Views, parse_view, view_row_names
+
+# parse_view, view_row_names and VIEW_KINDS live with the Views value type; named here too
+# because the transforms are where view names meet pixels.
+__all__ = ["VIEW_KINDS", "Views", "build_eval_transform", "build_train_transform", "build_tta_views",
+           "eval_decode_size", "model_data_config", "parse_view", "view_row_names"]
 
 
 def model_data_config(model_data_config: dict, input_cfg: dict) -> dict:
@@ -141,51 +145,7 @@ class FixedResizedCrops:
         return torch.stack(crops)
 
 
-VIEW_KINDS = ("center", "hflip", "vflip", "full", "letterbox", "fivecrop", "tencrop", "rrcN")
-
-
-def parse_view(name: str) -> tuple[str, float | None, int | None]:
-    """``kind[@scale]`` or ``rrcN`` -> ``(kind, scale or None, count or None)``.
-
-    The one parser of test-time view names (the recipe schema checks ``infer.tta`` with it).
-
-    Raises:
-        HerbensError: an unknown kind (with the closest known one), a bad or non-positive
-            scale, or ``rrc`` without its count.
-    """
-    kind, _, scale = str(name).partition("@")
-    count = None
-    if kind.startswith("rrc") and kind[3:].isdigit() and int(kind[3:]) > 0:
-        kind, count = "rrc", int(kind[3:])
-    elif kind not in VIEW_KINDS[:-1]:
-        close = difflib.get_close_matches(kind, VIEW_KINDS, n=1, cutoff=0.5)
-        hint = (" (rrc needs its number of crops, e.g. rrc8)" if kind.startswith("rrc") else
-                f" (did you mean {close[0]}?)" if close else "")
-        raise HerbensError(f"unknown test-time view {name!r}{hint}; known: {', '.join(VIEW_KINDS)}, "
-                           f"each optionally @SCALE")
-    try:
-        value = float(scale) if scale else None
-    except ValueError:
-        value = -1.0
-    if value is not None and not value > 0:
-        raise HerbensError(f"test-time view {name!r}: the scale after '@' must be a positive number")
-    return kind, value, count
-
-
-_MULTI_CROP_ROWS = {"fivecrop": 5, "tencrop": 10}
-
-
-def view_row_names(names: list[str]) -> list[str]:
-    """One name per row the views produce: ``fivecrop`` gives ``fivecrop/0`` .. ``fivecrop/4``."""
-    rows = []
-    for name in names:
-        kind, _, count = parse_view(name)
-        count = count if kind == "rrc" else _MULTI_CROP_ROWS.get(kind, 1)
-        rows += [name] if count == 1 else [f"{name}/{i}" for i in range(count)]
-    return rows
-
-
-def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | None:
+def eval_decode_size(data_config: dict, views: Views | list[str] = ("center",)) -> tuple[int, int] | None:
     """Smallest decoded ``(height, width)`` for the test-time views (:func:`build_tta_views`).
 
     The centre, flip and five/ten-crop views resize the shorter side to ``S x min(H, W)`` (``S``
@@ -196,8 +156,8 @@ def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | 
     """
     _, height, width = data_config["input_size"]
     need = (1, 1)
-    for name in views:
-        kind, scale, _ = parse_view(name)
+    for view in Views.of(views).items:
+        kind, scale = view.kind, view.scale
         if kind in ("center", "hflip", "vflip", "fivecrop", "tencrop"):
             side = math.ceil(min(height, width) * (scale or _default_scale(data_config)))
             size = (side, side)
@@ -209,7 +169,7 @@ def eval_decode_size(data_config: dict, views=("center",)) -> tuple[int, int] | 
     return need
 
 
-def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Callable]]:
+def build_tta_views(views: Views | list[str], data_config: dict) -> list[tuple[str, Callable]]:
     """Named test-time views; each maps a PIL image to a [C,H,W] or [K,C,H,W] tensor.
 
     Views: ``center`` (the eval transform), ``hflip``/``vflip`` (of the centre view), ``full``
@@ -221,9 +181,9 @@ def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Call
     """
     _, height, width = data_config["input_size"]
     out = []
-    for name in names:
-        kind, scale, count = parse_view(name)
-        scale = scale or _default_scale(data_config)
+    for item in Views.of(views).items:
+        kind, name = item.kind, item.name
+        scale = item.scale or _default_scale(data_config)
         if kind == "center":
             view = _resize_crop(data_config, scale, T.CenterCrop((height, width)))
         elif kind in ("hflip", "vflip"):
@@ -238,6 +198,6 @@ def build_tta_views(names: list[str], data_config: dict) -> list[tuple[str, Call
         elif kind == "tencrop":
             view = _resize_crop(data_config, scale, T.TenCrop((height, width)))
         else:  # rrc (parse_view refuses anything else)
-            view = FixedResizedCrops(data_config, count)
+            view = FixedResizedCrops(data_config, item.count)
         out.append((name, view))
     return out

@@ -19,6 +19,8 @@ import numpy as np
 
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
+from herbens import numerics
+from herbens.numerics import log_softmax, softmax
 
 _TINY = np.float32(np.finfo(np.float32).tiny)
 
@@ -53,8 +55,7 @@ class ClassSpace:
     def build(cls, ref: Taxonomy, species: np.ndarray, genus_of: np.ndarray, family_of: np.ndarray,
               dropped: dict) -> "ClassSpace":
         """The space of ``species`` (indices of ``ref``) with their genus/family columns."""
-        counts = np.maximum(ref.counts[species], 1).astype(np.float64)
-        log_prior = np.log(counts / counts.sum()).astype(np.float32)
+        log_prior = numerics.log_prior(ref.counts[species])
         label_column = np.full(ref.num_classes("species"), -1, dtype=np.int64)
         label_column[species] = np.arange(len(species))
         return cls(ref, species, np.asarray(genus_of), np.asarray(family_of), log_prior, label_column, dropped)
@@ -206,21 +207,6 @@ class Params:
         if params.space not in ("logit", "prob") or params.mode not in ("mean", "vote"):
             raise HerbensError(f"ensemble params: unknown space {params.space!r} or mode {params.mode!r}")
         return params
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax (a new array)."""
-    shifted = x - x.max(axis=1, keepdims=True)
-    shifted -= np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return shifted
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise softmax (a new array)."""
-    e = x - x.max(axis=1, keepdims=True)
-    np.exp(e, out=e)
-    e /= e.sum(axis=1, keepdims=True)
-    return e
 
 
 def run_factor(params: Params, r: int, level: str = "species") -> np.float32:

@@ -1,4 +1,4 @@
-"""Cross-fitting on validation: stratified folds and passes that score every fold's fit at once.
+"""Cross-fitting on validation: passes that score every fold's fit at once (folds: :mod:`herbens.numerics`).
 
 Every fitted value is fitted ``K + 1`` times: fit ``j < K`` on the rows outside fold ``j``
 (its out-of-fold rows are fold ``j``), fit ``K`` on all rows (what is finally applied). A row's
@@ -19,46 +19,7 @@ import numpy as np
 from herbens.ensemble.combine import Params, needs_of, predict_chunk
 from herbens.ensemble.stores import AlignedSplit
 from herbens.metrics import level_scores, macro_f1
-
-MAX_FOLDS = 5
-FOLD_SEED = 0
-
-
-@dataclass
-class Folds:
-    """Fold index of each validation row; fits ``0..k-1`` leave one fold out, fit ``k`` uses all."""
-
-    fold: np.ndarray
-    k: int
-
-    @property
-    def num_fits(self) -> int:
-        return self.k + 1
-
-    @property
-    def full(self) -> int:
-        """Index of the fit on all rows (the one applied to the test split)."""
-        return self.k
-
-    def train_mask(self, j: int) -> np.ndarray:
-        return self.fold != j if j < self.k else np.ones(len(self.fold), dtype=bool)
-
-
-def stratified_folds(labels: np.ndarray, k: int | None = None, seed: int = FOLD_SEED) -> Folds:
-    """Folds balanced per species: rows sorted by (species, random key) are dealt round-robin.
-
-    A species with fewer rows than folds lands in that many distinct folds; the deal continues
-    across species, so fold sizes differ by at most one. ``k`` defaults to ``min(5, rows)``.
-    """
-    n = len(labels)
-    k = min(MAX_FOLDS, n) if k is None else k
-    k = max(k, 1)
-    key = np.random.default_rng(seed).permutation(n)
-    order = np.lexsort((key, np.asarray(labels)))
-    fold = np.empty(n, dtype=np.int64)
-    fold[order] = np.arange(n) % k
-    return Folds(fold, k)
-
+from herbens.numerics import Folds, stratified_folds  # noqa: F401  (the ensembler's fold names)
 
 def collect(split: AlignedSplit, chunk_rows: int, fn: Callable, **needs) -> np.ndarray:
     """Concatenate ``fn(chunk)`` (row-wise outputs) over all chunks of ``split``."""

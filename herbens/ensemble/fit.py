@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from herbens.ensemble.combine import Params, hierarchy_terms, needs_of, softmax, species_scores
+from herbens.ensemble.combine import Params, hierarchy_terms, needs_of, species_scores
 from herbens.ensemble.crossfit import Folds, choose, collect, fit_predictions
 from herbens.ensemble.stores import AlignedSplit
+from herbens.numerics import softmax
 
 # Temperatures: a log-spaced lattice over TEMPERATURE_BOUNDS; the coarse pass uses every
 # FINE_PER_COARSE-th point, the fine pass the points around each fit's coarse winner.

@@ -9,6 +9,7 @@ import torch
 
 from herbens.data.run_data import load_run_data
 from herbens.data.transforms import model_data_config
+from herbens.data.views import Views
 from herbens.errors import HerbensError
 from herbens.infer.splits import embedding_splits, write_split_embeddings, write_split_logits
 from herbens.stores.embeddings import embeddings_dir
@@ -60,22 +61,21 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
         cfg["data"]["root"] = data_root
     if batch_size:
         cfg["infer"]["batch_size"] = batch_size
-    if tta_space is not None:
-        cfg["infer"]["tta_space"] = tta_space
     if keep_views is not None:
         cfg["infer"]["keep_views"] = keep_views
     if bad_images is not None:
         cfg["data"]["bad_images"] = "skip"
         cfg["infer"]["bad_images"] = bad_images
+    parsed = Views.of_recipe(cfg).with_names(views).with_space(tta_space)
     accelerator = Accelerator(mixed_precision=cfg["train"]["precision"], cpu=launched_on_cpus_only())
     data = load_run_data(cfg, run_dir, reuse_split=True)
     model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
     data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])
     written = [(logits_dir(run_dir, split),
-                write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, views))
+                write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, parsed))
                for split in splits]
     if embeddings or cfg["infer"]["embeddings"]:
         written += [(embeddings_dir(run_dir, split),
-                     write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, views))
+                     write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, parsed))
                     for split in embedding_splits(data)]
     return written

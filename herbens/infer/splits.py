@@ -16,9 +16,10 @@ import torch
 from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData
-from herbens.data.transforms import build_tta_views, view_row_names
+from herbens.data.views import Views
 from herbens.errors import HerbensError
-from herbens.infer.loop import predict_batches
+from herbens.infer.loop import Engine, predict_batches
+from herbens.numerics import log_prior
 from herbens.stores.embeddings import open_embeddings_writer
 from herbens.stores.logits import UNREADABLE_FALLBACKS, format_ids, open_logits_writer
 
@@ -43,7 +44,7 @@ def _split_frame(data: RunData, split: str):
 
 
 def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                       run_dir: Path, split: str, views: list[str] | None = None) -> int:
+                       run_dir: Path, split: str, views: Views | None = None) -> int:
     """Predict every image of ``split`` with test-time views combined and store the logits.
 
     Returns the number of rows stored.
@@ -53,18 +54,20 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
     Rows whose image cannot be decoded (``data.bad_images: skip``) follow ``infer.bad_images``:
     ``prior`` stores the training log-prior and records them as unreadable in ``meta.json``;
     ``fail`` raises HerbensError listing them, and nothing is written.
+
+    Args:
+        views: the test-time views and their space (default: the recipe's ``infer``).
     """
-    views = list(views or cfg["infer"]["tta"])
+    views = views or Views.of_recipe(cfg)
     policy = cfg["infer"]["bad_images"]
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
-        predict_loader(frame, images_dir, data.taxonomy if labelled else None,
-                       build_tta_views(views, data_config), cfg, data_config=data_config))
+        predict_loader(frame, images_dir, data.taxonomy if labelled else None, views, cfg, data_config=data_config))
     levels = tuple(cfg["levels"])
-    keep_views, space = bool(cfg["infer"]["keep_views"]), cfg["infer"]["tta_space"]
-    rows = view_row_names(views)
-    batches = predict_batches(accelerator, model, loader, levels, desc=f"logits {split}", space=space,
-                              keep_views=keep_views)
+    keep_views, space = bool(cfg["infer"]["keep_views"]), views.space
+    rows = views.row_names
+    batches = predict_batches(Engine.of_accelerator(accelerator), model, loader, levels, desc=f"logits {split}",
+                              space=space, keep_views=keep_views)
     ids = frame["image_id"].astype(str).tolist()
 
     def write(batches) -> None:
@@ -72,7 +75,7 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
         with open_logits_writer(
                 run_dir, split, ids,
                 {level: data.taxonomy.num_classes(level) for level in levels},
-                {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views,
+                {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views.names,
                  "model": cfg["model"]["backbone"], "split": split},
                 labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
                 num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:
@@ -132,22 +135,19 @@ def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException)
 
 
 def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                           run_dir: Path, split: str, views: list[str] | None = None) -> int:
-    """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``.
-
-    Returns the number of rows stored.
-    """
-    views = list(views or cfg["infer"]["tta"])
+                           run_dir: Path, split: str, views: Views | None = None) -> int:
+    """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``."""
+    views = views or Views.of_recipe(cfg)
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
-        predict_loader(frame, images_dir, data.taxonomy if labelled else None,
-                       build_tta_views(views, data_config), cfg, data_config=data_config))
-    batches = predict_batches(accelerator, model, loader, (), desc=f"embeddings {split}", embedding=True)
+        predict_loader(frame, images_dir, data.taxonomy if labelled else None, views, cfg, data_config=data_config))
+    batches = predict_batches(Engine.of_accelerator(accelerator), model, loader, (), desc=f"embeddings {split}",
+                              embedding=True)
 
     def write(batches) -> None:
         with open_embeddings_writer(
                 run_dir, split, frame["image_id"].astype(str).tolist(), accelerator.unwrap_model(model).embedding_dim,
-                {"taxonomy_hash": data.taxonomy.hash, "views": views, "model": cfg["model"]["backbone"]},
+                {"taxonomy_hash": data.taxonomy.hash, "views": views.names, "model": cfg["model"]["backbone"]},
                 labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
                 num_species=data.taxonomy.num_classes("species")) as writer:
             for index, record in batches:
@@ -170,8 +170,7 @@ def prior_logits(taxonomy, level: str) -> np.ndarray:
     The fallback scores of an unreadable image: what is known about it without its pixels.
     Its softmax is the class frequencies and its argmax the most frequent class.
     """
-    counts = np.maximum(np.asarray(taxonomy.level_counts(level), dtype=np.float64), 1.0)
-    return np.log(counts / counts.sum()).astype(np.float32)
+    return log_prior(taxonomy.level_counts(level))
 
 
 def _substitute_unreadable(writer, index: np.ndarray, record: dict, fallback: dict, keep_views: bool,

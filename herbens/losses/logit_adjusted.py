@@ -6,11 +6,11 @@ adjustment is needed (the model outputs ``z``).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from herbens.losses.base import LevelLoss, clamped_counts
+from herbens.numerics import log_prior
 
 
 class LogitAdjustedLoss(LevelLoss):
@@ -29,8 +29,8 @@ class LogitAdjustedLoss(LevelLoss):
         super().__init__(level, num_classes, counts)
         self.tau = float(tau)
         self.label_smoothing = float(label_smoothing)
-        n = clamped_counts(counts, self.num_classes)
-        adjustment = torch.as_tensor(self.tau * np.log(n / n.sum()), dtype=torch.float32)
+        prior = log_prior(clamped_counts(counts, self.num_classes))
+        adjustment = torch.as_tensor(self.tau * prior, dtype=torch.float32)
         self.register_buffer("adjustment", adjustment, persistent=False)
 
     def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from herbens.errors import HerbensError
 from herbens.models.fused_swinv2 import fuse_window_attention
 from herbens.models.heads import build_head
+from herbens.models.hub import check_weights_reachable
 
 class IdentityNeck(nn.Module):
     """``none``: embedding and head input are the pooled trunk features."""
@@ -214,6 +215,8 @@ def create_trunk(backbone: str, pretrained: bool = False, pretrained_file: str |
             raise HerbensError(f"model.pretrained_file {pretrained_file} does not exist")
         else:
             kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    if pretrained and "pretrained_cfg_overlay" not in kwargs:
+        check_weights_reachable(backbone)  # offline: fail now, not after a minute of hub retries
     if num_classes:
         kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay", {}), num_classes=num_classes)
     try:
@@ -221,7 +224,8 @@ def create_trunk(backbone: str, pretrained: bool = False, pretrained_file: str |
     except TypeError as exc:
         raise HerbensError(f"timm model {backbone!r} rejected an option: {exc}") from exc
     except (RuntimeError, OSError) as exc:
-        where = pretrained_file or "the hub (set model.pretrained_file for offline use)"
+        where = pretrained_file or ("the hub (offline: set model.pretrained_file=PATH, or "
+                                    "model.pretrained=false to train from scratch)")
         raise HerbensError(f"could not load pretrained weights for {backbone!r} from {where}: {exc}") from exc
 
 

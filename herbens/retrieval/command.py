@@ -2,8 +2,9 @@
 
 Reads the run's stored embeddings (``herbens infer RUN --embeddings``), builds a prototype or
 kNN classifier on its training embeddings, fits its temperature (and kNN's ``k``) on the
-validation embeddings by log-loss, and writes per-level logits for val and test into a
-pseudo-run folder, so that ``herbens ensemble runs/*`` mixes heads and retrieval.
+validation embeddings by log-loss, cross-fitted (:mod:`herbens.retrieval.fit`), and writes
+per-level logits for val (out of fold) and test into a pseudo-run folder, so that
+``herbens ensemble runs/*`` mixes heads and retrieval.
 """
 
 from __future__ import annotations
@@ -15,43 +16,14 @@ import numpy as np
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
 from herbens.metrics import level_scores
-from herbens.retrieval.knn import K_CANDIDATES, T_CANDIDATES, KnnClassifier
-from herbens.retrieval.prototypes import (PrototypeClassifier, class_prototypes, cosine_scores,
-                                          temperature_log_loss)
+from herbens.retrieval.fit import describe_fit, fit_knn, fit_prototypes
 from herbens.retrieval.pseudorun import write_pseudo_run
 from herbens.retrieval.search import BACKENDS
-from herbens.stores.embeddings import embeddings_dir, iter_chunks, read_embeddings
+from herbens.stores.embeddings import embeddings_dir, read_embeddings
 
 METHODS = ("prototype", "knn")
-PROTOTYPE_TEMPERATURES = tuple(np.geomspace(0.001, 1.0, 31).round(6).tolist())
-
-
-def fit_prototypes(train, val, taxonomy: Taxonomy, sub_centers: int, temperature: float | None, seed: int,
-                   chunk_rows: int = 2048) -> tuple[PrototypeClassifier, dict, np.ndarray]:
-    """Prototypes of ``train``'s species, temperature fitted on ``val`` by log-loss.
-
-    Returns:
-        The classifier, the fitted values, and its top species per validation row.
-    """
-    protos = class_prototypes(train, train.labels, taxonomy.num_classes("species"), sub_centers, seed)
-    temps = PROTOTYPE_TEMPERATURES if temperature is None else (float(temperature),)
-    losses, preds = np.zeros(len(temps)), []
-    for start, stop, block in iter_chunks(val, chunk_rows):
-        cos = cosine_scores(block, protos)
-        losses += temperature_log_loss(cos, val.labels[start:stop], temps)
-        preds.append(cos.argmax(axis=1))  # argmax does not depend on the temperature
-    best = int(np.argmin(losses))
-    fitted = {"temperature": temps[best], "log_loss": float(losses[best] / len(val)),
-              "prototypes": int(len(protos.owners)), "sub_centers": sub_centers}
-    return PrototypeClassifier(protos, temps[best]), fitted, np.concatenate(preds)
-
-
-def _fit_knn(train, val, taxonomy: Taxonomy, k: int | None, temperature: float | None, backend: str
-             ) -> tuple[KnnClassifier, dict, np.ndarray]:
-    clf = KnnClassifier(train, train.labels, taxonomy.num_classes("species"), backend=backend)
-    fitted = clf.fit(val.matrix, val.labels, K_CANDIDATES if k is None else (k,),
-                     T_CANDIDATES if temperature is None else (temperature,))
-    return clf, fitted, fitted.pop("predictions")
+VAL_LOGITS_ARE = ("out-of-fold: each validation row scored with the values fitted without its fold "
+                  "(test: the values fitted on every validation row)")
 
 
 def retrieval_run(run_dir, output, method: str = "prototype", *, sub_centers: int = 1, k: int | None = None,
@@ -70,8 +42,8 @@ def retrieval_run(run_dir, output, method: str = "prototype", *, sub_centers: in
         chunk_rows: query rows per chunk.
 
     Returns:
-        The record written as ``retrieval.json`` (fitted values; validation scores, in-sample
-        for what was fitted).
+        The record written as ``retrieval.json``: fitted values with their validation log-loss
+        in sample and out of fold (:mod:`herbens.retrieval.fit`), ``val_scores`` of both.
     """
     run_dir = Path(run_dir)
     if method not in METHODS:
@@ -88,18 +60,25 @@ def retrieval_run(run_dir, output, method: str = "prototype", *, sub_centers: in
             raise HerbensError(f"{split.where}: every row needs a species label (labels.npy) to build and fit "
                                "the retrieval classifier")
     if method == "prototype":
-        clf, fitted, pred = fit_prototypes(train, val, taxonomy, sub_centers, temperature, seed, chunk_rows)
+        fit = fit_prototypes(train, val, taxonomy, sub_centers, temperature, seed, chunk_rows)
     else:
-        clf, fitted, pred = _fit_knn(train, val, taxonomy, k, temperature, backend)
-    scores = level_scores(val.labels, pred, taxonomy)
+        fit = fit_knn(train, val, taxonomy, k, temperature, backend)
     record = {"method": method, "source_run": str(run_dir), "taxonomy_hash": taxonomy.hash,
               "backend": backend if method == "knn" else None, "embedding_dim": train.dim,
-              "train_images": len(train), "fitted": fitted, "fitted_on": "val",
-              "val_scores": {k_: float(v) for k_, v in scores.items()},
-              "val_scores_are": "in-sample" if method == "knn" else "out-of-sample (temperature does not move argmax)"}
-    log(f"{method}: val species macro-F1 {scores['species_macro_f1']:.4f} ({record['val_scores_are']}); "
-        + ", ".join(f"{k_} {v}" for k_, v in fitted.items() if k_ != "grid"))
+              "train_images": len(train), "fitted": fit.fitted, "fitted_on": "val",
+              "val_scores": _val_scores(val.labels, fit.predictions, taxonomy),
+              "val_logits": VAL_LOGITS_ARE if fit.by_fold else "in-sample (fewer than 2 folds)"}
+    log(f"{method}: {describe_fit(fit.fitted)}")
+    log(f"{method}: validation species macro-F1 " + ", ".join(
+        f"{part.replace('_', '-')} {s['species_macro_f1']:.4f}" for part, s in record["val_scores"].items()
+        if s is not None))
     splits = {name: opened[name] for name in ("val", "test") if name in opened}
-    write_pseudo_run(run_dir, Path(output), taxonomy, splits, clf.scores, record, chunk_rows, progress)
+    write_pseudo_run(run_dir, Path(output), taxonomy, splits, fit.scores, record, chunk_rows, progress)
     log(f"wrote pseudo-run {output} ({', '.join(f'{n} {len(s)}' for n, s in splits.items())} images)")
     return record
+
+
+def _val_scores(labels: np.ndarray, predictions: dict, taxonomy: Taxonomy) -> dict:
+    """Per-level validation scores of the in-sample and the out-of-fold predictions."""
+    return {part: None if pred is None else {k: float(v) for k, v in level_scores(labels, pred, taxonomy).items()}
+            for part, pred in predictions.items()}

@@ -24,7 +24,7 @@ import numpy as np
 from herbens.errors import HerbensError
 from herbens.metrics import macro_f1
 from herbens.retrieval.prototypes import (Prototypes, cosine_scores, fuse_with_head, species_prototype,
-                                          temperature_log_loss)
+                                          temperature_row_losses)
 
 HEAD_TEMPERATURES = np.geomspace(0.05, 20.0, 31)
 
@@ -75,7 +75,8 @@ def evaluate_fewshot(known: Prototypes, temperature: float, val_head: np.ndarray
                            f"(the fewest has {counts.min()})")
     head_pred = val_head.argmax(axis=1)
     known_f1_head = macro_f1(val_labels, head_pred)
-    head_t = float(HEAD_TEMPERATURES[int(np.argmin(temperature_log_loss(val_head, val_labels, HEAD_TEMPERATURES)))])
+    losses = temperature_row_losses(val_head, val_labels, HEAD_TEMPERATURES).sum(axis=0)
+    head_t = float(HEAD_TEMPERATURES[int(np.argmin(losses))])
     val_head, new_head = val_head / np.float32(head_t), new_head / np.float32(head_t)
     rng = np.random.default_rng(seed)
     sums: dict[int, dict[str, float]] = {k: {} for k in ks}

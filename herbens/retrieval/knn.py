@@ -3,8 +3,8 @@
 The ``k`` most similar training images vote for their species with weights
 ``exp((cos - cos_best) / T)``; the score of species ``c`` is ``log(W_c + alpha)`` where ``W_c`` is
 its summed weight, and ``alpha`` (a small smoothing mass) keeps species without a vote finite, as
-the logits store requires. ``k`` and ``T`` are fitted on the validation embeddings by log-loss,
-from one search for the largest candidate ``k``.
+the logits store requires. ``k`` and ``T`` are fitted on the validation embeddings by log-loss
+(:mod:`herbens.retrieval.fit`), from one search for the largest candidate ``k``.
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ def knn_logits(sims: np.ndarray, neighbour_labels: np.ndarray, num_classes: int,
     return np.log(votes + np.float32(alpha))
 
 
-def knn_log_loss(sims: np.ndarray, neighbour_labels: np.ndarray, labels: np.ndarray, num_classes: int,
-                 k: int, temperature: float, alpha: float = ALPHA) -> float:
-    """Mean log-loss of the kNN softmax on labelled rows, without building dense scores."""
+def knn_row_losses(sims: np.ndarray, neighbour_labels: np.ndarray, labels: np.ndarray, num_classes: int,
+                   k: int, temperature: float, alpha: float = ALPHA) -> np.ndarray:
+    """Log-loss of the kNN softmax on each labelled row ``[n]``, without building dense scores."""
     k = min(k, sims.shape[1])
     w = neighbour_weights(sims[:, :k], temperature).astype(np.float64)
     hit = (w * (neighbour_labels[:, :k] == labels[:, None])).sum(axis=1)
     # softmax(log(W + alpha)) = (W_c + alpha) / (sum W + alpha C)
     p = (hit + alpha) / (w.sum(axis=1) + alpha * num_classes)
-    return float(-np.log(p).mean())
+    return -np.log(p)
 
 
 @dataclass
@@ -73,24 +73,3 @@ class KnnClassifier:
         """Species logits ``[q, C]``."""
         sims, labels = self.neighbours(queries, self.k)
         return knn_logits(sims, labels, self.num_classes, self.k, self.temperature)
-
-    def fit(self, queries: np.ndarray, labels: np.ndarray, ks=K_CANDIDATES, temperatures=T_CANDIDATES) -> dict:
-        """Set ``k`` and ``temperature`` to the candidates of lowest log-loss on labelled queries.
-
-        Returns:
-            ``{"k", "temperature", "log_loss", "grid"}`` (in-sample on these queries) and
-            ``"predictions"``: the fitted scorer's top species per query.
-        """
-        labels = np.asarray(labels, dtype=np.int64)
-        ks = sorted({min(int(k), len(self.index_labels)) for k in ks})
-        sims, nlab = self.neighbours(queries, max(ks))
-        grid = {(k, float(t)): knn_log_loss(sims, nlab, labels, self.num_classes, k, t)
-                for k in ks for t in temperatures}
-        (self.k, self.temperature), best = min(grid.items(), key=lambda kv: kv[1])
-        chunk = 2048
-        pred = np.concatenate([
-            knn_logits(sims[i:i + chunk], nlab[i:i + chunk], self.num_classes, self.k, self.temperature).argmax(axis=1)
-            for i in range(0, len(sims), chunk)]) if len(sims) else np.empty(0, np.int64)
-        return {"k": self.k, "temperature": self.temperature, "log_loss": best,
-                "grid": [{"k": k, "temperature": t, "log_loss": v} for (k, t), v in grid.items()],
-                "predictions": pred}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from herbens.errors import HerbensError
+from herbens.numerics import log_softmax, logsumexp
 from herbens.stores.embeddings import l2_normalise
 
 NO_PROTOTYPE = -1.0  # cosine score of a species that has no prototype: the lowest possible
@@ -145,22 +146,25 @@ class PrototypeClassifier:
     prototypes: Prototypes
     temperature: float = 0.05
 
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.num_classes
+
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Species logits ``[q, C]`` of unit query embeddings."""
         return cosine_scores(queries, self.prototypes) / np.float32(self.temperature)
 
 
-def temperature_log_loss(cosines: np.ndarray, labels: np.ndarray, temperatures) -> np.ndarray:
-    """Summed log-loss of ``softmax(cosines / T)`` on labelled rows, for each candidate ``T``.
+def temperature_row_losses(cosines: np.ndarray, labels: np.ndarray, temperatures) -> np.ndarray:
+    """Log-loss ``[n, G]`` of ``softmax(cosines / T)`` on each labelled row, for each candidate ``T``.
 
-    Called chunk by chunk and summed, so fitting never holds a whole split's scores.
+    Called chunk by chunk, so fitting never holds a whole split's scores (only ``[N, G]`` losses).
     """
     rows = np.arange(len(labels))
-    out = np.zeros(len(temperatures))
+    out = np.zeros((len(labels), len(temperatures)))
     for i, t in enumerate(temperatures):
         z = cosines / np.float32(t)
-        m = z.max(axis=1)
-        out[i] = float((m + np.log(np.exp(z - m[:, None]).sum(axis=1)) - z[rows, labels]).sum())
+        out[:, i] = logsumexp(z) - z[rows, labels]
     return out
 
 
@@ -176,17 +180,10 @@ def fuse_with_head(head_logits: np.ndarray, proto_logits: np.ndarray, num_known:
     Returns:
         float32 log-probabilities ``[q, num_known + E]``.
     """
-    head = _log_softmax(np.asarray(head_logits, dtype=np.float32))
-    proto = _log_softmax(np.asarray(proto_logits, dtype=np.float32))
+    head = log_softmax(np.asarray(head_logits, dtype=np.float32))
+    proto = log_softmax(np.asarray(proto_logits, dtype=np.float32))
     if head.shape[1] != num_known or proto.shape[1] < num_known:
         raise HerbensError(f"fuse: head has {head.shape[1]} classes, prototypes {proto.shape[1]}, "
                            f"known {num_known}")
-    known = proto[:, :num_known]
-    m = known.max(axis=1, keepdims=True)
-    log_known_mass = m + np.log(np.exp(known - m).sum(axis=1, keepdims=True))
+    log_known_mass = logsumexp(proto[:, :num_known], keepdims=True)
     return np.concatenate([head + log_known_mass, proto[:, num_known:]], axis=1)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))

@@ -18,9 +18,9 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, write_json
+from herbens.progress import progress_bar
 from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
 from herbens.stores.logits import open_logits_writer
-from herbens.progress import progress_bar
 
 
 def derived_logits(species: np.ndarray, taxonomy: Taxonomy) -> dict[str, np.ndarray]:
@@ -28,18 +28,31 @@ def derived_logits(species: np.ndarray, taxonomy: Taxonomy) -> dict[str, np.ndar
     from scipy import sparse
 
     out = {"species": species}
-    m = species.max(axis=1, keepdims=True)
-    expo = np.exp(species - m).astype(np.float64)
     for level in LEVELS[1:]:
         groups = taxonomy.level_map(level)
+        # Shift by each group's own best member, not the row's best: with a sharp temperature
+        # (ArcFace embeddings fit T ~ 0.01) a whole genus can sit hundreds below the row's best
+        # species, where exp underflows to 0 and the log of the sum is -inf.
+        group_max = _group_max(np.asarray(species, dtype=np.float64), groups, taxonomy.num_classes(level))
+        expo = np.exp(species - group_max[:, groups])
         member = sparse.csr_matrix((np.ones(len(groups)), (np.arange(len(groups)), groups)),
                                    shape=(len(groups), taxonomy.num_classes(level)))
-        out[level] = (np.log(np.asarray(expo @ member)) + m).astype(np.float32)
+        out[level] = (np.log(np.asarray(expo @ member)) + group_max).astype(np.float32)
+    return out
+
+
+def _group_max(scores: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """``[q, G]``: each row's best score among each group's members (-inf for a group without any)."""
+    order = np.argsort(groups, kind="stable")
+    ordered = groups[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    out = np.full((len(scores), num_groups), -np.inf)
+    out[:, ordered[starts]] = np.maximum.reduceat(scores[:, order], starts, axis=1)
     return out
 
 
 def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dict[str, EmbeddingsSplit],
-                     scores: Callable[[np.ndarray], np.ndarray], record: dict, chunk_rows: int = 2048,
+                     scores: Callable[[str, int, np.ndarray], np.ndarray], record: dict, chunk_rows: int = 2048,
                      progress: bool = True) -> Path:
     """Score each split's embeddings chunk by chunk and write the pseudo-run atomically.
 
@@ -48,7 +61,7 @@ def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dic
         output: pseudo-run directory (replaced atomically if it exists).
         taxonomy: the source run's taxonomy.
         splits: split name -> its embeddings (``val`` carries labels).
-        scores: unit query block ``[q, D]`` -> species logits ``[q, C]``.
+        scores: (split name, first row, unit query block ``[q, D]``) -> species logits ``[q, C]``.
         record: written as ``retrieval.json`` (method, fitted values, scores).
         chunk_rows: query rows per chunk (memory ~ chunk_rows x classes x 4 bytes x a few).
     """
@@ -67,7 +80,7 @@ def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dic
                 chunks = iter_chunks(split, chunk_rows)
                 for start, _, block in progress_bar(chunks, total=-(-len(split) // chunk_rows),
                                                     desc=f"retrieval {name}", unit="chunk", enabled=progress):
-                    for level, values in derived_logits(scores(block), taxonomy).items():
+                    for level, values in derived_logits(scores(name, start, block), taxonomy).items():
                         writer.write(level, start, values)
         write_json(tmp / "retrieval.json", record)
     return output

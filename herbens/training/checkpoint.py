@@ -71,22 +71,47 @@ def _write_failure(exc: BaseException, where: Path) -> str:
 
 def _prune(root: Path, keep: int, current: str) -> None:
     """Remove all but the newest ``keep`` checkpoint folders (never the current one)."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch"))
-    for old in folders[:-keep]:
+    for old in _checkpoint_folders(root)[:-keep]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None when it has none."""
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under ``root``, oldest first (their names sort by epoch and step)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch"))
+
+
+def _pointed_name(run_dir: Path) -> str | None:
+    """The checkpoint folder name ``latest.json`` names; None when the run has no pointer yet.
+
+    Raises:
+        HerbensError: the pointer is not JSON or names no checkpoint folder.
+    """
     pointer = checkpoint_dir(run_dir) / POINTER
     if not pointer.exists():
         return None
     info = read_json(pointer)
-    folder = checkpoint_dir(run_dir) / str(info.get("checkpoint", ""))
-    if not folder.is_dir():
-        raise HerbensError(f"{pointer} names checkpoint {folder.name!r}, which does not exist")
-    return folder
+    name = info.get("checkpoint") if isinstance(info, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise HerbensError(f"{pointer}: expected {{\"checkpoint\": FOLDER, ...}} naming a checkpoint "
+                           f"folder, got {info!r}; remove it to start the run again")
+    return name
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders the pointer vouches for, newest first: the one it names (even when
+    that folder has gone since) and the older ones; folders newer than it are saves that never
+    finished."""
+    named = _pointed_name(run_dir)
+    if named is None:
+        return []
+    older = [p for p in _checkpoint_folders(checkpoint_dir(run_dir)) if p.name < named]
+    return [checkpoint_dir(run_dir) / named] + older[::-1]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run that exists, or None when it has none."""
+    return next((p for p in _complete_checkpoints(run_dir) if p.is_dir()), None)
 
 
 def load_checkpoint(accelerator, folder: Path) -> None:
@@ -96,17 +121,6 @@ def load_checkpoint(accelerator, folder: Path) -> None:
 
 class DamagedCheckpointWarning(UserWarning):
     """A checkpoint could not be loaded and an older one was used instead."""
-
-
-def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders the pointer vouches for, newest first: the one it names and older ones
-    (folders newer than it are saves that never finished)."""
-    pointer = checkpoint_dir(run_dir) / POINTER
-    info = read_json(pointer)
-    named = str(info.get("checkpoint", "")) if isinstance(info, dict) else ""
-    folders = sorted((p for p in checkpoint_dir(run_dir).iterdir() if p.is_dir() and p.name.startswith("epoch")),
-                     reverse=True)
-    return [p for p in folders if p.name <= named]
 
 
 def _reason(exc: BaseException) -> str:
@@ -125,11 +139,14 @@ def resume_checkpoint(accelerator, run_dir: Path) -> Path:
     Raises:
         HerbensError: when the run has no checkpoint, or none of them loads (naming each).
     """
-    candidates = _complete_checkpoints(run_dir) if (checkpoint_dir(run_dir) / POINTER).exists() else []
+    candidates = _complete_checkpoints(run_dir)
     if not candidates:
         raise HerbensError(f"--resume: {run_dir} has no complete checkpoint to resume from")
     failures: list[str] = []
     for folder in candidates:
+        if not folder.is_dir():
+            failures.append(f"{folder}: missing")
+            continue
         try:
             load_checkpoint(accelerator, folder)
         except Exception as exc:  # noqa: BLE001 - any failure to load means this checkpoint is damaged

@@ -20,17 +20,19 @@ from accelerate.utils import gather_object, set_seed
 
 from herbens import __version__
 from herbens.config import check_resume, load_run_config, save_config
+from herbens.config.rules import flatten
 from herbens.data.dataset import BadImageWarning
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.splits import save_split
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
-from herbens.infer.loop import predict
+from herbens.infer.loop import Engine, predict
 from herbens.infer.splits import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
-from herbens.metrics import macro_f1
+from herbens.metrics import level_scores, macro_f1
 from herbens.models.clip import text_head_scales, with_text_head_scales
 from herbens.models.compiling import compile_seconds
+from herbens.stores.logits import read_logits
 from herbens.training.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from herbens.training.engine import TrainParts, TrainState, current_lr, train_one_epoch
 from herbens.training.preflight import Plan, run_preflight
@@ -61,7 +63,7 @@ def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
 
 def validate(accelerator, model, loader, levels, taxonomy: Taxonomy) -> dict:
     """Per-level macro-F1 of each head's own prediction on the validation split."""
-    scores = predict(accelerator, model, loader, levels, desc="validate")
+    scores = predict(Engine.of_accelerator(accelerator), model, loader, levels, desc="validate")
     out = {}
     for level in levels:
         true = taxonomy.level_indices(level, scores["labels"])
@@ -129,8 +131,8 @@ def check(cfg: dict, resume: bool = False, overwrite: bool = False) -> Plan:
 def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     """Train one run end to end and return its directory.
 
-    The preflight (:mod:`herbens.preflight`) runs first; a run that fails before its first
-    checkpoint removes what it wrote, so that retrying the same command starts cleanly.
+    The preflight (:mod:`herbens.training.preflight`) runs first; a run that fails before its
+    first checkpoint removes what it wrote, so that retrying the same command starts cleanly.
 
     Args:
         cfg: resolved configuration (:func:`herbens.config.load_config`).
@@ -151,29 +153,41 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     compile_start = compile_seconds()  # torch.compile works lazily, within the first steps
     state = TrainState()
     try:
-        if accelerator.is_main_process:
-            if resume:  # the run now trains this recipe (resumable keys such as train.epochs may differ)
-                save_config(setup.config, run_dir / "config.yaml")
-            else:
-                write_run_header(run_dir, setup.config, setup.data)
-        accelerator.wait_for_everyone()
-        for obj in (setup.schedule, state, setup.criterion) + ((setup.ema,) if setup.ema is not None else ()):
-            accelerator.register_for_checkpointing(obj)
-        if resume:
-            resume_checkpoint(accelerator, run_dir)
-            # The schedule of this recipe's length (train.epochs may have grown), at the restored update.
-            setup.schedule.seek(state.step)
-        accelerator.init_trackers(cfg["name"], config=_flat_config(cfg))
-        parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
-                           tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"])
-        _train_epochs(cfg, parts, setup.loader, setup.sampler, setup.val_loader, state, run_dir, setup.data.taxonomy)
+        _train(cfg, setup, state, resume, run_dir)
     except BaseException:
         if accelerator.is_main_process and not resume and latest_checkpoint(run_dir) is None:
             clear_failed_start(run_dir)
             remove_created_folders(run_dir, created)
         raise
+    _finish(cfg, setup, state, run_dir, time.perf_counter() - wall_start, compile_start)
+    return run_dir
 
-    ema = setup.ema
+
+def _train(cfg: dict, setup: TrainingSetup, state: TrainState, resume: bool, run_dir: Path) -> None:
+    """The run's header (or, resuming, its recipe and checkpoint), then every epoch."""
+    accelerator = setup.accelerator
+    if accelerator.is_main_process:
+        if resume:  # the run now trains this recipe (resumable keys such as train.epochs may differ)
+            save_config(setup.config, run_dir / "config.yaml")
+        else:
+            write_run_header(run_dir, setup.config, setup.data)
+    accelerator.wait_for_everyone()
+    for obj in (setup.schedule, state, setup.criterion) + ((setup.ema,) if setup.ema is not None else ()):
+        accelerator.register_for_checkpointing(obj)
+    if resume:
+        resume_checkpoint(accelerator, run_dir)
+        # The schedule of this recipe's length (train.epochs may have grown), at the restored update.
+        setup.schedule.seek(state.step)
+    accelerator.init_trackers(cfg["name"], config=_tracker_config(cfg))
+    parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
+                       tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"])
+    _train_epochs(cfg, parts, setup.loader, setup.sampler, setup.val_loader, state, run_dir, setup.data.taxonomy)
+
+
+def _finish(cfg: dict, setup: TrainingSetup, state: TrainState, run_dir: Path, wall: float,
+            compile_start: float) -> None:
+    """Final weights, the logits (and embeddings) of the inference splits, then metrics.json."""
+    accelerator, ema = setup.accelerator, setup.ema
     eval_model = ema.module if ema is not None else accelerator.unwrap_model(setup.model)
     _save_weights(accelerator, run_dir, setup.plain_model, ema)
     _write_all_logits(accelerator, eval_model, cfg, setup, run_dir)
@@ -185,11 +199,10 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
         accelerator.print(f"model.compile={cfg['model']['compile']}: {setup.compiled_modules} module(s) compiled "
                           f"in place, {compile_time:.1f} s spent compiling")
     if accelerator.is_main_process:
-        _write_metrics(cfg, run_dir, state, setup.data, accelerator, time.perf_counter() - wall_start,
+        _write_metrics(cfg, run_dir, state, setup.data, accelerator, wall,
                        sum(p.numel() for p in eval_model.parameters()), compile_time)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return run_dir
 
 
 def _write_all_logits(accelerator, eval_model, cfg: dict, setup: TrainingSetup, run_dir: Path) -> None:
@@ -202,15 +215,10 @@ def _write_all_logits(accelerator, eval_model, cfg: dict, setup: TrainingSetup, 
             raise HerbensError(logits_failure_message(run_dir, splits[done:], exc)) from exc
 
 
-def _flat_config(cfg: dict, prefix: str = "") -> dict:
+def _tracker_config(cfg: dict) -> dict:
     """The recipe as flat ``a.b`` keys with scalar values (what trackers store as hyperparameters)."""
-    flat = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            flat.update(_flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in flatten(cfg).items()}
 
 
 def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: TrainState, run_dir: Path,
@@ -285,9 +293,6 @@ def _save_weights(accelerator, run_dir: Path, model, ema) -> None:
 
 def _write_metrics(cfg, run_dir: Path, state: TrainState, data: RunData, accelerator, wall: float, params: int,
                    compile_time: float):
-    from herbens.stores.logits import read_logits
-    from herbens.metrics import level_scores
-
     val = read_logits(run_dir, "val") if "val" in cfg["infer"]["splits"] else None
     val_scores = {}
     if val is not None:

@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import default_collate
 
 from herbens.data.loaders import predict_loader
-from herbens.data.transforms import build_tta_views, view_row_names
+from herbens.data.views import Views
 from herbens.errors import HerbensError
-from herbens.infer.loop import combine_views
+from herbens.infer.loop import Engine, predict_batches
 from herbens.optim.optimizers import SGD_FAMILY, build_optimizer
 from herbens.optim.schedules import build_training_schedule
 from herbens.training.engine import batch_targets
@@ -174,30 +174,29 @@ def check_train_step(model, criterion, batch: dict, levels, opt_cfg: dict, lr: f
 
 
 def check_prediction(model, cfg: dict, frame, images_dir: Path, taxonomy, classes: dict, data_config: dict,
-                     accelerator, split: str) -> None:
-    """Predict the split's first images with the recipe's test-time views, as the end of a run will.
+                     accelerator, split: str, views: Views | None = None) -> None:
+    """Predict the split's first images with the run's test-time views, as the end of a run will.
 
     Args:
         taxonomy: the run's taxonomy for a labelled split, None for test images.
         classes: ``{level: number of classes}``.
+        views: the run's test-time views (default: the recipe's ``infer``).
     """
     if len(frame) == 0:
         return
-    views = build_tta_views(list(cfg["infer"]["tta"]), data_config)
+    views = views or Views.of_recipe(cfg)
     in_process = {**cfg, "data": {**cfg["data"], "num_workers": 0}}  # two images: no worker processes
     loader = predict_loader(frame.head(FEW), images_dir, taxonomy, views, in_process, batch_size=FEW,
                             data_config=data_config)
-    batch = next(iter(loader))
-    images = batch["image"].to(accelerator.device)
-    model.eval()
-    with torch.no_grad(), accelerator.autocast():
-        outputs = model(images.flatten(0, 1))
+    # This process's own images, the model not prepared: the accelerator's autocast, no gather.
+    engine = Engine.of_accelerator(accelerator, gather=False, progress=False, autocast=True)
+    _, record = next(predict_batches(engine, model, loader, tuple(cfg["levels"]), space=views.space))
     for level in cfg["levels"]:
-        logits = outputs[level].float().view(len(images), images.shape[1], -1)
-        combined = combine_views(logits, cfg["infer"]["tta_space"])
-        if combined.shape != (len(images), classes[level]) or not torch.isfinite(combined).all():
+        combined = record[level]
+        expected = (min(FEW, len(frame)), classes[level])
+        if combined.shape != expected or not np.isfinite(combined).all():
             raise HerbensError(f"{split} prediction of level {level}: logits of shape {tuple(combined.shape)}, "
-                               f"expected ({len(images)}, {classes[level]}) and finite")
+                               f"expected {expected} and finite")
 
 
 # ----- output folder ---------------------------------------------------------------------------
@@ -207,7 +206,8 @@ def optimizer_slots(name: str) -> int:
     return 1 if name.lower() in SGD_FAMILY else 2
 
 
-def estimate_sizes(params: list[torch.nn.Parameter], cfg: dict, split_rows: dict, classes: dict) -> tuple[int, int, dict]:
+def estimate_sizes(params: list[torch.nn.Parameter], cfg: dict, split_rows: dict, classes: dict,
+                   views: Views | None = None) -> tuple[int, int, dict]:
     """Bytes of one checkpoint, of the final weights and of each split's logits.
 
     A checkpoint holds the weights, the optimizer state and the EMA copy; logits are
@@ -216,8 +216,8 @@ def estimate_sizes(params: list[torch.nn.Parameter], cfg: dict, split_rows: dict
     weights = sum(p.numel() * p.element_size() for p in params)
     ema = 1 if cfg["train"]["ema"] else 0
     checkpoint = weights * (1 + ema + optimizer_slots(cfg["optimizer"]["name"]))
-    views = len(view_row_names(list(cfg["infer"]["tta"]))) if cfg["infer"]["keep_views"] else 0
-    per_row = sum(classes.values()) * LOGIT_BYTES * (1 + views)
+    rows_per_image = (views or Views.of_recipe(cfg)).num_views if cfg["infer"]["keep_views"] else 0
+    per_row = sum(classes.values()) * LOGIT_BYTES * (1 + rows_per_image)
     logits = {split: rows * per_row for split, rows in split_rows.items()}
     return checkpoint, weights * (1 + ema), logits
 
@@ -264,15 +264,17 @@ def run_preflight(cfg: dict, setup, run_dir: Path) -> Plan:
         check_files(frame, images_dir, split)
     check_schedule(setup.optimizer, cfg["scheduler"], cfg["train"], setup.updates_per_epoch, setup.lr)
     classes = {level: data.taxonomy.num_classes(level) for level in levels}
+    views = Views.of_recipe(cfg)
     with preserved_rngs():
         check_train_step(setup.plain_model, setup.criterion, few_train_images(setup.loader.dataset, levels),
                          levels, cfg["optimizer"], setup.lr, acc, setup.mixup)
         for split, (frame, images_dir, taxonomy) in splits.items():
             if split in cfg["infer"]["splits"]:  # eval mode only: training sets train mode again
-                check_prediction(setup.plain_model, cfg, frame, images_dir, taxonomy, classes, setup.data_config, acc, split)
+                check_prediction(setup.plain_model, cfg, frame, images_dir, taxonomy, classes, setup.data_config, acc,
+                                 split, views)
     params = list(setup.plain_model.parameters()) + list(setup.criterion.parameters())
     rows = {split: len(frame) for split, (frame, _, _) in splits.items() if split in cfg["infer"]["splits"]}
-    checkpoint, weights, logits = estimate_sizes(params, cfg, rows, classes)
+    checkpoint, weights, logits = estimate_sizes(params, cfg, rows, classes, views)
     keep = int(cfg["train"]["keep_checkpoints"])
     # A new checkpoint is written before the oldest is pruned: keep + 1 exist for a moment.
     free = check_output_dir(run_dir, checkpoint * (keep + 1) + weights + sum(logits.values()))

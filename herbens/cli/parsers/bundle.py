@@ -84,7 +84,7 @@ def add_teach(subparsers) -> None:
                     "log-probabilities and remaining mass of every training image into OUT/targets/train/, "
                     "for recipes with distill.teacher=OUT.")
     p.add_argument("source", help="ensemble JSON written by herbens ensemble (or a run directory)")
-    p.add_argument("-o", "--output", required=True, help="teacher folder, e.g. runs/final_teacher")
+    p.add_argument("-o", "--output", required=True, help="teacher folder, e.g. teachers/final_teacher")
     p.add_argument("--k", type=int, default=TEACHER_K, help="classes kept per image and level (default: %(default)s)")
     add_batch_size(p)
     add_workers(p)

@@ -92,7 +92,7 @@ def add_openset(subparsers) -> None:
     add_recipe(p, "recipe name or YAML file", "data.root=...")
     p.add_argument("--holdout", type=float, default=0.1, help="share of species held out (default: %(default)s)")
     add_seed(p, "seeds the held-out species and the folds")
-    p.add_argument("--workdir", type=Path, default=Path("runs/openset"),
+    p.add_argument("--workdir", type=Path, default=Path("openset"),
                    help="where the filtered metadata and the run go (default: %(default)s)")
     p.add_argument("--ood-score", choices=OOD_SCORES, default="msp")
     p.add_argument("--target-precision", type=float, default=0.95)
