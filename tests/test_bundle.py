@@ -210,7 +210,7 @@ def test_outputs_name_the_decision_and_a_run_with_nothing_readable_writes_nothin
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "p.json"
     assert main(["predict", str(exported[0]), str(folder), "-o", str(out), "--format", "json", "--html",
-                 "--quiet"]) == 1
+                 "--no-progress"]) == 1
     (item,) = json.loads(out.read_text())["predictions"]
     assert item["rank"] == item["decision"] and item["reason"]
     names = pd.read_csv(exported[0] / "names.csv", keep_default_na=False)
@@ -221,18 +221,18 @@ def test_outputs_name_the_decision_and_a_run_with_nothing_readable_writes_nothin
     page = out.with_suffix(".html").read_text()
     assert "2 files:" in page and "1 failed" in page and "broken.jpg" in page and "Thresholds (" in page
     csv = tmp_path / "p.csv"
-    assert main(["predict", str(exported[0]), str(folder), "-o", str(csv), "--quiet"]) == 1
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(csv), "--no-progress"]) == 1
     assert list(pd.read_csv(csv).columns[:5]) == ["path", "name", "rank", "reason", "decision"]
     capsys.readouterr()
 
     listing = tmp_path / "gone.txt"
     listing.write_text("missing1.jpg\nmissing2.jpg\n")
-    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "none.csv"), "--quiet"]) == 2
+    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "none.csv"), "--no-progress"]) == 2
     assert "none of the 2 image(s) could be read" in capsys.readouterr().err
     assert not (tmp_path / "none.csv").exists()
     headerless = tmp_path / "list.csv"
     headerless.write_text("sheets/a.jpg\nsheets/a.jpg\n")
-    assert main(["predict", str(exported[0]), str(headerless), "-o", str(tmp_path / "h.csv"), "--quiet"]) == 2
+    assert main(["predict", str(exported[0]), str(headerless), "-o", str(tmp_path / "h.csv"), "--no-progress"]) == 2
     assert "needs a header row naming its path column" in capsys.readouterr().err
 
 

@@ -167,7 +167,7 @@ def test_prototype_retrieval_on_an_arcface_run(tiny_herbarium, tmp_path):
     assert train_tiny(tiny_herbarium, tmp_path, recipe="demo_arcface",
                       extra=["name=arc", "train.epochs=1", "infer.embeddings=true"]) == 0
     out = tmp_path / "arc_proto"
-    assert main(["retrieval", str(tmp_path / "arc"), "--method", "prototype", "-o", str(out), "--quiet"]) == 0
+    assert main(["retrieval", str(tmp_path / "arc"), "--method", "prototype", "-o", str(out), "--no-progress"]) == 0
     for split in ("val", "test"):
         logits = read_logits(out, split)
         for level in logits.levels:
