@@ -8,7 +8,9 @@ the child's own ``ru_maxrss``) and with the page cache warmed the same way befor
 * naive: ``np.load`` every matrix, combine whole matrices with the same fixed parameters
   (weights, tau, alpha, beta), score validation, argmax, write the CSV;
 * streaming: ``herbens.ensemble.pipeline.ensemble_runs`` with the same fixed parameters;
-* (unless ``--no-fit-run``) streaming with everything fitted on validation, for information.
+* (unless ``--no-fit-run``) streaming with everything fitted on validation, for information,
+  and the fit's cost in one process: a plain-mean pass over the validation logits, the fit
+  cross-fitted as before issue 24 and the nested fit (time, ratio per fitted value, peak RSS).
 
 Prints wall times, peak RSS, their ratios, whether both wrote the same predictions, and a
 linear projection to 8 runs x 210,407 images.
@@ -177,6 +179,46 @@ def child_naive(runs: list[str], out: str) -> dict:
     return {"val": val_scores}
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's VmHWM at its current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def child_fit_cost(runs: list[str], chunk_rows: int | None) -> dict:
+    """In one process, on the validation split: one plain-mean pass (the read every fit needs),
+    the fit cross-fitted as before issue 24 (no nesting) and the nested fit; time and peak RSS
+    above the starting point of each."""
+    from herbens.ensemble.combine import Params
+    from herbens.ensemble.options import EnsembleOptions
+    from herbens.ensemble.pipeline import fit_ensemble, predict_split
+    from herbens.ensemble.stores import align_split, auto_chunk_rows, class_space, labelled, load_runs
+
+    loaded = load_runs(runs)
+    space = class_space(loaded, log=lambda m: None)
+    val = labelled(align_split(loaded, "val", space, exact=False, log=lambda m: None))
+    opts = EnsembleOptions().check(len(runs))
+    opts.chunk_rows = chunk_rows or auto_chunk_rows(space.num_classes)
+    out = {}
+
+    def timed(name, work):
+        reset_peak_rss()
+        before, start = rss_mb("VmRSS"), time.perf_counter()
+        result = work()
+        out[name] = {"s": time.perf_counter() - start, "peak_above_mb": rss_mb("VmHWM") - before}
+        return result
+
+    timed("plain", lambda: predict_split(val, Params.initial(len(runs)), opts.chunk_rows, progress=False))
+    for name, nested in (("flat", False), ("nested", True)):
+        _, steps, _ = timed(name, lambda: fit_ensemble(val, space, opts, ("species", "genus", "family"), len(runs),
+                                                       log=lambda m: None, nested=nested))
+        out[name]["steps"] = [s["step"] for s in steps]
+    # Fitted values of one fit: a temperature per run and level, the weights (runs - 1), tau,
+    # alpha and beta (what the fit below chooses, whether kept or not).
+    out["fitted_values"] = 3 * len(runs) + (len(runs) - 1) + 1 + 2
+    return out
+
+
 def child_main(argv: list[str]) -> None:
     kind, out, chunk_rows, *runs = argv
     # Import everything either contender uses first, so that "above imports" is the work's own.
@@ -191,6 +233,8 @@ def child_main(argv: list[str]) -> None:
     start = time.perf_counter()
     if kind == "naive":
         result = child_naive(runs, out)
+    elif kind == "fitcost":
+        result = child_fit_cost(runs, int(chunk_rows) or None)
     else:
         result = child_streaming(runs, out, int(chunk_rows) or None, fit=kind == "fit")
     result["work_s"] = time.perf_counter() - start
@@ -254,6 +298,18 @@ def report(args, gen_s: float, disk: int, naive: dict, stream: dict, fitted: dic
           "linear in runs, not in images, apart from ids: ~50 MB per run at 210k images)")
 
 
+def report_fit_cost(cost: dict) -> None:
+    plain, values = cost["plain"], cost["fitted_values"]
+    print(f"\nfit on validation, one process ({values} fitted values; peak RSS above each start):")
+    print(f"{'':<44}{'time (s)':>10}{'x plain':>9}{'x plain / value':>17}{'peak RSS (MB)':>15}")
+    for name, label in (("plain", "plain mean: one pass over val logits"),
+                        ("flat", "fit, cross-fitted (before issue 24)"), ("nested", "fit, nested (honest estimate)")):
+        m = cost[name]
+        ratio = m["s"] / max(plain["s"], 1e-9)
+        print(f"{label:<44}{m['s']:>10.2f}{ratio:>9.1f}{ratio / values:>17.2f}{m['peak_above_mb']:>15.0f}")
+    print(f"nested / cross-fitted: time {cost['nested']['s'] / cost['flat']['s']:.2f}x")
+
+
 def _above(m: dict) -> float:
     return m["peak_rss_mb"] - m["import_rss_mb"]
 
@@ -294,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         fitted = None if args.no_fit_run else measure("fit", runs, workdir / "fitted.csv", args.chunk_rows)
         agree = same_predictions(workdir / "naive.csv", workdir / "streaming.csv")
         report(args, gen_s, need, naive, stream, fitted, agree)
+        if not args.no_fit_run:
+            report_fit_cost(measure("fitcost", runs, workdir / "unused.csv", args.chunk_rows))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

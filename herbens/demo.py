@@ -81,12 +81,13 @@ def print_table(rows: list[tuple[str, dict, float | None]]) -> None:
 
 
 def _print_validation(summary: dict) -> None:
-    """The ensemble's validation species F1, in-sample beside out-of-fold (the honest one)."""
+    """The ensemble's validation species F1: in-sample, out-of-fold and honest (nested, the estimate)."""
     if summary["val"]:
         val = summary["val"]
+        honest = f", honest (nested) {val['honest']['species_macro_f1']:.3f}" if "honest" in val else ""
         print(f"ensemble on validation ({val['images']} images, {val['folds']}-fold): species F1 "
               f"in-sample {val['in_sample']['species_macro_f1']:.3f}, "
-              f"out-of-fold {val['out_of_fold']['species_macro_f1']:.3f} (steps: table above)")
+              f"out-of-fold {val['out_of_fold']['species_macro_f1']:.3f}{honest} (steps: table above)")
 
 
 def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = None, openset: bool = True) -> dict:

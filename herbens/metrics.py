@@ -121,7 +121,9 @@ def per_level_accuracy(true_species, pred_species, taxonomy: Taxonomy,
 
 def best_worst(table: pd.DataFrame, k: int = 10, min_images: int = 1
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``k`` most and least accurate rows of a :func:`group_accuracy` table.
+    """The ``k`` most and least accurate rows of a :func:`group_accuracy` table, never sharing
+    a group: with fewer than ``2 k`` groups the better half (the middle one included) is best
+    and the rest worst, so no family is listed as both.
 
     Ties are broken by image count (more images first: the better-measured group wins a tie)
     and then by name, so the tables are reproducible. Groups with fewer than ``min_images``
@@ -129,8 +131,10 @@ def best_worst(table: pd.DataFrame, k: int = 10, min_images: int = 1
     """
     table = table[table["n_images"] >= min_images]
     best = table.sort_values(["accuracy", "n_images", "name"], ascending=[False, False, True])
-    worst = table.sort_values(["accuracy", "n_images", "name"], ascending=[True, False, True])
-    return best.head(k).reset_index(drop=True), worst.head(k).reset_index(drop=True)
+    best = best.head(min(k, (len(table) + 1) // 2))
+    worst = table[~table["name"].isin(best["name"])]
+    worst = worst.sort_values(["accuracy", "n_images", "name"], ascending=[True, False, True])
+    return best.reset_index(drop=True), worst.head(k).reset_index(drop=True)
 
 
 # ----- accuracy by training-set size (the paper's fig. 3b) -----------------------------------

@@ -50,6 +50,8 @@ def test_every_verb_has_a_handler_module():
 
 
 def test_parser_literals_agree_with_the_library():
+    from herbens.bundle.collection import DEFAULT_BLOCK
+    from herbens.bundle.merge import DEFAULT_PAGE_CAP, OUTPUT_FORMATS
     from herbens.bundle.teach import DEFAULT_K
     from herbens.bundle.thresholds import OOD_SCORES
     from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
@@ -65,6 +67,8 @@ def test_parser_literals_agree_with_the_library():
     assert training.INFER_BAD_IMAGES == INFER_BAD_IMAGES
     assert training.OOD_SCORES == bundle.OOD_SCORES == OOD_SCORES
     assert bundle.TEACHER_K == DEFAULT_K
+    assert bundle.OUTPUT_FORMATS == OUTPUT_FORMATS and bundle.PAGE_CAP == DEFAULT_PAGE_CAP
+    assert bundle.BLOCK == DEFAULT_BLOCK
     assert combine.RETRIEVAL_METHODS == METHODS
     assert combine.SEARCH_BACKENDS == BACKENDS
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 import yaml
 
-from herbens.config import (BASE_RECIPE, apply_overrides, check_resume, load_config, load_run_config,
-                            parse_override, save_config)
+from herbens.config import (RECIPES_DIR_ENV, SHIPPED_RECIPES_DIR, apply_overrides, base_recipe, check_resume,
+                            load_config, load_run_config, parse_override, recipes_dir, save_config)
 from herbens.config.basefile import render_base_yaml
+from herbens.config.catalogue import recipe_paths
 from herbens.errors import HerbensError
 
 
@@ -19,23 +20,45 @@ def write(path, data):
 
 @pytest.fixture
 def recipe(tmp_path):
-    return write(tmp_path / "r.yaml", {"defaults": str(BASE_RECIPE)})
+    return write(tmp_path / "r.yaml", {"defaults": str(base_recipe())})
+
+
+def test_every_recipe_reader_honours_the_recipe_folder_setting(tmp_path, monkeypatch):
+    folder = tmp_path / "site-recipes"
+    folder.mkdir()
+    base = yaml.safe_load(SHIPPED_RECIPES_DIR.joinpath("_base.yaml").read_text())
+    base["seed"] = 4242  # a base that differs from the shipped one shows which base was read
+    write(folder / "_base.yaml", base)
+    write(folder / "mine.yaml", {"train": {"epochs": 3}})
+    monkeypatch.setenv(RECIPES_DIR_ENV, str(folder))
+    assert recipes_dir() == folder and base_recipe() == folder / "_base.yaml"
+    cfg = load_config("mine")  # a bare name is looked up there, on that folder's base
+    assert (cfg["seed"], cfg["train"]["epochs"], cfg["name"]) == (4242, 3, "mine")
+    assert [p.name for p in recipe_paths()] == ["mine.yaml"]
+    with pytest.raises(HerbensError, match=r"recipe 'demo_ce' not found .*site-recipes"):
+        load_config("demo_ce")
+    monkeypatch.setenv(RECIPES_DIR_ENV, str(tmp_path / "absent"))
+    with pytest.raises(HerbensError, match=rf"{RECIPES_DIR_ENV}=.*absent: not a folder"):
+        load_config("mine")
+    monkeypatch.delenv(RECIPES_DIR_ENV)
+    assert recipes_dir() == SHIPPED_RECIPES_DIR
+    assert load_config("demo_ce")["seed"] == yaml.safe_load(SHIPPED_RECIPES_DIR.joinpath("_base.yaml").read_text())["seed"]
 
 
 def test_recipe_inherits_base_and_overrides_apply(tmp_path):
-    recipe = write(tmp_path / "r.yaml", {"defaults": str(BASE_RECIPE), "train": {"epochs": 3}})
+    recipe = write(tmp_path / "r.yaml", {"defaults": str(base_recipe()), "train": {"epochs": 3}})
     cfg = load_config(recipe, ["train.batch_size=7", "optimizer.lr=0.5", "input.size=[64,48]"])
     assert cfg["train"]["epochs"] == 3
     assert cfg["train"]["batch_size"] == 7
     assert cfg["optimizer"]["lr"] == 0.5
     assert cfg["input"]["size"] == [64, 48]
     assert cfg["name"] == "r"  # defaults to the recipe stem
-    assert cfg["seed"] == yaml.safe_load(BASE_RECIPE.read_text())["seed"]
+    assert cfg["seed"] == yaml.safe_load(base_recipe().read_text())["seed"]
 
 
 def test_base_recipe_is_the_schema_rendered():
     # One place declares every key: the schema. _base.yaml is generated from it.
-    assert BASE_RECIPE.read_text() == render_base_yaml(), (
+    assert base_recipe().read_text() == render_base_yaml(), (
         "recipes/_base.yaml differs from herbens/config/schema.py: regenerate it with "
         "python -m herbens.config.basefile > recipes/_base.yaml")
 
@@ -67,7 +90,7 @@ def test_changing_a_node_name_starts_from_its_own_defaults(recipe):
 
 
 def test_chained_recipes_merge_nodes_by_name(tmp_path):
-    parent = write(tmp_path / "parent.yaml", {"defaults": str(BASE_RECIPE),
+    parent = write(tmp_path / "parent.yaml", {"defaults": str(base_recipe()),
                                              "levels": {"species": {"loss": {"name": "seesaw", "p": 0.5}}}})
     child = write(tmp_path / "child.yaml", {"defaults": "parent.yaml",
                                            "levels": {"species": {"loss": {"q": 1.0}}}})
@@ -170,7 +193,7 @@ def test_all_bad_values_fail_fast(recipe):
     ({"levels": {"species": {"haed": "linear"}}}, "levels.species.haed"),
 ])
 def test_unknown_keys_in_recipe_are_errors(tmp_path, data, key):
-    recipe = write(tmp_path / "r.yaml", {"defaults": str(BASE_RECIPE), **data})
+    recipe = write(tmp_path / "r.yaml", {"defaults": str(base_recipe()), **data})
     with pytest.raises(HerbensError, match=key.replace(".", r"\.") + ": unknown key"):
         load_config(recipe)
 

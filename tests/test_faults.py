@@ -29,8 +29,7 @@ import torch
 
 from conftest import TINY_OVERRIDES, train_tiny
 from fault_writer import image_ids, write_generation
-from herbens import config
-from herbens.config import load_config
+from herbens.config import RECIPES_DIR_ENV, SHIPPED_RECIPES_DIR, load_config
 from herbens.data.dataset import BadImageWarning
 from herbens.data.run_data import load_run_data
 from herbens.data.taxonomy import Taxonomy
@@ -442,9 +441,8 @@ def test_training_into_an_unwritable_output_directory(tiny_herbarium, shared_tmp
     # As root the run goes on as `nobody`, who may not enter the checkout at all (a clone inside a
     # private 0700 folder): the recipes, base included, come from a readable copy, and what
     # training imports is imported first (this Python's own files may be under /root too).
-    recipes = readable_copy(ROOT / "recipes", shared_tmp / "recipes")
-    monkeypatch.setattr(config, "RECIPES_DIR", recipes)
-    monkeypatch.setattr(config, "BASE_RECIPE", recipes / "_base.yaml")
+    recipes = readable_copy(SHIPPED_RECIPES_DIR, shared_tmp / "recipes")
+    monkeypatch.setenv(RECIPES_DIR_ENV, str(recipes))
     out = shared_tmp / "runs"
     out.mkdir()
     importlib.import_module("herbens.training.fit")

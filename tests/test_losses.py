@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 
-from herbens.config import BASE_RECIPE, load_config
+from herbens.config import base_recipe, load_config
 from herbens.errors import HerbensError
 from herbens.losses import LOSSES, build_criterion, build_level_loss, check_mixup_compatible
 from herbens.losses.class_balanced import class_balanced_weights
@@ -22,7 +22,7 @@ COUNTS = np.array([40, 10, 3, 1, 0])
 
 def resolved_levels(*overrides):
     """The ``levels`` block of the base recipe with ``overrides``, as the trainer receives it."""
-    return load_config(BASE_RECIPE, list(overrides))["levels"]
+    return load_config(base_recipe(), list(overrides))["levels"]
 
 
 def _inputs(seed=0, batch=6, classes=C):

@@ -76,8 +76,11 @@ def test_per_family_accuracy_and_se_by_hand():
 def test_best_worst_order_and_min_images():
     table = per_level_accuracy(TRUE, PRED, tiny_taxonomy(), "family")
     best, worst = best_worst(table, k=2)
+    # Three families for two lists of two: the middle one F goes to best only (before, F was in both).
     assert best["name"].tolist() == ["G", "F"]
-    assert worst["name"].tolist() == ["H", "F"]
+    assert worst["name"].tolist() == ["H"]
+    best, worst = best_worst(table, k=1)
+    assert best["name"].tolist() == ["G"] and worst["name"].tolist() == ["H"]
     best, worst = best_worst(table, k=5, min_images=2)
     assert "H" not in set(best["name"]) | set(worst["name"])
 

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from herbens.config import BASE_RECIPE, load_config
+from herbens.config import base_recipe, load_config
 from herbens.errors import HerbensError
 from herbens.losses import build_criterion
 from herbens.models.heads import CosineHead, LinearHead, SubCenterArcFaceHead, build_head
@@ -16,7 +16,7 @@ from herbens.models.net import HierarchicalNet, build_model, create_trunk
 
 def make_cfg(*overrides, backbone="test_efficientnet"):
     """The base recipe resolved with ``overrides`` (so nodes are as the trainer receives them)."""
-    return load_config(BASE_RECIPE, [f"model.backbone={backbone}", *overrides])
+    return load_config(base_recipe(), [f"model.backbone={backbone}", *overrides])
 
 
 def model_cfg(backbone="test_efficientnet", **model):

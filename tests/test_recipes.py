@@ -17,7 +17,7 @@ from PIL import Image
 
 from herbens.cli.main import main as cli_main
 from herbens.config import catalogue as recipes_module
-from herbens.config import RECIPES_DIR, load_config
+from herbens.config import load_config, recipes_dir
 from herbens.config.catalogue import HERBARIUM_2022_CLASSES, build_meta_model, input_hw, list_recipes, recipe_paths, run_on_zeros
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.data.transforms import build_eval_transform, build_train_transform, model_data_config
@@ -27,7 +27,7 @@ from herbens.optim.schedules import build_schedule
 
 RECIPES = [p.stem for p in recipe_paths()]
 # Shared parents (``_paper.yaml``, ...) are not listed but must load on their own too.
-ALL_FILES = sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+ALL_FILES = sorted(p.name for p in recipes_dir().glob("*.yaml"))
 BATCH = 2  # images per forward in the shape checks
 
 
@@ -58,13 +58,13 @@ def test_recipes_are_shipped():
 
 @pytest.mark.parametrize("filename", ALL_FILES)
 def test_recipe_loads_with_known_keys(filename):
-    cfg = load_config(RECIPES_DIR / filename)  # unknown keys raise HerbensError
+    cfg = load_config(recipes_dir() / filename)  # unknown keys raise HerbensError
     assert "species" in cfg["levels"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_header_says_what_and_how(name):
-    text = (RECIPES_DIR / f"{name}.yaml").read_text()
+    text = (recipes_dir() / f"{name}.yaml").read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert header and text.startswith("#"), f"{name}: needs a header comment"
     if not name.startswith("demo_"):

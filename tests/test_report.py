@@ -134,3 +134,28 @@ def test_report_survives_runs_without_anything(tmp_path):
 def test_report_missing_input_is_an_error(tmp_path):
     with pytest.raises(HerbensError, match="no such"):
         write_report([tmp_path / "absent"], tmp_path / "out")
+
+
+def test_report_names_the_split_of_every_score_and_keeps_best_and_worst_apart(tmp_path, capsys):
+    run = make_run(tmp_path / "runs", "full", hist=history(2))
+    out = tmp_path / "r"
+    assert main(["report", str(run), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "full (validation)" in printed and "Worst families of full (validation)" in printed
+    page = (out / "index.html").read_text()
+    assert "<th>split scored</th>" in page and "<td>validation</td>" in page
+    assert "<h3>full: 48 validation images</h3>" in page and "<th>validation images</th>" in page
+    assert "test images" not in page  # a run is scored on its validation logits, never called test
+    (entry,) = json.loads((out / "report.json").read_text())["inputs"]
+    assert entry["split"] == "validation"
+
+
+def test_families_never_both_best_and_worst_and_no_interval_on_few_images():
+    ev = tiny_evaluation()  # 4 families of 9 images each, k=3: 6 places for 4 families
+    best = {r["name"] for r in ev["family_best"]}
+    worst = {r["name"] for r in ev["family_worst"]}
+    assert not best & worst and best | worst == {"Fa", "Fb", "Fc", "Fd"}
+    # 9 images per family (< 10): the accuracy alone, no "+- SE" that would claim a precision.
+    assert all(r["se"] is None for r in ev["per_family"])
+    many = evaluate_predictions(np.repeat(np.arange(12), 4), np.repeat(np.arange(12), 4), taxonomy(), k=3)
+    assert all(r["se"] == 0.0 for r in many["per_family"])  # 12 images each: an interval is shown

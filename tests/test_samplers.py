@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from herbens.config import BASE_RECIPE, load_config
+from herbens.config import base_recipe, load_config
 from herbens.data.samplers import PKBatchSampler, build_sampler
 from herbens.errors import HerbensError
 
@@ -134,7 +134,7 @@ def test_errors_are_loud():
 
 @pytest.mark.parametrize("name", ["random", "class_balanced", "sqrt", "power", "pk"])
 def test_every_sampler_builds_from_its_resolved_recipe_node(name):
-    node = load_config(BASE_RECIPE, [f"sampler={name}", "sampler.classes_per_batch=2"] if name == "pk" else
+    node = load_config(base_recipe(), [f"sampler={name}", "sampler.classes_per_batch=2"] if name == "pk" else
                        [f"sampler={name}"])["sampler"]
     params = {k: v for k, v in node.items() if k != "name"}
     assert set(params) == ({"alpha"} if name in ("sqrt", "power") else

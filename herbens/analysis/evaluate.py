@@ -33,6 +33,11 @@ SOLUTION_LABEL_COLUMNS = ("Predicted", "Expected", "category_id")
 #: to about 128 MB whatever the number of classes.
 ARGMAX_BLOCK_ELEMENTS = 1 << 25
 
+# Standard errors are shown only for groups measured on at least this many images (families,
+# genera) or species (training-count bins); below, the value stands alone.
+MIN_INTERVAL_IMAGES = 10
+MIN_INTERVAL_SPECIES = 5
+
 
 @dataclass
 class Predictions:
@@ -84,14 +89,24 @@ def evaluate_predictions(true_species_idx, pred_species_idx, taxonomy: Taxonomy,
     out["head_tail"] = head_tail
     for level in ("family", "genus"):
         table = per_level_accuracy(true, pred, taxonomy, level)
+        table = _intervals_where_measured(table, "n_images", MIN_INTERVAL_IMAGES)
         best, worst = best_worst(table, k, min_images)
         out[f"per_{level}"] = _records(table)
         out[f"{level}_best"] = _records(best)
         out[f"{level}_worst"] = _records(worst)
-    out["by_training_count"] = _records(accuracy_by_training_count(true, pred, taxonomy))
+    out["by_training_count"] = _records(_intervals_where_measured(
+        accuracy_by_training_count(true, pred, taxonomy), "n_species", MIN_INTERVAL_SPECIES))
     out["anova"] = {level: correctness_anova(true, pred, taxonomy, level)
                     for level in ("family", "genus")}
     return _json_ready(out)
+
+
+def _intervals_where_measured(table: pd.DataFrame, count: str, least: int) -> pd.DataFrame:
+    """No standard error (None when reported) for rows counting fewer than ``least``: a family
+    of 3 images, all right, would otherwise read "100.00 +- 0.00"."""
+    table = table.copy()
+    table.loc[table[count] < least, "se"] = np.nan
+    return table
 
 
 def _as_indices(values, what: str) -> np.ndarray:

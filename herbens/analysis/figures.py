@@ -46,7 +46,7 @@ def plot_family_accuracy(best: list[dict], worst: list[dict], title: str) -> Fig
         ax.set_yticks(y, [f"{r['name']} (n={r['n_images']})" for r in records])
         ax.set_xlim(0, 105)
         ax.set_xlabel("species accuracy (%), bars: binomial SE")
-        ax.set_ylabel("family (test images)")
+        ax.set_ylabel("family (n: scored images, the title's split)")
         ax.set_title(f"{which} {len(records)} families")
     fig.suptitle(title)
     return fig

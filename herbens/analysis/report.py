@@ -46,6 +46,7 @@ class Entry:
     name: str
     path: Path
     kind: str  # "run" or "submission"
+    split: str = "test"  # the images its scores and counts are of: a run's logits split, a submission's test
     evaluation: dict | None = None
     metrics: dict | None = None  # metrics.json of a run
     history: list[dict] | None = None  # history.jsonl of a run
@@ -127,7 +128,8 @@ def collect_entries(inputs: list[Path], solution=None, metadata=None, split: str
             notes.append(f"{path}: not a .csv submission, skipped")
             continue
         entry = Entry(path.name if path.is_dir() else path.stem, path,
-                      "run" if path.is_dir() else "submission")
+                      "run" if path.is_dir() else "submission",
+                      split_name(split) if path.is_dir() else "test")
         if entry.kind == "run":
             entry.metrics, more = read_run_metrics(path / "metrics.json")
             notes += more
@@ -146,6 +148,11 @@ def collect_entries(inputs: list[Path], solution=None, metadata=None, split: str
     for entry, name in zip(entries, unique_names([e.name for e in entries])):
         entry.name = name
     return entries, notes
+
+
+def split_name(split: str) -> str:
+    """What a logits split is called in the report (``val`` reads ``validation``)."""
+    return {"val": "validation"}.get(split, split)
 
 
 def _slug(name: str) -> str:
@@ -177,9 +184,9 @@ def draw_figures(entries: list[Entry], figures: Figures) -> None:
     scored = [e for e in entries if e.evaluation is not None]
     for i, e in enumerate(scored):
         figures.add(plot_family_accuracy(e.evaluation["family_best"], e.evaluation["family_worst"],
-                                         f"Species accuracy per family: {e.name}"),
+                                         f"Species accuracy per family: {e.name} ({e.split} images)"),
                     f"family_accuracy_{i:02d}_{_slug(e.name)}",
-                    f"Best and worst families of {e.name} (fig. 3a)")
+                    f"Best and worst families of {e.name}, {e.split} images (fig. 3a)")
     figures.add(plot_training_bins([(e.name, e.evaluation["by_training_count"]) for e in scored]),
                 "accuracy_by_training_images", "Accuracy by training images per species (fig. 3b)",
                 "accuracy by training images: no scored input, figure skipped")
@@ -220,11 +227,11 @@ def _summary_html(entries: list[Entry]) -> str:
             ("genus_macro_f1", "genus F1"), ("genus_accuracy", "genus acc"),
             ("family_macro_f1", "family F1"), ("family_accuracy", "family acc"),
             ("head_macro_f1", "head F1"), ("tail_macro_f1", "tail F1")]
-    rows = [[e.name, e.kind, e.evaluation["n_images"]] + [pct(e.evaluation.get(k)) for k, _ in keys]
+    rows = [[e.name, e.kind, e.split, e.evaluation["n_images"]] + [pct(e.evaluation.get(k)) for k, _ in keys]
             for e in entries if e.evaluation is not None]
     if not rows:
         return "<p>No input could be scored (see notes).</p>"
-    return _html_table(["input", "kind", "images"] + [label for _, label in keys], rows)
+    return _html_table(["input", "kind", "split scored", "images"] + [label for _, label in keys], rows)
 
 
 def _runs_html(entries: list[Entry]) -> str:
@@ -249,19 +256,20 @@ def _fmt(value) -> str:
 
 def _detail_html(entry: Entry) -> str:
     ev = entry.evaluation
+    scored = f"{entry.split} images"
 
     def groups(records):
-        return _html_table(["family", "test images", "training images", "accuracy %", "SE %"],
+        return _html_table(["family", scored, "training images", "accuracy %", "SE %"],
                            [[r["name"], r["n_images"], r["train_images"], pct(r["accuracy"]),
                              pct(r["se"])] for r in records])
 
-    bins = _html_table(["training images", "species", "test images", "mean accuracy %", "SE %",
+    bins = _html_table(["training images", "species", scored, "mean accuracy %", "SE %",
                         "pooled accuracy %"],
                        [[b["bin"], b["n_species"], b["n_images"], pct(b["accuracy"]),
                          pct(b["se"]), pct(b["image_accuracy"])] for b in ev["by_training_count"]])
     anova = html.escape(format_anova(ev["anova"])).replace("\n", "<br>")
     ht = ev["head_tail"]
-    return (f"<h3>{html.escape(entry.name)}</h3>"
+    return (f"<h3>{html.escape(entry.name)}: {ev['n_images']} {html.escape(scored)}</h3>"
             f"<p>Head ({ht['head_species']} species, &ge; {ht['head_min_train_images']} training "
             f"images) macro-F1 {pct(ev['head_macro_f1'])} %; tail ({ht['tail_species']} species, "
             f"&le; {ht['tail_max_train_images']}) macro-F1 {pct(ev['tail_macro_f1'])} %.</p>"
@@ -297,11 +305,11 @@ def render_html(title: str, entries: list[Entry], figures: Figures) -> str:
 
 def summary_text(entries: list[Entry], figures: Figures, index: Path) -> str:
     """Compact terminal summary: the score table, the first input's worst families, notes."""
-    scored = [(e.name, e.evaluation) for e in entries if e.evaluation is not None]
+    scored = [(f"{e.name} ({e.split})", e.evaluation) for e in entries if e.evaluation is not None]
     parts = [format_summary(scored) if scored else "no input could be scored"]
     if scored:
         name, ev = scored[0]
-        parts.append(f"Worst families of {name}:\n" + format_group_table(ev["family_worst"][:5], "family"))
+        parts.append(f"Worst families of {name}, scored images:\n" + format_group_table(ev["family_worst"][:5], "family"))
         parts.append(f"Accuracy by training images per species of {name}:\n"
                      + format_bins(ev["by_training_count"]))
     if figures.notes:
@@ -339,8 +347,8 @@ def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, spli
     with atomic_write(index) as handle:
         handle.write(render_html(title, entries, figures))
     write_json(out_dir / "report.json", {
-        "inputs": [{"name": e.name, "path": str(e.path), "kind": e.kind, "evaluation": e.evaluation,
-                    "metrics": e.metrics, "unreadable": e.unreadable} for e in entries],
+        "inputs": [{"name": e.name, "path": str(e.path), "kind": e.kind, "split": e.split,
+                    "evaluation": e.evaluation, "metrics": e.metrics, "unreadable": e.unreadable} for e in entries],
         "figures": [name for name, _ in figures.written], "notes": figures.notes})
     with atomic_write(out_dir / "summary.txt") as handle:
         handle.write(summary_text(entries, figures, index) + "\n")

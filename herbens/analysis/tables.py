@@ -40,17 +40,17 @@ def format_rows(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_group_table(records: list[dict], level: str) -> str:
-    """Best or worst family/genus table: name, test images, training images, accuracy +- SE."""
+    """Best or worst family/genus table: name, scored images (the split the caller names), training images, accuracy +- SE."""
     rows = [[r["name"], str(r["n_images"]), str(r["train_images"]),
              _pct_se(r["accuracy"], r["se"])] for r in records]
-    return format_rows([level, "test", "train", "accuracy %"], rows)
+    return format_rows([level, "images", "train", "accuracy %"], rows)
 
 
 def format_bins(records: list[dict]) -> str:
     """Accuracy by training-image bin: mean per-species accuracy +- SE of that mean."""
     rows = [[r["bin"], str(r["n_species"]), str(r["n_images"]),
              _pct_se(r["accuracy"], r["se"])] for r in records]
-    return format_rows(["train images", "species", "test", "accuracy %"], rows)
+    return format_rows(["train images", "species", "images", "accuracy %"], rows)
 
 
 def format_anova(anova: dict) -> str:

@@ -3,8 +3,8 @@
 Design (the least stored state that keeps :func:`herbens.retrieval.prototypes.fuse_with_head`
 correct, the fusion that ``bench/fewshot_eval.py`` evaluates):
 
-- At export, when every member run has stored embeddings (``herbens infer RUN --embeddings``:
-  ``embeddings/train`` and ``embeddings/val``), each member folder gets the known species'
+- At export (:mod:`herbens.bundle.prototype_export`), when every member run has stored
+  embeddings (``herbens infer RUN --embeddings``: ``embeddings/train`` and ``embeddings/val``), each member folder gets the known species'
   prototypes (``prototypes.npy`` ``[P, D]`` float32, ``prototype_owners.npy`` ``[P]``; class
   means of the member's training embeddings, :func:`~herbens.retrieval.fit.fit_prototypes`),
   and ``bundle.json`` an ``enrolment`` record: each member's prototype temperature (fitted on its
@@ -43,7 +43,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -51,11 +51,7 @@ from herbens.bundle.scoring import LevelProbabilities, sum_within
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
 from herbens.numerics import log_softmax
-from herbens.retrieval.fewshot import HEAD_TEMPERATURES
-from herbens.retrieval.fit import describe_fit, fit_prototypes, fit_temperature
-from herbens.retrieval.prototypes import (Prototypes, cosine_scores, fuse_with_head, species_prototype,
-                                          temperature_row_losses)
-from herbens.stores.embeddings import embeddings_dir, read_embeddings
+from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head, species_prototype
 
 PROTOTYPES = "prototypes.npy"
 OWNERS = "prototype_owners.npy"
@@ -64,53 +60,7 @@ SPECIES_FILE = "species.json"
 NAME_COLUMNS = ("category_id", "scientific_name", "authors", "genus", "family")
 
 
-# ----------------------------------------------------------------------------------------
-# Export: the known species' prototypes and the temperatures
-# ----------------------------------------------------------------------------------------
-def export_prototypes(run_dirs: list[Path], folders: list[Path], val_chunks: Iterable, taxonomy, log: Callable,
-                      seed: int = 0) -> dict | None:
-    """Write each member's known-species prototypes; returns ``bundle.json``'s ``enrolment``
-    record, or None (with a note) when some member run has no train/val embeddings.
-
-    ``val_chunks`` yields ``(LevelProbabilities, labels)`` of the bundle's combined validation
-    rows (``export.combined_chunks``): the head temperature is fitted on them. Every temperature
-    is cross-fitted; the record's ``fit`` holds each one's log-loss in sample and out of fold.
-    """
-    lacking = [run for run in run_dirs if not all(embeddings_dir(run, s).is_dir() for s in ("train", "val"))]
-    if lacking:
-        log(f"note: run '{lacking[0]}' has no embeddings/train and embeddings/val; the bundle cannot enrol "
-            "species (herbens infer RUN --embeddings, then export again)")
-        return None
-    temperatures, fits = {}, {}
-    for run, folder in zip(run_dirs, folders):
-        splits = [read_embeddings(run, s, taxonomy_hash=taxonomy.hash, num_species=taxonomy.num_classes("species"))
-                  for s in ("train", "val")]
-        for split in splits:
-            if split.labels is None or (split.labels < 0).any():
-                raise HerbensError(f"{split.where}: every row needs a species label to build the bundle's prototypes")
-        fit = fit_prototypes(splits[0], splits[1], taxonomy, 1, None, seed)
-        _save_npy(folder / PROTOTYPES, fit.full.prototypes.vectors.astype(np.float32))
-        _save_npy(folder / OWNERS, fit.full.prototypes.owners.astype(np.int64))
-        temperatures[folder.name] = float(fit.fitted["temperature"])
-        fits[folder.name] = fit.fitted
-        log(f"enrolment: member {folder.name} prototype {describe_fit(fit.fitted)}")
-    head = fit_head_temperature(val_chunks)
-    log(f"enrolment: head {describe_fit(head)}")
-    return {"head_temperature": head["temperature"], "prototype_temperatures": temperatures,
-            "fit": {"head_temperature": head, "prototype_temperatures": fits}}
-
-
-def fit_head_temperature(val_chunks: Iterable) -> dict:
-    """Temperature of the bundle's combined species scores by log-loss on the validation rows,
-    cross-fitted (:func:`herbens.retrieval.fit.fit_temperature`)."""
-    losses, labels = [], []
-    for probs, chunk_labels in val_chunks:
-        losses.append(temperature_row_losses(probs.scores, chunk_labels, HEAD_TEMPERATURES))
-        labels.append(chunk_labels)
-    return fit_temperature(np.concatenate(losses), np.concatenate(labels), HEAD_TEMPERATURES)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     # Through atomic_write: enrolment stages a bundle with hard links, so a file is never
     # rewritten in place (that would change the original bundle's file too).
     with atomic_write(path, "wb") as handle:
@@ -272,7 +222,7 @@ def _write_species(root: Path, tmp: Path, old: list[dict], new: list[dict], vect
         (tmp / ENROLLED).mkdir(exist_ok=True)
         write_json(tmp / ENROLLED / SPECIES_FILE, {"format_version": 1, "species": new})
         for member, rows in vectors.items():
-            _save_npy(tmp / ENROLLED / f"{member}.npy", rows.astype(np.float32))
+            save_npy(tmp / ENROLLED / f"{member}.npy", rows.astype(np.float32))
     else:
         shutil.rmtree(tmp / ENROLLED)
     write_manifest(tmp)
@@ -302,6 +252,30 @@ def _checked_text(value: str, what: str) -> str:
     return value
 
 
+def _new_identity(bundle, name: str, category_id: int | None) -> tuple[str, int]:
+    """The checked name and category_id of a species to enrol into ``bundle`` (which must be
+    able to enrol): neither may be taken; the id defaults to one more than the largest."""
+    root = bundle.path
+    if not bundle.record.get("enrolment"):
+        raise HerbensError(f"bundle {root}: exported without prototypes, it cannot enrol species (herbens infer "
+                           "RUN --embeddings for every member run, then herbens export again)")
+    if bundle.ood_score != "msp":
+        raise HerbensError(f"bundle {root}: enrolment needs the msp OOD score (this bundle uses "
+                           f"{bundle.ood_score}, meaningless on fused probabilities); export with --ood-score msp")
+    name = _checked_text(name, "--name")
+    if not name:
+        raise HerbensError("--name must not be empty")
+    taken = dict(zip(bundle.names.scientific_name, bundle.names.category_id))
+    if name in taken:
+        raise HerbensError(f"bundle {root}: {name} already names category_id {taken[name]}")
+    ids = set(int(c) for c in bundle.names.category_id)
+    if category_id is None:
+        return name, max(ids) + 1
+    if int(category_id) in ids:
+        raise HerbensError(f"bundle {root}: category_id {category_id} is already taken")
+    return name, int(category_id)
+
+
 def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: str | None = None,
                   family: str | None = None, category_id: int | None = None, device: str = "cpu",
                   batch_size: int = 32, log: Callable[[str], None] = print) -> dict:
@@ -326,23 +300,7 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
 
     bundle = load_bundle(bundle_path, device=device)
     root = bundle.path
-    if not bundle.record.get("enrolment"):
-        raise HerbensError(f"bundle {root}: exported without prototypes, it cannot enrol species (herbens infer "
-                           "RUN --embeddings for every member run, then herbens export again)")
-    if bundle.ood_score != "msp":
-        raise HerbensError(f"bundle {root}: enrolment needs the msp OOD score (this bundle uses "
-                           f"{bundle.ood_score}, meaningless on fused probabilities); export with --ood-score msp")
-    name = _checked_text(name, "--name")
-    if not name:
-        raise HerbensError("--name must not be empty")
-    taken = dict(zip(bundle.names.scientific_name, bundle.names.category_id))
-    if name in taken:
-        raise HerbensError(f"bundle {root}: {name} already names category_id {taken[name]}")
-    ids = set(int(c) for c in bundle.names.category_id)
-    if category_id is None:
-        category_id = max(ids) + 1
-    elif int(category_id) in ids:
-        raise HerbensError(f"bundle {root}: category_id {category_id} is already taken")
+    name, category_id = _new_identity(bundle, name, category_id)
     species = read_species(root)
     genus, family = _taxon_of(bundle, species, _checked_text(genus or name.split()[0], "--genus"),
                               _checked_text(family, "--family") or None)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from herbens.bundle import thresholds as th
-from herbens.bundle.enrolment import export_prototypes
+from herbens.bundle.prototype_export import export_prototypes
 from herbens.bundle.load import DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, load_bundle, write_manifest
 from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
                                     params_record, single_run_params)

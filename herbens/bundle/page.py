@@ -103,26 +103,34 @@ def thresholds_line(bundle) -> str:
             f"unknown when the OOD score ({bundle.ood_score}) is below {values['ood']:.4g}.")
 
 
-def render_page(items: list[dict], title: str, failures: list[tuple[str, str]] = (), thresholds: str = "") -> str:
-    """The whole HTML document; the summary counts every file, the failed ones included."""
-    counts = {}
-    for item in items:
-        counts[item["decision"]] = counts.get(item["decision"], 0) + 1
-    if failures:
-        counts["failed"] = len(failures)
+def render_page(items: list[dict], title: str, failures: list[tuple[str, str]] = (), thresholds: str = "",
+                counts: dict | None = None, note: str = "") -> str:
+    """The whole HTML document; the summary counts every file, the failed ones included.
+
+    ``counts`` (decision -> number, ``failed`` included) when the page shows a sample of a larger
+    run, and ``note`` saying what it left out (:class:`herbens.bundle.merge.PageSample`).
+    """
+    if counts is None:
+        counts = {}
+        for item in items:
+            counts[item["decision"]] = counts.get(item["decision"], 0) + 1
+        if failures:
+            counts["failed"] = len(failures)
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     cards = "".join(card(item) for item in items) + "".join(failure_card(p, err) for p, err in failures)
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{len(items) + len(failures)} files: {html.escape(summary)}</p>"
+            f"<h1>{html.escape(title)}</h1><p>{sum(counts.values())} files: {html.escape(summary)}</p>"
+            + (f'<p class="note">{html.escape(note)}</p>' if note else "") +
             f'<p class="thresholds">{html.escape(thresholds)}</p>'
             '<div class="bar"><label><input type="checkbox" id="f-unknown" onchange="applyFilters()"> unknown only</label>'
             '<label><input type="checkbox" id="f-genus" onchange="applyFilters()"> genus only</label></div>'
             f'<div class="cards">{cards}</div></body></html>\n')
 
 
-def write_page(path: Path, items: list[dict], bundle, failures: list[tuple[str, str]] = ()) -> None:
-    """Write the page atomically."""
+def write_page(path: Path, items: list[dict], bundle, failures: list[tuple[str, str]] = (),
+               counts: dict | None = None, note: str = "") -> None:
+    """Write the page atomically (``counts`` and ``note``: see :func:`render_page`)."""
     with atomic_write(path, encoding="utf-8") as handle:
         handle.write(render_page(items, f"herbens predictions ({bundle.path.name})", failures,
-                                 thresholds_line(bundle)))
+                                 thresholds_line(bundle), counts, note))

@@ -10,22 +10,25 @@ Unreadable images are reported one per line and the others still predicted (exit
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
+import torch
 
 from herbens.bundle import thresholds as th
-from herbens.bundle.inputs import collect_inputs
+from herbens.bundle.collection import (DEFAULT_BLOCK, FORMAT_VERSION, InputList, Processes, bundle_digest, check_parts, open_parts,
+                                       parts_dir, predict_blocks, remove_parts, shard_path)
+from herbens.bundle.load import load_bundle
+from herbens.bundle.merge import (DEFAULT_PAGE_CAP, OUTPUT_FORMATS, PageSample, count_predicted, finite,
+                                  output_writer, report_failures, shard_items)
+from herbens.bundle.page import write_page
 from herbens.bundle.naming import decision_fields, is_enrolled
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.data.loaders import paths_loader
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
 from herbens.infer.loop import Engine, predict_batches
 from herbens.progress import progress_bar
 
@@ -169,69 +172,74 @@ def records(bundle, pred: Predictions) -> list[dict]:
     return out
 
 
-def as_frame(items: list[dict], top_k: int) -> pd.DataFrame:
-    """The CSV table: one row per image, the top-k species as numbered columns."""
-    table = []
-    for item in items:
-        row = {k: item[k] for k in ("path", "name", "rank", "reason", "decision")}
-        for j, sp in enumerate(item["species"][:top_k], start=1):
-            row.update({f"category_id_{j}": sp["category_id"], f"scientific_name_{j}": sp["scientific_name"],
-                        f"authors_{j}": sp["authors"], f"probability_{j}": round(sp["probability"], 6)})
-        row.update({k: item[k] for k in ("genus", "genus_probability", "family", "family_probability", "ood_score")})
-        table.append(row)
-    return pd.DataFrame(table)
-
-
-def write_outputs(output: Path, fmt: str, items: list[dict], top_k: int, failures, bundle) -> None:
-    """Write the CSV or JSON atomically."""
-    if fmt == "json":
-        with atomic_write(output) as handle:
-            json.dump({"bundle": str(bundle.path), "thresholds": _finite(bundle.thresholds),
-                       "predictions": items, "failed": [{"path": p, "error": e} for p, e in failures]},
-                      handle, indent=2)
-            handle.write("\n")
-        return
-    with atomic_write(output, newline="") as handle:
-        as_frame(items, top_k).to_csv(handle, index=False, float_format="%.6g")
-
-
-def _finite(values: dict) -> dict:
-    return {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}
-
-
 def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path | None = None, top_k: int = 5,
-                    batch_size: int = 32, device: str = "cpu", workers: int = 0, progress: bool = True,
-                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                    log: Callable[[str], None] = print) -> int:
-    """Everything ``herbens predict`` does; returns the exit status (1 when some image failed)."""
-    from herbens.bundle.load import load_bundle
+                    batch_size: int = 32, device: str | None = None, workers: int = 0, progress: bool = True,
+                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, block: int = DEFAULT_BLOCK,
+                    page_cap: int = DEFAULT_PAGE_CAP, log: Callable[[str], None] = print) -> int:
+    """Everything ``herbens predict`` does; returns the exit status (1 when some image failed).
 
-    check_predict_options(top_k, batch_size, workers, 1, max_pixels)
-    if device.startswith("cuda"):
-        import torch
+    Streams the input in blocks of ``block`` paths into resumable shards beside ``output`` and
+    merges them at the end (:mod:`herbens.bundle.collection`); under torchrun or ``accelerate
+    launch`` every process predicts its own blocks and the first one merges. ``device`` None:
+    the accelerator when present. ``page_cap``: most cards on the HTML page.
+    """
+    check_predict_options(top_k, batch_size, workers, block, max_pixels)
+    if fmt not in OUTPUT_FORMATS:
+        raise HerbensError(f"predict: format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    if isinstance(page_cap, bool) or not isinstance(page_cap, int) or page_cap < 1:
+        raise HerbensError(f"predict: page_cap (--page-cap) must be an integer of at least 1, got {page_cap!r}")
+    procs = Processes(device)
+    if procs.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HerbensError("--device cuda: no CUDA device is available")
+    bundle = load_bundle(bundle_path, device=procs.device)
+    inputs, output = InputList(source), Path(output)
+    work = parts_dir(output)
+    made_from = {"format": FORMAT_VERSION, "bundle": bundle_digest(bundle), "input": inputs.digest(),
+                 "block": block, "top_k": top_k, "max_pixels": max_pixels}
+    check_parts(work, made_from)  # every process refuses alike, before any waits for the others
+    if procs.is_main:
+        open_parts(work, made_from)
+    procs.barrier()
 
-        if not torch.cuda.is_available():
-            raise HerbensError("--device cuda: no CUDA device is available")
-    bundle = load_bundle(bundle_path, device=device)
-    paths, skipped = collect_inputs(source)
-    pred = predict_paths(bundle, paths, top_k=top_k, batch_size=batch_size, device=device, workers=workers,
-                         max_pixels=max_pixels,
-                         progress=progress)
-    for path, reason in skipped:
+    def predict(part: list[str]) -> tuple[list[dict], dict[str, str]]:
+        pred = predict_paths(bundle, part, top_k=top_k, batch_size=batch_size, device=procs.device, workers=workers,
+                             block=len(part), progress=False, max_pixels=max_pixels)
+        return (records(bundle, pred) if pred.paths else []), dict(pred.failures)
+
+    blocks = predict_blocks(predict, inputs, work, block, procs, progress)
+    procs.barrier()
+    if not procs.is_main:
+        return 0
+    return _merge(bundle, source, inputs, [shard_path(work, b) for b in range(blocks)], output, fmt, html, top_k,
+                  page_cap, log)
+
+
+def _merge(bundle, source, inputs: InputList, shards: list[Path], output: Path, fmt: str, html: Path | None,
+           top_k: int, page_cap: int, log: Callable[[str], None]) -> int:
+    """Merge the shards into ``output`` (and the page), report, and remove the parts folder."""
+    for path, reason in inputs.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    for path, error in pred.failures:
-        print(f"failed {path}: {error}", file=sys.stderr)
-    if not pred.paths:
-        raise HerbensError(f"{source}: none of the {len(paths)} image(s) could be read (each failure is "
+    work = shards[0].parent if shards else None
+    if not count_predicted(shards):
+        failed = 0
+        for _, failures in shard_items(shards):
+            report_failures(failures)
+            failed += len(failures)
+        remove_parts(work)
+        raise HerbensError(f"{source}: none of the {failed} image(s) could be read (each failure is "
                            f"listed above); nothing written")
-    items = records(bundle, pred)
-    write_outputs(Path(output), fmt, items, top_k, pred.failures, bundle)
+    sample = PageSample(page_cap)
+    with output_writer(output, fmt, top_k, bundle, finite(bundle.thresholds)) as write:
+        for items, failures in shard_items(shards):
+            report_failures(failures)
+            write([item for _, item in items], failures)
+            sample.add(items, failures)
     if html is not None:
-        from herbens.bundle.page import write_page
-
-        write_page(Path(html), items, bundle, pred.failures)
-    counts = {d: sum(1 for it in items if it["decision"] == d) for d in th.DECISIONS}
-    log(f"wrote {output}: {len(items)} image(s) predicted ("
-        + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"), {len(pred.failures)} unreadable"
-        + (f", {len(skipped)} non-image file(s) skipped" if skipped else ""))
-    return 1 if pred.failures else 0
+        items, failures, counts, note = sample.shown(output)
+        write_page(Path(html), items, bundle, failures, counts=counts, note=note)
+    remove_parts(work)
+    counts = {d: sample.counts.get(d, 0) for d in th.DECISIONS}
+    log(f"wrote {output}: {sum(sample.counts.values())} image(s) predicted ("
+        + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"), {sample.failed} unreadable"
+        + (f", {len(inputs.skipped)} non-image file(s) skipped" if inputs.skipped else ""))
+    return 1 if sample.failed else 0

@@ -20,7 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from herbens.config import RECIPES_DIR, load_config
+from herbens.config import load_config, recipes_dir
 from herbens.errors import HerbensError
 
 # Class counts of the home benchmark (Kaggle Herbarium 2022 / NAFlora-1M), used only to size the
@@ -46,9 +46,10 @@ class ClassCounts:
         return int(self.counts[level])
 
 
-def recipe_paths(recipes_dir: Path = RECIPES_DIR) -> list[Path]:
-    """Shipped recipe files, sorted by name, without the ``_``-prefixed shared parents."""
-    return sorted(p for p in recipes_dir.glob("*.yaml") if not p.name.startswith("_"))
+def recipe_paths(folder: Path | None = None) -> list[Path]:
+    """Recipe files of ``folder`` (default: the recipe folder, :func:`herbens.config.recipes_dir`),
+    sorted by name, without the ``_``-prefixed shared parents."""
+    return sorted(p for p in (folder or recipes_dir()).glob("*.yaml") if not p.name.startswith("_"))
 
 
 def offline_config(cfg: dict) -> dict:
@@ -250,13 +251,13 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
 
 
 def list_recipes(names: list[str] | None = None, flops: bool = True,
-                 recipes_dir: Path = RECIPES_DIR) -> list[dict]:
+                 folder: Path | None = None) -> list[dict]:
     """Rows of :func:`describe_recipe` for every shipped recipe (or only ``names``).
 
     Raises:
         HerbensError: an unknown name in ``names``, or a recipe that does not load.
     """
-    paths = recipe_paths(recipes_dir)
+    paths = recipe_paths(folder)
     if names:
         by_name = {p.stem: p for p in paths}
         unknown = [n for n in names if n not in by_name]

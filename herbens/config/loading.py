@@ -11,6 +11,7 @@ name, or with the same one, edits the old node.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -21,8 +22,10 @@ from herbens.config.rules import check_rules
 from herbens.config.schema import Recipe, section_class
 from herbens.errors import HerbensError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "recipes"
-BASE_RECIPE = RECIPES_DIR / "_base.yaml"
+# The recipes shipped with the checkout, and the setting that points every reader elsewhere
+# (a suite run as another user from a private clone, a site's own recipe folder).
+SHIPPED_RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "recipes"
+RECIPES_DIR_ENV = "HERBENS_RECIPES_DIR"
 
 # libyaml's parser when installed (same YAML, ~10x faster than the pure-Python one).
 _BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -70,16 +73,34 @@ def _matches(path: tuple, patterns) -> bool:
     return any(len(path) == len(p) and all(q in ("*", k) for q, k in zip(p, path)) for p in patterns)
 
 
+def recipes_dir() -> Path:
+    """The recipe folder every reader uses: ``$HERBENS_RECIPES_DIR`` when set, else the shipped
+    ``recipes/``. Read at each call, so a change of the setting applies at once."""
+    value = os.environ.get(RECIPES_DIR_ENV)
+    if not value:
+        return SHIPPED_RECIPES_DIR
+    folder = Path(value)
+    if not folder.is_dir():
+        raise HerbensError(f"{RECIPES_DIR_ENV}={value}: not a folder (unset it to use {SHIPPED_RECIPES_DIR})")
+    return folder
+
+
+def base_recipe() -> Path:
+    """``_base.yaml`` of the recipe folder: the defaults every recipe starts from."""
+    return recipes_dir() / "_base.yaml"
+
+
 def resolve_recipe_path(recipe: str | Path) -> Path:
-    """A recipe path as given, or a bare name looked up in the shipped ``recipes/`` folder."""
+    """A recipe path as given, or a bare name looked up in the recipe folder (:func:`recipes_dir`)."""
     path = Path(recipe)
     if path.is_file():
         return path
-    for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
+    folder = recipes_dir()
+    for candidate in (folder / recipe, folder / f"{recipe}.yaml"):
         if candidate.is_file():
             return candidate
-    names = [p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith("_")]
-    raise HerbensError(f"recipe {recipe!r} not found (neither a file nor a name in {RECIPES_DIR})"
+    names = [p.stem for p in folder.glob("*.yaml") if not p.name.startswith("_")]
+    raise HerbensError(f"recipe {recipe!r} not found (neither a file nor a name in {folder})"
                        + suggestion(path.stem, names))
 
 
@@ -240,7 +261,7 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> dict:
         The fully resolved configuration as nested dicts.
     """
     path = resolve_recipe_path(recipe)
-    cfg = deep_merge(read_yaml(BASE_RECIPE), _load_chain(path))
+    cfg = deep_merge(read_yaml(base_recipe()), _load_chain(path))
     cfg = apply_overrides(cfg, overrides or [])
     if cfg.get("name") is None:
         cfg["name"] = path.stem

@@ -52,6 +52,12 @@ def _pair(value):
     return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _no_repeats(value: list, what: str) -> list:
+    if len(set(value)) != len(value):
+        raise ValueError(f"names a {what} twice: {value!r}")
+    return value
+
+
 Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
 Node = dict[str, Any]
 
@@ -161,9 +167,7 @@ class TextHeads(Section):
     @field_validator("levels")
     @classmethod
     def _unique(cls, value: list) -> list:
-        if len(set(value)) != len(value):
-            raise ValueError(f"names a level twice: {value!r}")
-        return value
+        return _no_repeats(value, "level")
 
 
 class Input(Section):
@@ -320,9 +324,7 @@ class Infer(Section):
     @field_validator("splits")
     @classmethod
     def _unique(cls, value: list) -> list:
-        if len(set(value)) != len(value):
-            raise ValueError(f"names a split twice: {value!r}")
-        return value
+        return _no_repeats(value, "split")
 
     @field_validator("tta")
     @classmethod

@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from herbens.ensemble.combine import Params, hierarchy_terms, needs_of, species_scores
-from herbens.ensemble.crossfit import Folds, choose, collect, fit_predictions
+from herbens.ensemble.crossfit import NestedFolds, choose, collect, fit_predictions
 from herbens.ensemble.stores import AlignedSplit
 from herbens.numerics import softmax
 
@@ -41,7 +41,7 @@ def _label_rows(chunk, level_of: np.ndarray | None = None) -> tuple[np.ndarray, 
     return ok, (y if level_of is None else level_of[y])
 
 
-def _masked_means(rows: np.ndarray, folds: Folds) -> np.ndarray:
+def _masked_means(rows: np.ndarray, folds: NestedFolds) -> np.ndarray:
     """``[fits, ...]`` mean of per-row values over each fit's training rows."""
     return np.stack([rows[folds.train_mask(j)].mean(axis=0) for j in range(folds.num_fits)])
 
@@ -49,7 +49,7 @@ def _masked_means(rows: np.ndarray, folds: Folds) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # Temperature per run and per level
 # ----------------------------------------------------------------------------------------
-def fit_temperatures(split: AlignedSplit, folds: Folds, levels: Sequence[str],
+def fit_temperatures(split: AlignedSplit, folds: NestedFolds, levels: Sequence[str],
                      chunk_rows: int) -> list[dict[str, np.ndarray]]:
     """Per fit, per level, per run: the temperature minimising that level's own NLL.
 
@@ -59,7 +59,7 @@ def fit_temperatures(split: AlignedSplit, folds: Folds, levels: Sequence[str],
     a parabola through the best point and its neighbours for the last digit.
 
     Returns:
-        ``[fits]`` of ``{level: [runs] temperatures}``.
+        ``[fits]`` of ``{level: [runs] temperatures}``, shrunk by :func:`shrink_temperatures`.
     """
     num_runs = len(split.runs)
     lattice = np.log(TEMPERATURE_LATTICE)
@@ -74,6 +74,31 @@ def fit_temperatures(split: AlignedSplit, folds: Folds, levels: Sequence[str],
     for key, values in nll.items():
         for j in range(folds.num_fits):
             out[j][key[0]][key[1]] = float(np.exp(_parabola_min(lattice[fine[key]], values[j])))
+    return shrink_temperatures(out, folds)
+
+
+def shrink_temperatures(temps: list[dict[str, np.ndarray]], folds: NestedFolds) -> list[dict[str, np.ndarray]]:
+    """Each fit's temperatures with the runs' differences of scale kept only where they are real.
+
+    In log space each run's temperature is its fit's geometric mean (kept: the overall scale)
+    plus a deviation d; d is shrunk towards 0 by ``max(0, 1 - var / d^2)`` (positive-part
+    James-Stein), ``var`` the jackknife variance of that run's log temperature over its group's
+    leave-one-fold-out fits. An ArcFace scale (d ~ 3) survives whole; the noise that makes
+    identical runs' temperatures differ on a small validation set (which unequal weights
+    would then turn into a test loss) is removed.
+    """
+    k, out = folds.k, [dict(t) for t in temps]
+    for group in range(folds.num_groups):
+        fits = range(folds.fit_index(group, 0), folds.fit_index(group, k) + 1)
+        for level in temps[0]:
+            logs = np.log(np.stack([temps[j][level] for j in fits]))  # [k + 1, runs]
+            inner = logs[:k]
+            var = (k - 1) / k * ((inner - inner.mean(axis=0)) ** 2).sum(axis=0) if k > 1 else 0.0
+            centre = logs.mean(axis=1, keepdims=True)
+            d = logs - centre
+            factor = np.clip(1 - var / np.maximum(d ** 2, 1e-300), 0.0, 1.0)
+            for row, j in enumerate(fits):
+                out[j][level] = np.exp(centre[row] + factor[row] * d[row])
     return out
 
 
@@ -123,7 +148,7 @@ def _parabola_min(x: np.ndarray, y: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------
 # Run weights
 # ----------------------------------------------------------------------------------------
-def fit_weights_f1(split: AlignedSplit, folds: Folds, fits: Sequence[Params], chunk_rows: int,
+def fit_weights_f1(split: AlignedSplit, folds: NestedFolds, fits: Sequence[Params], chunk_rows: int,
                    rounds: int = 4) -> list[np.ndarray]:
     """Per fit, softmax-parametrised weights maximising macro-F1 on its rows (coordinate search).
 
@@ -131,7 +156,9 @@ def fit_weights_f1(split: AlignedSplit, folds: Folds, fits: Sequence[Params], ch
     in the same pass (each from its own weights), so a round costs one pass per run.
     """
     num_runs = len(fits[0].weights)
-    theta = np.log(np.stack([np.asarray(p.weights, dtype=np.float64) for p in fits]))
+    # A single run chosen instead of the mean has zero weights: start those at the bound.
+    weights = np.stack([np.asarray(p.weights, dtype=np.float64) for p in fits])
+    theta = np.log(np.maximum(weights, np.exp(-LOG_WEIGHT_BOUND)))
     theta -= theta.max(axis=1, keepdims=True)
     for _ in range(rounds):
         moved = False
@@ -164,7 +191,7 @@ def _weight_moves(chunk, params: Params, theta: np.ndarray, r: int, candidates: 
     return np.stack([(rest + np.float32(np.exp(c)) * mine).argmax(axis=1) for c in candidates], axis=1)
 
 
-def fit_weights_nll(split: AlignedSplit, folds: Folds, fits: Sequence[Params],
+def fit_weights_nll(split: AlignedSplit, folds: NestedFolds, fits: Sequence[Params],
                     chunk_rows: int) -> list[tuple[np.ndarray, float]]:
     """Per fit, softmax-parametrised weights (and, in logit space, an ensemble scale) minimising NLL.
 
@@ -218,7 +245,7 @@ def _nll_rows(chunk, params: Params, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fit_mixture_weights(split: AlignedSplit, folds: Folds, fits: Sequence[Params], chunk_rows: int) -> list:
+def _fit_mixture_weights(split: AlignedSplit, folds: NestedFolds, fits: Sequence[Params], chunk_rows: int) -> list:
     num_runs = len(fits[0].weights)
 
     def true_class_probs(chunk):
@@ -255,7 +282,7 @@ def _softmax_1d(theta: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # Post-processing: inverse frequency and hierarchy
 # ----------------------------------------------------------------------------------------
-def fit_tau(split: AlignedSplit, folds: Folds, fits: Sequence[Params], chunk_rows: int) -> list[float]:
+def fit_tau(split: AlignedSplit, folds: NestedFolds, fits: Sequence[Params], chunk_rows: int) -> list[float]:
     """Per fit, ``tau`` in ``scores - tau * log(prior)`` maximising macro-F1 (coarse, then fine grid).
 
     The range includes negative values: a run trained with a class-balanced or logit-adjusted
@@ -283,7 +310,7 @@ def _simplest_first(values) -> np.ndarray:
     return values[np.lexsort((values, np.abs(values)))]
 
 
-def fit_hierarchy(split: AlignedSplit, folds: Folds, fits: Sequence[Params], chunk_rows: int,
+def fit_hierarchy(split: AlignedSplit, folds: NestedFolds, fits: Sequence[Params], chunk_rows: int,
                   genus: bool, family: bool) -> list[tuple[float, float]]:
     """Per fit, ``alpha``, ``beta`` weighting log p(genus), log p(family) of each species (grid).
 

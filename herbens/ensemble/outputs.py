@@ -56,15 +56,22 @@ def format_table(steps: list[dict], images: int, folds: int) -> str:
     """The validation table: each run, the plain average, then each step, kept or not.
 
     Every level shows the in-sample macro-F1 (fitted and scored on all rows) and the
-    out-of-fold one (each fold scored by values fitted without it), which decides what is kept.
+    out-of-fold one (each fold scored by values fitted without it), which decides what is kept
+    and so carries that selection. The last column, species F1 ``honest``, scores the whole
+    procedure up to that row on outer folds that neither its fitting nor its choices saw
+    (nested cross-fitting): the estimate of the test score.
     """
     title = f"validation ({images} images, {folds}-fold)"
-    head = f"{title:<{STEP_WIDTH}}" + "".join(f"{lv + ' F1 in / oof':>22}" for lv in SCORE_LEVELS) + "  kept"
+    honest = any("honest" in step for step in steps)
+    head = (f"{title:<{STEP_WIDTH}}" + "".join(f"{lv + ' F1 in / oof':>22}" for lv in SCORE_LEVELS)
+            + ("  honest" if honest else "") + "  kept")
     lines = [head, "-" * len(head)]
     for step in steps:
         kept = {True: "yes", False: "no", None: ""}.get(step["kept"], str(step["kept"]))
         cells = "".join(f"{step['in_sample'][lv + '_macro_f1']:>13.4f} / {step['out_of_fold'][lv + '_macro_f1']:.4f}"
                         for lv in SCORE_LEVELS)
+        if honest:
+            cells += f"  {step['honest']['species_macro_f1']:.4f}" if "honest" in step else " " * 8
         lines.append(f"{step['step'][:STEP_WIDTH - 1]:<{STEP_WIDTH}}{cells}  {kept}")
     return "\n".join(lines)
 

@@ -1,12 +1,14 @@
 """The fitted pipeline: ``herbens ensemble runs/* -o submissions/NAME.csv`` lands in :func:`ensemble_runs`.
 
 1. open and align the runs' stores (:mod:`herbens.ensemble.stores`);
-2. on the labelled validation rows, fit in turn: a temperature per run and level, run
-   weights, the inverse-frequency ``tau``, the hierarchy ``alpha``/``beta``
-   (:mod:`herbens.ensemble.fit`), each cross-fitted over stratified folds
-   (:mod:`herbens.ensemble.crossfit`) and kept only if it raises the OUT-OF-FOLD species
-   macro-F1; weights and species temperatures are shrunk towards equal / 1 by a factor the
-   out-of-fold score chooses;
+2. on the labelled validation rows: the mean of the runs on one scale (a temperature per run
+   and level, by NLL), then in turn the plain mean or a single run instead, run weights, the
+   inverse-frequency ``tau``, the hierarchy ``alpha``/``beta`` (:mod:`herbens.ensemble.fit`),
+   each cross-fitted over stratified folds (:mod:`herbens.ensemble.crossfit`) and kept only
+   if its OUT-OF-FOLD species macro-F1 gain passes the keep rule
+   (:func:`herbens.ensemble.steps.keeps`); weights are shrunk towards equal by a factor the
+   out-of-fold score chooses; the whole procedure is repeated inside outer folds for its
+   honest score (nested cross-fitting, :class:`herbens.ensemble.crossfit.NestedFolds`);
 3. refit on all validation rows (the full fit), stream the test split once in row chunks
    through :func:`herbens.ensemble.combine.predict_chunk` and write the outputs
    (:mod:`herbens.ensemble.outputs`).
@@ -24,10 +26,11 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS
 from herbens.ensemble import fit
 from herbens.ensemble.combine import ClassSpace, Params, needs_of, predict_chunk
-from herbens.ensemble.crossfit import Folds, evaluate_fits, scores_of, species_f1, stratified_folds
+from herbens.ensemble.crossfit import NestedFolds
 from herbens.ensemble.integrity import forget_unreadable_labels, unreadable_record, warn_unverifiable_test
 from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.outputs import format_table, output_paths, summary, write_outputs
+from herbens.ensemble.steps import Steps
 from herbens.ensemble.stores import (AlignedSplit, Run, align_split, auto_chunk_rows, class_space, labelled,
                                      load_runs)
 from herbens.ensemble.submission import prepare_outputs
@@ -36,17 +39,9 @@ from herbens.fileio import write_json
 from herbens.stores.logits import logits_dir
 from herbens.progress import progress_bar
 
-# Shrinkage of fitted weights / species temperatures towards equal / 1, in log space: the
-# out-of-fold score picks the factor; on a tie the stronger shrinkage wins.
+# Shrinkage of fitted weights towards equal, in log space: the out-of-fold score picks the
+# factor; on a tie the stronger shrinkage wins.
 SHRINK = (0.25, 0.5, 0.75, 1.0)
-ROWS_PER_FITTED_VALUE = 10
-# A step is kept only if its out-of-fold gain is consistent across folds: the mean per-fold
-# gain must exceed KEEP_T standard errors of it (a one-sided t-test). Without this, choosing
-# the best of a few alternatives on noise "wins" half the time on a small validation set. One
-# standard error, not two: with 5 folds of a small validation set, two rejected real gains (the
-# demo's tau, +0.09 out-of-fold macro-F1 at t = 1.3), while identical noise runs still keep a
-# step on at most 4 of 10 seeds (tests/test_ensemble.py).
-KEEP_T = 1.0
 
 
 def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit", weight_objective: str = "f1",
@@ -149,112 +144,8 @@ def _shared_levels(runs: list[Run], with_val: bool) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------
-# The sequence of steps, cross-fitted
+# The sequence of steps, cross-fitted (herbens.ensemble.steps)
 # ----------------------------------------------------------------------------------------
-class _Steps:
-    """The validation table being built, and every fit's parameters so far.
-
-    ``fits[j]`` are the parameters of fit j (:class:`herbens.ensemble.crossfit.Folds`); the
-    last is the full fit, applied to the test split. Rows whose parameters are given rather
-    than fitted are scored lazily, all together in one pass.
-    """
-
-    def __init__(self, split: AlignedSplit, folds: Folds, chunk_rows: int, log: Callable):
-        self.split, self.folds, self.chunk_rows, self.log = split, folds, chunk_rows, log
-        self.rows: list[dict] = []
-        self.fits: list[Params] = []
-        self._current: int | None = None  # row holding self.fits's scores
-        self._oof: dict[int, np.ndarray] = {}  # out-of-fold predictions of scored rows
-        self._pending: list[tuple[int, list[Params]]] = []
-
-    @property
-    def params(self) -> Params:
-        """The full fit's parameters in use."""
-        return self.fits[self.folds.full]
-
-    def same(self, params: Params) -> list[Params]:
-        """The same parameters for every fit (nothing fitted)."""
-        return [params] * self.folds.num_fits
-
-    def add(self, name: str, fits: list[Params], kept=None, current: bool = False,
-            show_params: bool = True) -> int:
-        """Append a row to be scored with ``fits``; ``current`` makes them the parameters in use."""
-        row = {"step": name, "kept": kept}
-        if show_params:
-            row["params"] = fits[self.folds.full].to_json()
-        self.rows.append(row)
-        self._pending.append((len(self.rows) - 1, fits))
-        if current:
-            self.fits, self._current = fits, len(self.rows) - 1
-        return len(self.rows) - 1
-
-    def flush(self) -> None:
-        """Score every pending row (in-sample and out-of-fold) in one pass."""
-        if not self._pending:
-            return
-        ins, oof = evaluate_fits(self.split, self.folds, [f for _, f in self._pending], self.chunk_rows)
-        for g, (index, _) in enumerate(self._pending):
-            self.rows[index]["in_sample"] = scores_of(self.split, ins[:, g])
-            self.rows[index]["out_of_fold"] = scores_of(self.split, oof[:, g])
-            self._oof[index] = oof[:, g]
-        self._pending = []
-
-    def current_scores(self) -> dict:
-        self.flush()
-        row = self.rows[self._current]
-        return {"in_sample": row["in_sample"], "out_of_fold": row["out_of_fold"]}
-
-    def _fold_gain_t(self, candidate: np.ndarray) -> float:
-        """t statistic of the per-fold species macro-F1 gains of ``candidate`` over the current predictions."""
-        current = self._oof[self._current]
-        gains = np.array([species_f1(self.split, candidate, m) - species_f1(self.split, current, m)
-                          for m in (self.folds.fold == i for i in range(self.folds.k))])
-        if self.folds.k < 2 or not gains.any():
-            return 0.0
-        se = gains.std(ddof=1) / np.sqrt(self.folds.k)
-        return float(np.sign(gains.mean()) * np.inf if se == 0 else gains.mean() / se)
-
-    def too_few_rows(self, name: str, fitted_values: int) -> bool:
-        """Whether validation is too small to judge a step fitting ``fitted_values`` values (then it is skipped)."""
-        n, classes = len(self.split), self.split.space.num_classes
-        reason = None
-        if n < classes:
-            reason = f"{n} validation rows for {classes} classes"
-        elif n < ROWS_PER_FITTED_VALUE * fitted_values:
-            reason = f"{n} validation rows for {fitted_values} fitted values (< {ROWS_PER_FITTED_VALUE} each)"
-        if reason:
-            self.log(f"{name}: not fitted, validation too small ({reason}); keeping the simpler choice")
-            self.rows.append({"step": f"{name}: skipped ({reason})", "kept": False,
-                              **self.current_scores()})
-        return reason is not None
-
-    def consider(self, name: str, alternatives: list[list[Params]], labels: Sequence[str] = ("",),
-                 forced: bool = False) -> bool:
-        """Keep the alternative with the best out-of-fold species F1 if it beats the current one.
-
-        ``alternatives`` (simplest first; the first wins ties) each hold one Params per fit.
-        ``forced`` (values given by the user): the single alternative is applied.
-        """
-        if forced:
-            self.add(name, alternatives[0], kept=True, current=True)
-            return True
-        current = self.current_scores()["out_of_fold"]["species_macro_f1"]
-        ins, oof = evaluate_fits(self.split, self.folds, alternatives, self.chunk_rows)
-        f1 = [scores_of(self.split, oof[:, g])["species_macro_f1"] for g in range(len(alternatives))]
-        best = int(np.argmax(f1))
-        gain_t = self._fold_gain_t(oof[:, best])
-        kept = bool(f1[best] > current and gain_t > KEEP_T)
-        row = {"step": name + labels[best], "kept": kept, "params": alternatives[best][self.folds.full].to_json(),
-               "in_sample": scores_of(self.split, ins[:, best]), "out_of_fold": scores_of(self.split, oof[:, best]),
-               # null: every fold gained (or lost) exactly the same, t is infinite (not JSON)
-               "fold_gain_t": round(gain_t, 3) if np.isfinite(gain_t) else None}
-        self.rows.append(row)
-        self._oof[len(self.rows) - 1] = oof[:, best]
-        if kept:
-            self.fits, self._current = alternatives[best], len(self.rows) - 1
-        return kept
-
-
 def given_params(params: Params, opts: EnsembleOptions, levels: Sequence[str]) -> Params:
     """Apply the values the user fixed (weights, tau, alpha/beta, mode), without validation."""
     if isinstance(opts.weights, tuple):
@@ -274,22 +165,23 @@ def _check_hierarchy_levels(alpha_beta: tuple[float, float], levels: Sequence[st
 
 
 def fit_ensemble(val: AlignedSplit | None, space: ClassSpace, opts: EnsembleOptions, levels: Sequence[str],
-                 num_runs: int, log: Callable = print) -> tuple[Params, list[dict], dict | None]:
-    """Fit (or apply) each step in turn, cross-fitted on validation.
+                 num_runs: int, log: Callable = print, nested: bool = True) -> tuple[Params, list[dict], dict | None]:
+    """Fit (or apply) each step in turn, cross-fitted on validation (nested: with the honest estimate).
 
     Returns:
         The full fit's params, the table rows, and the ``val`` entry of the summary (images,
-        folds, in-sample and out-of-fold scores of the final parameters).
+        folds, in-sample, out-of-fold and, nested, honest scores of the final parameters).
     """
     params = Params.initial(num_runs, opts.space, opts.vote_k)
     if val is None:  # only when nothing is fitted: _validation refuses a missing val otherwise
         return given_params(params, opts, levels), [], None
-    folds = stratified_folds(val.labels)
-    steps = _Steps(val, folds, opts.chunk_rows, log)
+    folds = NestedFolds.of_labels(val.labels, nested=nested)
+    steps = Steps(val, folds, opts.chunk_rows, log)
     for r, run in enumerate(val.runs):
         steps.add(f"run {run.name}", steps.same(params.replace(weights=np.eye(num_runs)[r])), show_params=False)
     steps.add(f"mean of {num_runs} runs ({opts.space} space)", steps.same(params), current=True)
-    level_temps = _calibration_step(steps, opts, levels, num_runs, log)
+    level_temps = _calibrated_mean(steps, opts, levels, num_runs, log)
+    _base_step(steps, num_runs, val.runs, calibrated=level_temps is not None)
     _weights_step(steps, opts, num_runs, log)
     _tau_step(steps, opts, log)
     _hierarchy_step(steps, opts, levels, level_temps, num_runs, log)
@@ -300,7 +192,7 @@ def fit_ensemble(val: AlignedSplit | None, space: ClassSpace, opts: EnsembleOpti
             log("note: vote mode scores below the mean on validation (applied as asked)")
     final = steps.current_scores()
     steps.rows.append({"step": "final", **final, "kept": None, "params": steps.params.to_json()})
-    info = {"images": len(val), "folds": folds.k, **final}
+    info = {"images": len(val), "folds": folds.k, "nested": folds.nested, **final}
     return steps.params, steps.rows, info
 
 
@@ -309,25 +201,39 @@ def _shrunk(values: np.ndarray, factor: float) -> np.ndarray:
     return np.exp(factor * np.log(np.asarray(values, dtype=np.float64)))
 
 
-def _calibration_step(steps: _Steps, opts: EnsembleOptions, levels: Sequence[str], num_runs: int,
-                      log: Callable) -> list[dict] | None:
-    """Species temperatures (shrunk, judged here); returns every fit's genus/family ones for the hierarchy."""
-    if not opts.calibrate:
-        return None
-    if steps.too_few_rows("calibration", num_runs):
+def _calibrated_mean(steps: Steps, opts: EnsembleOptions, levels: Sequence[str], num_runs: int,
+                     log: Callable) -> list[dict] | None:
+    """The mean of the runs on one scale: each run's logits divided by its own NLL temperature.
+
+    Part of the mean, not a step that may be dropped: averaged raw, a run with ArcFace-scaled
+    cosines (x 30-64) outvotes plain cross-entropy runs whatever their accuracy. Returns every
+    fit's genus/family temperatures for the hierarchy.
+    """
+    if not opts.calibrate or steps.too_few_rows("calibration", num_runs):
         return None
     log("fitting a temperature per run and level (validation NLL, cross-fitted) ...")
     temps = fit.fit_temperatures(steps.split, steps.folds, levels, opts.chunk_rows)
-    alternatives = [[p.with_temperatures(species=_shrunk(t["species"], s)) for p, t in zip(steps.fits, temps)]
-                    for s in SHRINK]
     full = temps[steps.folds.full]["species"]
-    labels = [" T=" + ",".join(f"{t:.3g}" for t in _shrunk(full, s)) + (f" (shrunk x{s:g})" if s < 1 else "")
-              for s in SHRINK]
-    steps.consider("+ calibration", alternatives, labels)
+    steps.add(f"mean of {num_runs} runs on one scale (T " + ",".join(f"{t:.3g}" for t in full) + f", {opts.space})",
+              [p.with_temperatures(species=t["species"]) for p, t in zip(steps.fits, temps)], current=True)
     return temps
 
 
-def _weights_step(steps: _Steps, opts: EnsembleOptions, num_runs: int, log: Callable) -> None:
+def _base_step(steps: Steps, num_runs: int, runs: Sequence, calibrated: bool) -> None:
+    """The plain mean and every single run (on the same scale) are candidates beside the mean."""
+    if num_runs == 1:
+        return
+    alternatives, labels = [], []
+    if calibrated:
+        alternatives.append(steps.same(Params.initial(num_runs, steps.params.space, steps.params.vote_k)))
+        labels.append(": the plain mean")
+    for r, run in enumerate(runs):
+        alternatives.append([p.replace(weights=np.eye(num_runs)[r]) for p in steps.fits])
+        labels.append(f": run {run.name} alone")
+    steps.consider("+ instead of the mean", alternatives, labels)
+
+
+def _weights_step(steps: Steps, opts: EnsembleOptions, num_runs: int, log: Callable) -> None:
     if isinstance(opts.weights, tuple):
         steps.consider("+ given weights " + ",".join(f"{w:.3g}" for w in opts.weights),
                        [[p.replace(weights=np.asarray(opts.weights)) for p in steps.fits]], forced=True)
@@ -357,7 +263,7 @@ def _normalised(weights: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _tau_step(steps: _Steps, opts: EnsembleOptions, log: Callable) -> None:
+def _tau_step(steps: Steps, opts: EnsembleOptions, log: Callable) -> None:
     if not isinstance(opts.tau, str):
         steps.consider(f"+ given tau {opts.tau:g}", [[p.replace(tau=opts.tau) for p in steps.fits]], forced=True)
         return
@@ -369,7 +275,7 @@ def _tau_step(steps: _Steps, opts: EnsembleOptions, log: Callable) -> None:
                    [[p.replace(tau=t) for p, t in zip(steps.fits, taus)]])
 
 
-def _hierarchy_step(steps: _Steps, opts: EnsembleOptions, levels: Sequence[str], level_temps: list[dict] | None,
+def _hierarchy_step(steps: Steps, opts: EnsembleOptions, levels: Sequence[str], level_temps: list[dict] | None,
                     num_runs: int, log: Callable) -> None:
     """alpha/beta on top of each fit's genus/family temperatures (when calibrating)."""
     genus, family = "genus" in levels, "family" in levels

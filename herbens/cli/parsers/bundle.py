@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from herbens.cli.options import add_batch_size, add_device, add_max_image_pixels, add_progress, add_workers
 
-# herbens.bundle.thresholds.OOD_SCORES, herbens.bundle.teach.DEFAULT_K
+# herbens.bundle.thresholds.OOD_SCORES, herbens.bundle.teach.DEFAULT_K, herbens.bundle.merge.OUTPUT_FORMATS
+# and DEFAULT_PAGE_CAP, herbens.bundle.collection.DEFAULT_BLOCK
 OOD_SCORES = ("msp", "energy")
 TEACHER_K = 64
+OUTPUT_FORMATS = ("csv", "json", "parquet")
+PAGE_CAP = 1000
+BLOCK = 1024
 
 
 def add_export(subparsers) -> None:
@@ -37,14 +41,20 @@ def add_predict(subparsers) -> None:
     p.add_argument("bundle", help="bundle folder written by herbens export")
     p.add_argument("input", help="image, folder, or .csv/.txt list of paths")
     p.add_argument("-o", "--output", default="predictions.csv", help="output file (default: %(default)s)")
-    p.add_argument("--format", choices=("csv", "json"), default="csv", dest="fmt")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="csv", dest="fmt")
     p.add_argument("--html", nargs="?", const=True, default=None, metavar="PAGE",
                    help="also write a self-contained HTML page (default: OUTPUT with .html)")
     p.add_argument("--top-k", type=int, default=5)
     add_batch_size(p)
     add_workers(p)
     add_max_image_pixels(p, "refuse images with more pixels, from their header (decompression bombs)")
-    add_device(p)
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present, else cpu; "
+                                                   "under torchrun / accelerate launch each process's own)")
+    p.add_argument("--block", type=int, default=BLOCK,
+                   help="paths per shard: the unit of resume and of work per process (default: %(default)s)")
+    p.add_argument("--page-cap", type=int, default=PAGE_CAP, metavar="N",
+                   help="most sheets on the HTML page: all unknown ones first, then a random sample "
+                        "(default: %(default)s)")
     add_progress(p)
 
 

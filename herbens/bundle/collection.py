@@ -1,0 +1,221 @@
+"""Predict a whole collection: input read in blocks, results in Parquet shards, resumable,
+split across processes.
+
+Each block of ``block`` input paths is predicted by one process (block ``b`` by rank
+``b % world``) with :func:`herbens.bundle.predict.predict_paths` (the one loop of ``herbens
+infer``, :mod:`herbens.infer.loop`) and written atomically as ``<output>.parts/block-<b>.parquet``:
+one row per input path (``row``, ``path``, ``record``: the JSON of the output record, or
+``error``). A block is done when its shard exists, so a killed run, started again with the same
+command, predicts only the missing blocks. ``manifest.json`` records what the shards were made
+from (the bundle's hash, the input list's hash, the options that change a record); another
+bundle, input or option with the same output is refused, naming what differs. Once every block
+is done the first process merges the shards, in input order, into the CSV, JSON or Parquet
+output (:mod:`herbens.bundle.merge`) and removes the parts folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from herbens.bundle.inputs import LIST_SUFFIXES, PATH_COLUMNS, collect_inputs
+from herbens.errors import HerbensError
+from herbens.fileio import atomic_write, read_json, write_json
+from herbens.runtime import launched_on_cpus_only
+
+MANIFEST = "manifest.json"
+DEFAULT_BLOCK = 1024
+FORMAT_VERSION = 1
+SHARD_SCHEMA = pa.schema([("row", pa.int64()), ("path", pa.string()), ("record", pa.string()),
+                          ("error", pa.string())])
+
+
+def parts_dir(output: Path) -> Path:
+    """The folder of shards beside ``output`` (``predictions.csv`` -> ``predictions.csv.parts``)."""
+    return output.with_name(output.name + ".parts")
+
+
+def shard_path(work: Path, block: int) -> Path:
+    return work / f"block-{block:08d}.parquet"
+
+
+# ----- processes ----------------------------------------------------------------------------------
+class Processes:
+    """This process's rank among ``world`` (torchrun / accelerate launch) and its device.
+
+    One process: ``device`` as given, else the accelerator when one is present. Several: the
+    device Accelerate gives this rank (gloo on CPU-only machines, as training does).
+    """
+
+    def __init__(self, device: str | None):
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.state = PartialState(cpu=launched_on_cpus_only()) if world > 1 else None
+        if self.state is not None:
+            self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, str(self.state.device)
+        else:
+            self.rank, self.world = 0, 1
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+# ----- input --------------------------------------------------------------------------------------
+class InputList:
+    """The paths to predict, read in blocks: a ``.txt``/``.lst``/``.csv`` list is streamed, never
+    read whole; a folder or a single image is listed by :func:`collect_inputs`."""
+
+    def __init__(self, source: str | Path):
+        self.source = Path(source)
+        self.streamed = self.source.is_file() and self.source.suffix.lower() in LIST_SUFFIXES
+        self.paths, self.skipped = (None, []) if self.streamed else collect_inputs(self.source)
+
+    def digest(self) -> str:
+        """sha256 of the list file's bytes, or of the listed paths."""
+        digest = hashlib.sha256()
+        if self.streamed:
+            with open(self.source, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        else:
+            digest.update("\n".join(self.paths).encode("utf-8"))
+        return digest.hexdigest()
+
+    def blocks(self, size: int) -> Iterator[list[str]]:
+        """Consecutive blocks of ``size`` paths (the last one shorter)."""
+        entries = self._streamed_paths() if self.streamed else iter(self.paths)
+        part, any_path = [], False
+        for path in entries:
+            part.append(path)
+            any_path = True
+            if len(part) == size:
+                yield part
+                part = []
+        if part:
+            yield part
+        if not any_path:
+            raise HerbensError(f"{self.source}: the list names no image")
+
+    def _streamed_paths(self) -> Iterator[str]:
+        base = self.source.parent
+        for entry in (self._csv_entries() if self.source.suffix.lower() == ".csv" else self._text_entries()):
+            entry = entry.strip()
+            if entry and not entry.startswith("#"):
+                yield entry if os.path.isabs(entry) else str(base / entry)
+
+    def _text_entries(self) -> Iterator[str]:
+        with open(self.source, encoding="utf-8") as handle:
+            try:
+                yield from handle
+            except UnicodeDecodeError as exc:
+                raise HerbensError(f"{self.source}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                                   "save the list as UTF-8") from None
+
+    def _csv_entries(self) -> Iterator[str]:
+        try:
+            chunks = pd.read_csv(self.source, dtype=str, keep_default_na=False, chunksize=65536)
+            for chunk in chunks:
+                column = next((c for c in chunk.columns if c.strip().lower() in PATH_COLUMNS), None)
+                if column is None:
+                    raise HerbensError(f"{self.source}: a .csv list needs a header row naming its path column "
+                                       f"({', '.join(PATH_COLUMNS)}); its first row is "
+                                       f"{', '.join(map(str, chunk.columns))!r}. Add a header line such as 'path', "
+                                       "or list the paths one a line in a .txt")
+                yield from chunk[column].tolist()
+        except pd.errors.EmptyDataError:
+            return
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise HerbensError(f"{self.source}: not a readable CSV ({exc})") from None
+
+
+# ----- manifest -----------------------------------------------------------------------------------
+def bundle_digest(bundle) -> str:
+    """sha256 of the bundle's manifest (which holds the hash of every file, enrolments included)."""
+    return hashlib.sha256((Path(bundle.path) / "manifest.json").read_bytes()).hexdigest()
+
+
+def check_parts(work: Path, made_from: dict) -> None:
+    """Refuse shards in ``work`` made from another bundle, input or options, naming each difference."""
+    manifest = work / MANIFEST
+    if not manifest.exists():
+        return
+    recorded = read_json(manifest).get("made_from", {})
+    differ = [f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in made_from.items()
+              if recorded.get(key) != value]
+    if differ:
+        raise HerbensError(f"{work} holds the shards of another prediction ({'; '.join(differ)}); "
+                           f"choose another output, or delete {work} to start again")
+
+
+def open_parts(work: Path, made_from: dict) -> None:
+    """Create ``work`` and its manifest unless they exist (checked by :func:`check_parts`)."""
+    if not (work / MANIFEST).exists():
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / MANIFEST, {"made_from": made_from, "blocks_done": []})
+
+
+def done_blocks(work: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in work.glob("block-*.parquet"))
+
+
+def record_done(work: Path) -> None:
+    """Rewrite the manifest's list of done blocks (the first process, between blocks)."""
+    manifest = read_json(work / MANIFEST)
+    write_json(work / MANIFEST, {**manifest, "blocks_done": done_blocks(work)})
+
+
+# ----- blocks -------------------------------------------------------------------------------------
+def block_table(part: list[str], start: int, items: list[dict], failed: dict[str, str]) -> pa.Table:
+    """One shard: every path of the block with its output record (JSON, ``items`` in the order
+    of the readable paths) or its error (``failed``: path -> message)."""
+    records = iter(items)
+    texts = [None if path in failed else json.dumps(next(records)) for path in part]
+    errors = [failed.get(path) for path in part]
+    return pa.Table.from_arrays([pa.array(range(start, start + len(part)), pa.int64()), pa.array(part, pa.string()),
+                                 pa.array(texts, pa.string()), pa.array(errors, pa.string())], schema=SHARD_SCHEMA)
+
+
+def write_shard(path: Path, table: pa.Table) -> None:
+    """Atomically: a killed run leaves the whole shard or none."""
+    with atomic_write(path, "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def predict_blocks(predict: Callable[[list[str]], tuple[list[dict], dict[str, str]]], inputs: InputList,
+                   work: Path, block: int, procs: Processes, progress: bool = True) -> int:
+    """Predict this process's blocks that have no shard yet; returns the number of blocks.
+
+    ``predict(paths) -> (records of the readable paths in order, {path: error})``.
+    """
+    count, done = 0, set(done_blocks(work))
+    bar = tqdm(desc="predict", unit="block", disable=None if progress and procs.is_main else True)
+    for b, part in enumerate(inputs.blocks(block)):
+        count += 1
+        if b % procs.world != procs.rank or b in done:
+            continue
+        write_shard(shard_path(work, b), block_table(part, b * block, *predict(part)))
+        bar.update(1)
+        if procs.is_main:
+            record_done(work)
+    bar.close()
+    return count
+
+
+def remove_parts(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""Predicting a whole collection (issue 25): the input in blocks, resumable Parquet shards, a
+refusal when bundle, input or options change, several processes, a capped page, Parquet output."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import herbens.bundle.collection as collection
+from herbens.bundle.collection import MANIFEST, parts_dir
+from herbens.bundle.export import export_bundle
+from herbens.bundle.load import write_manifest
+from herbens.cli.main import main
+from herbens.data.metadata import load_test_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+KILLER = Path(__file__).with_name("predict_killer.py")
+HANG_TIMEOUT_S = 600  # guards against a hung child, not a speed requirement
+BLOCK = "4"
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run, tmp_path_factory) -> Path:
+    return export_bundle(tiny_run, tmp_path_factory.mktemp("collection") / "bundle", log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def listing(tiny_herbarium, tmp_path_factory) -> Path:
+    """The tiny herbarium's 12 test images as a text list: 3 blocks of 4."""
+    test = load_test_metadata(tiny_herbarium / "test_metadata.json")
+    out = tmp_path_factory.mktemp("lists") / "images.txt"
+    out.write_text("".join(f"{test.attrs['images_dir'] / f}\n" for f in test["file_name"]))
+    return out
+
+
+def child_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def predict(bundle, source, out, *extra) -> int:
+    return main(["predict", str(bundle), str(source), "-o", str(out), "--block", BLOCK, "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(bundle, listing, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "pred.csv"
+    assert predict(bundle, listing, out) == 0
+    return out
+
+
+def test_a_killed_run_resumes_from_its_shards_and_ends_as_an_uninterrupted_one(bundle, listing, uninterrupted,
+                                                                               tmp_path, monkeypatch):
+    out = tmp_path / "pred.csv"
+    command = [sys.executable, str(KILLER), "1", "predict", str(bundle), str(listing), "-o", str(out),
+               "--block", BLOCK, "--no-progress"]
+    proc = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    work = parts_dir(out)
+    assert not out.exists() and sorted(p.name for p in work.glob("block-*")) == ["block-00000000.parquet"]
+    made_from = json.loads((work / MANIFEST).read_text())["made_from"]
+    assert made_from["input"] and made_from["bundle"] and made_from["block"] == int(BLOCK)
+
+    written = []
+    real = collection.write_shard
+    monkeypatch.setattr(collection, "write_shard", lambda path, table: (written.append(path.name), real(path, table)))
+    assert predict(bundle, listing, out) == 0
+    assert written == ["block-00000001.parquet", "block-00000002.parquet"]  # block 0 not predicted again
+    assert out.read_bytes() == uninterrupted.read_bytes()
+    assert not work.exists()
+
+
+def _killed_after_one_block(bundle, listing, out) -> None:
+    command = [sys.executable, str(KILLER), "1", "predict", str(bundle), str(listing), "-o", str(out),
+               "--block", BLOCK, "--no-progress"]
+    proc = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def _refused(capsys, status: int, pattern: str) -> None:
+    assert status == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_another_bundle_input_or_option_with_the_same_output_is_refused(bundle, listing, tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    _killed_after_one_block(bundle, listing, out)
+    other_list = tmp_path / "other.txt"
+    other_list.write_text("".join(reversed(listing.read_text().splitlines(keepends=True))))
+    _refused(capsys, predict(bundle, other_list, out), r"pred\.csv\.parts holds the shards of another prediction \(input: ")
+    other_bundle = tmp_path / "other_bundle"
+    shutil.copytree(bundle, other_bundle)
+    frame = pd.read_csv(other_bundle / "names.csv", keep_default_na=False)
+    frame.loc[0, "authors"] = "Someone Else"
+    frame.to_csv(other_bundle / "names.csv", index=False)
+    write_manifest(other_bundle)
+    _refused(capsys, predict(other_bundle, listing, out), r"another prediction \(bundle: ")
+    _refused(capsys, predict(bundle, listing, out, "--top-k", "3"), r"another prediction \(top_k: 5 there, 3 now\)")
+    assert not out.exists() and len(list(parts_dir(out).glob("block-*"))) == 1  # nothing touched
+
+
+def test_json_and_parquet_outputs_hold_the_csv_rows(bundle, listing, uninterrupted, tmp_path):
+    csv = pd.read_csv(uninterrupted)
+    assert predict(bundle, listing, tmp_path / "pred.parquet", "--format", "parquet") == 0
+    parquet = pd.read_parquet(tmp_path / "pred.parquet")
+    pd.testing.assert_frame_equal(parquet[["path", "decision", "category_id_1"]], csv[["path", "decision", "category_id_1"]])
+    assert (parquet["probability_1"] - csv["probability_1"]).abs().max() < 1e-6
+    assert predict(bundle, listing, tmp_path / "pred.json", "--format", "json") == 0
+    record = json.loads((tmp_path / "pred.json").read_text())
+    assert [p["path"] for p in record["predictions"]] == csv["path"].tolist() and record["failed"] == []
+
+
+def test_the_page_of_a_large_run_is_capped_and_says_what_it_left_out(bundle, listing, tmp_path):
+    page = tmp_path / "pred.html"
+    assert predict(bundle, listing, tmp_path / "pred.csv", "--html", str(page), "--page-cap", "5") == 0
+    text = page.read_text()
+    assert text.count('<div class="card" ') == 5
+    assert text.count('data-decision="unknown"') == 5  # all 5 unknown sheets first
+    assert "12 files:" in text and "This page shows 5 of 12 predicted sheets" in text
+    assert "every sheet is in pred.csv" in text
+    assert predict(bundle, listing, tmp_path / "all.csv", "--html", str(tmp_path / "all.html")) == 0
+    full = (tmp_path / "all.html").read_text()
+    assert full.count('<div class="card" ') == 12 and "This page shows" not in full
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_write_exactly_the_rows_of_one(bundle, listing, uninterrupted, tmp_path):
+    out = tmp_path / "pred.csv"
+    env = {**child_env(), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "herbens",
+               "predict", str(bundle), str(listing), "-o", str(out), "--block", BLOCK, "--no-progress"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert out.read_bytes() == uninterrupted.read_bytes()
