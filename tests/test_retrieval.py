@@ -377,3 +377,13 @@ def test_retrieval_reports_and_writes_validation_out_of_fold(planted, method):
     test = np.asarray(read_logits(out, "test").level("species"))
     test_q = np.asarray(read_embeddings(head, "test").matrix, np.float32)
     np.testing.assert_allclose(test[3], reference(test_q[3], fitted), rtol=2e-3, atol=2e-3)
+
+
+def test_given_values_are_not_fitted_so_in_sample_equals_out_of_fold(planted):
+    root, head, _, _ = planted
+    record = retrieval_run(head, root / "fixed", "knn", k=5, temperature=0.05, progress=False, log=lambda *_: None)
+    fitted = record["fitted"]
+    assert (fitted["k"], fitted["temperature"]) == (5, 0.05)
+    assert all(c == {"k": 5, "temperature": 0.05} for c in fitted["fold_choices"])
+    assert fitted["log_loss"]["in_sample"] == pytest.approx(fitted["log_loss"]["out_of_fold"])
+    assert record["val_scores"]["in_sample"] == record["val_scores"]["out_of_fold"]

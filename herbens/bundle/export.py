@@ -27,6 +27,7 @@ from herbens.config import load_run_config, save_config
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.stores.logits import read_logits
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # setup.cfg's onnx extra
 
@@ -134,9 +135,10 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
     save_config(cfg, folder / RECIPE)  # the resolved recipe, upgraded to this version's schema
     data_config = model_data_config(model.data_config, cfg["input"])
     levels = [lv for lv in LEVELS if lv in cfg["levels"]]
+    views, tta_space = fitted_views(run_dir, cfg, taxonomy, log)
     write_json(folder / DATA_CONFIG, {
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
-        "views": list(cfg["infer"]["tta"]), "tta_space": cfg["infer"]["tta_space"],
+        "views": views, "tta_space": tta_space,
         "precision": cfg["train"]["precision"], "levels": levels})
     if onnx:
         from herbens.bundle.onnx_export import export_onnx
@@ -148,10 +150,26 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
              **{k: _plain(data_config[k]) for k in ("mean", "std", "interpolation", "crop_pct")}} if onnx else None
     return {"name": folder.name, "onnx": graph, "run": str(run_dir), "backbone": cfg["model"]["backbone"],
             "weights": "ema" if (run_dir / "model_ema.pt").exists() else "final",
-            "git_revision": _provenance(run_dir).get("git_revision"), "views": list(cfg["infer"]["tta"]),
+            "git_revision": _provenance(run_dir).get("git_revision"), "views": views,
             "input_size": list(data_config["input_size"]),
             "val": read_json(metrics).get("val", {}) if metrics.exists() else {},
             "data_root": cfg["data"]["root"]}
+
+
+def fitted_views(run_dir: Path, cfg: dict, taxonomy: Taxonomy, log: Callable) -> tuple[list[str], str]:
+    """The test-time views and ``tta_space`` of the validation logits the ensemble and the
+    thresholds were fitted on: the bundle must predict with them, whatever the recipe says
+    (``herbens infer RUN --tta ...`` changes the views of the logits, not the recipe).
+
+    A store written before ``tta_space`` was recorded falls back to the recipe's, said in the log.
+    """
+    recorded = read_logits(run_dir, "val", taxonomy=taxonomy).description
+    views, space = list(recorded.views), recorded.tta_space
+    if not views or space is None:
+        log(f"note: run '{run_dir}': its val logits do not record their views and tta_space; the bundle "
+            "uses the recipe's infer.tta and infer.tta_space")
+        views, space = views or list(cfg["infer"]["tta"]), space or cfg["infer"]["tta_space"]
+    return views, space
 
 
 def _plain(value):

@@ -75,7 +75,8 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
         with open_logits_writer(
                 run_dir, split, ids,
                 {level: data.taxonomy.num_classes(level) for level in levels},
-                {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views.names,
+                {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": views.names,
+                 "view_rows": rows if keep_views else None,
                  "model": cfg["model"]["backbone"], "split": split},
                 labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
                 num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:

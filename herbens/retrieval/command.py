@@ -51,8 +51,7 @@ def retrieval_run(run_dir, output, method: str = "prototype", *, sub_centers: in
     if backend not in BACKENDS:
         raise HerbensError(f"unknown search backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     taxonomy = Taxonomy.of_run(run_dir)
-    opened = {split: read_embeddings(run_dir, split, taxonomy_hash=taxonomy.hash,
-                                     num_species=taxonomy.num_classes("species"))
+    opened = {split: read_embeddings(run_dir, split, taxonomy=taxonomy)
               for split in ("train", "val", "test") if split != "test" or embeddings_dir(run_dir, split).exists()}
     train, val = opened["train"], opened["val"]
     for split in (train, val):
