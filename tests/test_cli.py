@@ -53,7 +53,7 @@ def test_parser_literals_agree_with_the_library():
     from herbens.bundle.collection import DEFAULT_BLOCK
     from herbens.bundle.merge import DEFAULT_PAGE_CAP, OUTPUT_FORMATS
     from herbens.bundle.teach import DEFAULT_K
-    from herbens.bundle.thresholds import OOD_SCORES
+    from herbens.bundle.thresholds import OOD_SCORES, SOFTMAX_OOD_SCORES
     from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
     from herbens.data.prepare import JPEG_QUALITY
     from herbens.demo import DEMO_RECIPES
@@ -65,7 +65,7 @@ def test_parser_literals_agree_with_the_library():
     assert data.JPEG_QUALITY == JPEG_QUALITY
     assert training.DEMO_RECIPES == DEMO_RECIPES
     assert training.INFER_BAD_IMAGES == INFER_BAD_IMAGES
-    assert training.OOD_SCORES == bundle.OOD_SCORES == OOD_SCORES
+    assert bundle.OOD_SCORES == OOD_SCORES and training.SOFTMAX_OOD_SCORES == SOFTMAX_OOD_SCORES
     assert bundle.TEACHER_K == DEFAULT_K
     assert bundle.OUTPUT_FORMATS == OUTPUT_FORMATS and bundle.PAGE_CAP == DEFAULT_PAGE_CAP
     assert bundle.BLOCK == DEFAULT_BLOCK

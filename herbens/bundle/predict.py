@@ -11,7 +11,7 @@ Unreadable images are reported one per line and the others still predicted (exit
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from herbens.bundle import thresholds as th
+from herbens.bundle.distance import combined_distance
 from herbens.bundle.collection import (DEFAULT_BLOCK, FORMAT_VERSION, InputList, Processes, bundle_digest, check_parts, open_parts,
                                        parts_dir, predict_blocks, remove_parts, shard_path)
 from herbens.bundle.load import load_bundle
@@ -46,7 +47,9 @@ def member_logits(member, paths: list[str], classes: dict[str, int], batch_size:
     Predicted by the one loop of ``herbens infer`` (:func:`herbens.infer.loop.predict_batches`)
     with the member's own views, data config and precision; ``progress(n)`` after each batch.
     """
-    loader = paths_loader(paths, member.tta, member.data_config, batch_size, workers, max_pixels)
+    # Pinned host memory lets the copy to a GPU overlap the next batch's decoding.
+    loader = paths_loader(paths, member.tta, member.data_config, batch_size, workers, max_pixels,
+                          pin_memory=torch.device(device).type == "cuda")
     out = {lv: np.full((len(paths), n), np.nan, dtype=np.float32) for lv, n in classes.items()}
     errors: dict[int, str] = {}
     for index, record in predict_batches(Engine.local(device, member.precision), member.model, loader,
@@ -94,12 +97,13 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
     bar = progress_bar(total=len(paths) * len(bundle.members), desc="predict", unit="img", enabled=progress)
     enrolment = bundle.enrolment
+    embeddings = enrolment is not None or bundle.ood_banks is not None
     for start in range(0, len(paths), block):
         part = paths[start:start + block]
         logits, errors = [], {}
         for member in bundle.members:
             out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update, max_pixels,
-                                        embeddings=enrolment is not None)
+                                        embeddings=embeddings)
             logits.append(out)
             for i, message in failed.items():
                 errors.setdefault(i, message)
@@ -109,6 +113,9 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
         if probs is not None and enrolment is not None:
             # Enrolled species: prototype scores fused with the combined head (herbens.bundle.enrolment).
             probs = enrolment.fuse(probs, [m["embedding"][good] for m in logits])
+        if probs is not None and bundle.ood_banks is not None:
+            # The knn OOD score: distance to each member's training embeddings (herbens.bundle.distance).
+            probs = replace(probs, distance=combined_distance([m["embedding"][good] for m in logits], bundle.ood_banks))
         yield start, good, probs, errors
     bar.close()
 

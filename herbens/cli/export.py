@@ -12,5 +12,6 @@ def run(args: argparse.Namespace) -> int:
     if args.folds < 2:
         raise HerbensError("--folds must be at least 2")
     export_bundle(args.source, args.output, onnx=args.onnx, target_precision=args.target_precision,
-                  ood_score=args.ood_score, ood_keep=args.ood_keep, folds=args.folds)
+                  ood_score=args.ood_score, ood_keep=args.ood_keep, folds=args.folds,
+                  overwrite=args.overwrite)
     return 0

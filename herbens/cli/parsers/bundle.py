@@ -6,7 +6,7 @@ from herbens.cli.options import add_batch_size, add_device, add_max_image_pixels
 
 # herbens.bundle.thresholds.OOD_SCORES, herbens.bundle.teach.DEFAULT_K, herbens.bundle.merge.OUTPUT_FORMATS
 # and DEFAULT_PAGE_CAP, herbens.bundle.collection.DEFAULT_BLOCK
-OOD_SCORES = ("msp", "energy")
+OOD_SCORES = ("msp", "energy", "knn")
 TEACHER_K = 64
 OUTPUT_FORMATS = ("csv", "json", "parquet")
 PAGE_CAP = 1000
@@ -26,10 +26,13 @@ def add_export(subparsers) -> None:
     p.add_argument("--target-precision", type=float, default=0.95,
                    help="precision each back-off level must reach on validation (default: %(default)s)")
     p.add_argument("--ood-score", choices=OOD_SCORES, default="msp",
-                   help="open-set score: max softmax probability or energy (default: %(default)s)")
+                   help="open-set score: max softmax probability, energy, or knn (distance to the k-th "
+                        "nearest training embedding; needs the runs' embeddings) (default: %(default)s)")
     p.add_argument("--ood-keep", type=float, default=0.95,
                    help="share of known validation images the OOD threshold keeps (default: %(default)s)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle at -o (atomically; a folder that is not a bundle is never replaced)")
 
 
 def add_predict(subparsers) -> None:

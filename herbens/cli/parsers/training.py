@@ -8,10 +8,10 @@ from pathlib import Path
 
 from herbens.cli.options import add_batch_size, add_recipe, add_seed
 
-# herbens.demo.DEMO_RECIPES, herbens.infer.splits.INFER_BAD_IMAGES, herbens.bundle.thresholds.OOD_SCORES
+# herbens.demo.DEMO_RECIPES, herbens.infer.splits.INFER_BAD_IMAGES, herbens.bundle.thresholds.SOFTMAX_OOD_SCORES
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
 INFER_BAD_IMAGES = ("fail", "prior")
-OOD_SCORES = ("msp", "energy")
+SOFTMAX_OOD_SCORES = ("msp", "energy")
 
 
 def add_demo(subparsers) -> None:
@@ -94,7 +94,7 @@ def add_openset(subparsers) -> None:
     add_seed(p, "seeds the held-out species and the folds")
     p.add_argument("--workdir", type=Path, default=Path("openset"),
                    help="where the filtered metadata and the run go (default: %(default)s)")
-    p.add_argument("--ood-score", choices=OOD_SCORES, default="msp")
+    p.add_argument("--ood-score", choices=SOFTMAX_OOD_SCORES, default="msp")
     p.add_argument("--target-precision", type=float, default=0.95)
     p.add_argument("--ood-keep", type=float, default=0.95)
 
