@@ -5,6 +5,9 @@ README.md and docs/*.md must exist in the tree: a dotted name resolves to its lo
 prefix (a .py file or a package), and what is left must be a name bound at the top level of that
 module (a def, class, assignment or import), then, for a class, an attribute defined in its body.
 Checked from the source with `ast`, so nothing is imported.
+
+docs/ARCHITECTURE.md's layout drawing lists every module of the package exactly once, under the
+layer `.importlinter` puts it in, with the layers in `.importlinter`'s order.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def missing_part(dotted: str) -> str | None:
 
 def test_the_docs_mention_modules():
     # A pattern that stopped matching would make the tests below pass vacuously.
-    assert len(mentions(PATH)) > 20 and len(mentions(DOTTED)) > 20
+    assert len(mentions(PATH)) > 20 and len(mentions(DOTTED)) > 10
 
 
 @pytest.mark.parametrize("doc, path", mentions(PATH))
@@ -116,3 +119,81 @@ def test_the_checks_catch_stale_names():
     assert missing_part("herbens.ensemble.combine.Params.from_json") is None
     assert missing_part("herbens.data.taxonomy.LEVELS") is None
     assert not (ROOT / "herbens/engine.py").exists()
+
+
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+LAYOUT_HEADING = "## Layout"
+
+
+def layout_drawing() -> list[str]:
+    """The lines of the first fenced block after the layout heading."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    block = text[text.index(LAYOUT_HEADING):].split("```")[1]
+    return block.strip("\n").splitlines()
+
+
+def drawn_modules(lines: list[str]) -> list[tuple[str, str]]:
+    """(layer, module path under herbens/) for each module the drawing lists.
+
+    `== layer ==` lines open a layer; a `name/` line opens a folder at its indentation (two
+    spaces a level); the `.py` names a line starts with are modules of the innermost folder.
+    """
+    layer, folders, found = "", [], []
+    for line in lines:
+        if line.startswith("=="):
+            layer = line.strip("= ")
+            folders = []
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        words = line.split()
+        if not words:
+            continue
+        folders = folders[:depth]
+        if words[0].endswith("/"):
+            folders.append(words[0].rstrip("/"))
+            continue
+        for word in words:
+            if not re.fullmatch(r"\w+\.py", word):
+                break
+            found.append((layer, "/".join([*folders, word])))
+    return found
+
+
+def importlinter_layers() -> list[str]:
+    text = (ROOT / ".importlinter").read_text(encoding="utf-8")
+    block = text.split("layers =", 1)[1].split("\n")
+    layers = []
+    for line in block[1:]:
+        if not line.startswith((" ", "\t")) or not line.strip():
+            break
+        layers.append(" ".join(line.split()))
+    return layers
+
+
+def layer_members(layer: str) -> set[str]:
+    return {name.strip() for name in re.split(r"[|:]", layer)}
+
+
+def test_the_layout_drawing_has_the_importlinter_layers_in_order():
+    drawn = [line.strip("= ") for line in layout_drawing() if line.startswith("==")]
+    assert drawn == importlinter_layers()
+
+
+def test_the_layout_drawing_lists_every_module_once_in_its_layer():
+    drawn = drawn_modules(layout_drawing())
+    paths = [path for _, path in drawn]
+    assert len(paths) == len(set(paths)), "a module is drawn twice"
+    tree = {p.relative_to(ROOT / "herbens").as_posix() for p in (ROOT / "herbens").rglob("*.py")}
+    # A package's __init__.py may be drawn (when it does a job of its own) but need not be.
+    required = {p for p in tree if not p.endswith("__init__.py")}
+    assert sorted(set(paths) - tree) == [], "drawn in docs/ARCHITECTURE.md but not in herbens/"
+    assert sorted(required - set(paths)) == [], "in herbens/ but missing from docs/ARCHITECTURE.md's layout"
+    for layer, path in drawn:
+        top = path.split("/")[0].removesuffix(".py")
+        assert top in layer_members(layer), f"{path} is drawn under {layer!r}"
+
+
+def test_drawn_modules_reads_folders_and_several_names_a_line():
+    lines = ["== a | b ==", "a.py   job", "b/", "  c.py  d.py", "  e/", "    f.py  job g.py", "  h.py  job"]
+    assert drawn_modules(lines) == [("a | b", "a.py"), ("a | b", "b/c.py"), ("a | b", "b/d.py"),
+                                    ("a | b", "b/e/f.py"), ("a | b", "b/h.py")]
