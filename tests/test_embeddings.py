@@ -16,7 +16,9 @@ from herbens.errors import HerbensError
 from herbens.infer.loop import combine_embedding_views
 from herbens.stores.embeddings import embeddings_dir, iter_chunks, open_embeddings_writer, read_embeddings, write_embeddings
 
-META = {"taxonomy_hash": "0123456789abcdef", "model": "m", "views": ["center"]}
+# Four species, as the stored labels below.
+TAX = Taxonomy([1, 2, 3, 4], list("ABCD"), ["g0", "g1"], ["f0"], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1])
+META = {"taxonomy_hash": TAX.hash, "model": "m", "views": ["center"]}
 
 
 def unit(x):
@@ -35,7 +37,7 @@ def stored(tmp_path):
 
 def test_round_trip_normalised_fp16(stored):
     run, x, labels = stored
-    split = read_embeddings(run, "train", taxonomy_hash=META["taxonomy_hash"], num_species=4)
+    split = read_embeddings(run, "train", taxonomy=TAX)
     assert split.matrix.dtype == np.float16 and split.matrix.shape == (50, 8)
     assert split.image_ids == [f"a{i}" for i in range(50)]
     np.testing.assert_array_equal(split.labels, labels)
@@ -60,8 +62,9 @@ def test_views_are_normalised_then_averaged_then_normalised(tmp_path):
 def test_reader_refusals_name_the_problem(stored):
     run, _, _ = stored
     path = embeddings_dir(run, "train")
-    with pytest.raises(HerbensError, match="taxonomy"):
-        read_embeddings(run, "train", taxonomy_hash="ffffffffffffffff")
+    other = Taxonomy([1, 2, 3], list("ABC"), ["g0"], ["f0"], [0, 0, 0], [0, 0, 0], [1, 1, 1])
+    with pytest.raises(HerbensError, match="written for taxonomy"):
+        read_embeddings(run, "train", taxonomy=other)
     with pytest.raises(HerbensError, match="no embeddings directory"):
         read_embeddings(run, "val")
     meta = json.loads((path / "meta.json").read_text())
@@ -118,7 +121,7 @@ def test_infer_embeddings_on_a_trained_run(tiny_run, tmp_path):
     split_ids = set(json.loads((run / "logits" / "val" / "image_ids.json").read_text()))
     sizes = {}
     for split in ("train", "val", "test"):
-        emb = read_embeddings(run, split, taxonomy_hash=taxonomy.hash, num_species=taxonomy.num_classes("species"))
+        emb = read_embeddings(run, split, taxonomy=taxonomy)
         block = np.asarray(emb.matrix, np.float32)
         np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1.0, atol=2e-3)
         assert emb.meta["views"] == ["center", "hflip"]
@@ -133,13 +136,13 @@ def test_infer_embeddings_on_a_trained_run(tiny_run, tmp_path):
 def test_training_writes_embeddings_and_retrieval_joins_the_ensemble(tiny_herbarium, tmp_path):
     from conftest import train_tiny
 
-    from herbens.ensemble.command import ensemble_runs
+    from herbens.ensemble.pipeline import ensemble_runs
 
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=emb", "infer.embeddings=true"]) == 0
     run = tmp_path / "emb"
     for split in ("train", "val", "test"):
-        assert read_embeddings(run, split, taxonomy_hash=Taxonomy.load(run / "taxonomy.json").hash).dim > 0
-    assert main(["retrieval", str(run), "--method", "prototype", "--quiet"]) == 0
+        assert read_embeddings(run, split, taxonomy=Taxonomy.load(run / "taxonomy.json")).dim > 0
+    assert main(["retrieval", str(run), "--method", "prototype", "--no-progress"]) == 0
     summary = ensemble_runs([run, tmp_path / "emb_prototype"], tmp_path / "both.csv", progress=False,
                             log=lambda *_: None)
     assert [r["name"] for r in summary["runs"]] == ["emb", "emb_prototype"]

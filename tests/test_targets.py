@@ -146,7 +146,7 @@ def test_another_taxonomy_is_refused(tmp_path):
         def num_classes(self, level):
             return 5
 
-    with pytest.raises(HerbensError, match="taxonomy other but this run's taxonomy is mine"):
+    with pytest.raises(HerbensError, match="targets were written for taxonomy other but the run's taxonomy.json is mine"):
         read_targets(tmp_path, "train", taxonomy=Tax())
 
 

@@ -1,6 +1,7 @@
 """Training through ``main(argv)`` writes a complete, consistent run directory."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -106,7 +107,15 @@ def test_final_weights_reload_into_the_model(tiny_run):
     assert out["species"].shape[-1] == Taxonomy.load(tiny_run / "taxonomy.json").num_classes("species")
 
 
-def test_infer_keeps_per_view_logits_and_averages_them(tiny_run):
+def _copy(run, tmp_path):
+    """A copy of the session's run: rewriting one split with other views must not leave the shared
+    run with val and test logits of different views (which the ensembler refuses)."""
+    shutil.copytree(run, tmp_path / run.name)
+    return tmp_path / run.name
+
+
+def test_infer_keeps_per_view_logits_and_averages_them(tiny_run, tmp_path):
+    tiny_run = _copy(tiny_run, tmp_path)
     assert cli_main(["infer", str(tiny_run), "--split", "val", "--tta", "center", "hflip", "fivecrop",
                      "--keep-views"]) == 0
     val = read_logits(tiny_run, "val")
@@ -116,7 +125,8 @@ def test_infer_keeps_per_view_logits_and_averages_them(tiny_run):
     np.testing.assert_allclose(mean, views.mean(axis=1), atol=2e-2)
 
 
-def test_infer_in_probability_space(tiny_run):
+def test_infer_in_probability_space(tiny_run, tmp_path):
+    tiny_run = _copy(tiny_run, tmp_path)
     assert cli_main(["infer", str(tiny_run), "--split", "test", "--tta", "center", "hflip",
                      "--tta-space", "prob", "--no-keep-views"]) == 0
     test = read_logits(tiny_run, "test")

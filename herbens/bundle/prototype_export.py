@@ -34,7 +34,7 @@ def export_prototypes(run_dirs: list[Path], folders: list[Path], val_chunks: Ite
         return None
     temperatures, fits = {}, {}
     for run, folder in zip(run_dirs, folders):
-        splits = [read_embeddings(run, s, taxonomy_hash=taxonomy.hash, num_species=taxonomy.num_classes("species"))
+        splits = [read_embeddings(run, s, taxonomy=taxonomy)
                   for s in ("train", "val")]
         for split in splits:
             if split.labels is None or (split.labels < 0).any():

@@ -3,7 +3,7 @@ fallback rows (warned, kept out of fitting, listed in the JSON sidecar) and test
 cannot prove they are complete.
 
 The checks shared by every reader (shapes, ids, hashes, finiteness, the recorded id count)
-live in :mod:`herbens.logits`; this module only decides what the ensemble does with the
+live in the stores kernel (:mod:`herbens.stores.kernel`); this module only decides what the ensemble does with the
 records those checks expose.
 """
 

@@ -56,8 +56,9 @@ def load_runs(run_dirs: Sequence, splits: Sequence[str] = ("test", "val")) -> li
     """Open every run's taxonomy and logits; ``test`` is required, other splits optional.
 
     Raises:
-        HerbensError: naming the run for a missing taxonomy, a missing test split, or any
-            problem :func:`herbens.stores.logits.read_logits` finds (half-written directory, ...).
+        HerbensError: naming the run for a missing taxonomy, a missing test split, val and test
+            splits made with other test-time views (:func:`check_same_views`), or any problem
+            :func:`herbens.stores.logits.read_logits` finds (half-written directory, ...).
     """
     paths = [Path(d) for d in run_dirs]
     if not paths:
@@ -74,9 +75,27 @@ def load_runs(run_dirs: Sequence, splits: Sequence[str] = ("test", "val")) -> li
         for split in splits:
             if split == "test" or logits_dir(path, split).exists():
                 opened[split] = read_logits(path, split, taxonomy=taxonomy)
+        if "val" in opened and "test" in opened:
+            check_same_views(opened["val"], opened["test"])
         name = path.name if names.count(path.name) == 1 else str(path)
         runs.append(Run(name, path, taxonomy, opened))
     return runs
+
+
+def check_same_views(val: LogitsSplit, test: LogitsSplit) -> None:
+    """Refuse a run whose val and test logits were made with other test-time views.
+
+    The temperatures, weights and thresholds fitted on val rows are only valid for test rows
+    scored the same way (the views and how they were averaged, ``tta_space``).
+    """
+    made = [(split.description.views, split.description.tta_space) for split in (val, test)]
+    if made[0] != made[1]:
+        (val_views, val_space), (test_views, test_space) = made
+        raise HerbensError(
+            f"run '{val.run_dir}': its val logits were made with views {' '.join(val_views) or '-'} "
+            f"(tta_space {val_space or 'not recorded'}) but its test logits with {' '.join(test_views) or '-'} "
+            f"(tta_space {test_space or 'not recorded'}): what is fitted on val would not hold on test; "
+            f"rerun `herbens infer {val.run_dir} --tta ...` for both splits with the same views")
 
 
 def class_space(runs: list[Run], align_by_category: bool = False, log: Callable = print) -> ClassSpace:

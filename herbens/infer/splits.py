@@ -44,8 +44,10 @@ def _split_frame(data: RunData, split: str):
 
 
 def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                       run_dir: Path, split: str, views: Views | None = None) -> None:
+                       run_dir: Path, split: str, views: Views | None = None) -> int:
     """Predict every image of ``split`` with test-time views combined and store the logits.
+
+    Returns the number of rows stored.
 
     Batches stream straight into the logits store, so a full test split (210,407 x 15,501
     per level) never sits in memory; the split appears only once every row is written.
@@ -73,7 +75,8 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
         with open_logits_writer(
                 run_dir, split, ids,
                 {level: data.taxonomy.num_classes(level) for level in levels},
-                {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": rows if keep_views else views.names,
+                {"taxonomy_hash": data.taxonomy.hash, "tta_space": space, "views": views.names,
+                 "view_rows": rows if keep_views else None,
                  "model": cfg["model"]["backbone"], "split": split},
                 labels=data.taxonomy.index_of(frame["category_id"].to_numpy()) if labelled else None,
                 num_views=len(rows) if keep_views else 0, view_levels=levels if keep_views else ()) as writer:
@@ -89,6 +92,7 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
             _finish_unreadable(writer, ids, split, policy)
 
     written_by_main_process(accelerator, batches, write, f"the {split} logits")
+    return len(ids)
 
 
 def written_by_main_process(accelerator, batches, write, what: str) -> None:
@@ -132,7 +136,7 @@ def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException)
 
 
 def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                           run_dir: Path, split: str, views: Views | None = None) -> None:
+                           run_dir: Path, split: str, views: Views | None = None) -> int:
     """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``."""
     views = views or Views.of_recipe(cfg)
     frame, images_dir, labelled = _split_frame(data, split)
@@ -153,6 +157,7 @@ def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_co
                     writer.write(int(index[order[start]]), record["embedding"][order[start:stop]])
 
     written_by_main_process(accelerator, batches, write, f"the {split} embeddings")
+    return len(frame)
 
 
 def embedding_splits(data: RunData) -> list[str]:

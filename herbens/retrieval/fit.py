@@ -148,6 +148,6 @@ def describe_fit(fitted: dict) -> str:
     """One line: the chosen values and the validation log-loss in sample and out of fold."""
     values = ", ".join(f"{key} {fitted[key]:g}" for key in ("k", "temperature") if key in fitted)
     loss = fitted["log_loss"]
-    oof = "n/a (fewer than 2 folds)" if loss["out_of_fold"] is None else f"{loss['out_of_fold']:.4f}"
-    return (f"{values}; validation log-loss in-sample {loss['in_sample']:.4f}, "
-            f"out-of-fold {oof} ({fitted['folds']}-fold cross-fit)")
+    oof = ("n/a (fewer than 2 folds)" if loss["out_of_fold"] is None
+           else f"{loss['out_of_fold']:.4f} ({fitted['folds']}-fold cross-fit)")
+    return f"{values}; validation log-loss in-sample {loss['in_sample']:.4f}, out-of-fold {oof}"

@@ -10,10 +10,11 @@ per split, ``runs/<name>/embeddings/<split>/``:
 - ``meta.json``: ``{"kind": "embeddings", "taxonomy_hash", "shape": [N, D], "dtype": "float16",
   "normalised": true, "views", "model", "split", "format_version": 1, "labels"}``.
 
-It follows the logits store (:mod:`herbens.logits`) and reuses its pieces: the block writer
-(rows tracked, float16 overflow refused), the ``.npy`` header/size checks, the id and label
-checks, and ``atomic_dir``. The reader checks what is cheap; :func:`iter_chunks` checks each
-chunk's finiteness and norms as it streams, and hands its pages back to the kernel.
+It is a thin layer on the stores kernel (:mod:`herbens.stores.kernel`, :mod:`herbens.stores.writer`):
+the block writer (rows tracked, float16 overflow refused), the reader check (description, ids and
+their digest, ``.npy`` headers and sizes, labels, taxonomy) and atomic publication.
+:func:`iter_chunks` checks each chunk's finiteness and norms as it streams, and hands its pages
+back to the kernel.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, write_json
-from herbens.stores.logits import DTYPE, FORMAT_VERSION, LogitsWriter, _check_labels, _duplicates, _fsync, _open_npy, _read_ids, _read_labels, read_store_meta, release_pages
+from herbens.stores.description import EmbeddingsDescription
+from herbens.stores.kernel import open_store, release_pages
+from herbens.stores.writer import BlockWriter, check_labels, new_description, publish_store
 
-KIND = "embeddings"
 MATRIX = "embeddings"  # the writer's key, and the file's stem
 SPLITS = ("train", "val", "test")
 NORM_TOLERANCE = 2e-2  # float16 keeps ~3 decimal digits; a unit row's norm is within 1e-3 of 1
@@ -60,15 +61,16 @@ class EmbeddingsSplit:
     Attributes:
         run_dir, split, path: where it was read from.
         image_ids: row order (list of unique str).
-        meta: the parsed ``meta.json``.
+        description: the typed ``meta.json``; meta: the object as stored.
         labels: int64 species index per row (-1 unknown), or None.
         matrix: float16 ``[N, D]`` (memory-mapped unless read with ``mmap=False``).
     """
 
-    def __init__(self, run_dir: Path, split: str, path: Path, image_ids: list[str], meta: dict,
-                 matrix: np.ndarray, labels: np.ndarray | None):
+    def __init__(self, run_dir: Path, split: str, path: Path, image_ids: list[str],
+                 description: EmbeddingsDescription, meta: dict, matrix: np.ndarray, labels: np.ndarray | None):
         self.run_dir, self.split, self.path = run_dir, split, path
-        self.image_ids, self.meta, self.matrix, self.labels = image_ids, meta, matrix, labels
+        self.image_ids, self.description, self.meta = image_ids, description, meta
+        self.matrix, self.labels = matrix, labels
 
     @property
     def dim(self) -> int:
@@ -76,7 +78,7 @@ class EmbeddingsSplit:
 
     @property
     def where(self) -> str:
-        return f"run '{self.run_dir}', embeddings split '{self.split}'"
+        return _where(self.run_dir, self.split)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -85,43 +87,28 @@ class EmbeddingsSplit:
         return f"EmbeddingsSplit({self.where}, {tuple(self.matrix.shape)})"
 
 
-def read_embeddings(run_dir: str | os.PathLike, split: str, mmap: bool = True, *,
-                    taxonomy_hash: str | None = None, num_species: int | None = None) -> EmbeddingsSplit:
-    """Open and check one split's embeddings.
+def _where(run_dir, split: str) -> str:
+    return f"run '{run_dir}', embeddings split '{split}'"
+
+
+def read_embeddings(run_dir: str | os.PathLike, split: str, mmap: bool = True, *, taxonomy=None) -> EmbeddingsSplit:
+    """Open and check one split's embeddings (:func:`herbens.stores.kernel.open_store`).
 
     Args:
         run_dir: run directory.
         split: ``train``, ``val`` or ``test``.
         mmap: memory-map the matrix (default).
-        taxonomy_hash: when given, the stored hash must equal it.
-        num_species: bound for the stored labels (default: no bound beyond >= -1).
+        taxonomy: when given, the stored taxonomy hash must be its hash and the labels must
+            index its species.
 
     Raises:
         HerbensError: naming the run, the split and the problem.
     """
     run_dir = Path(run_dir)
-    path = embeddings_dir(run_dir, split)
-    where = f"run '{run_dir}', embeddings split '{split}'"
-    if not path.is_dir():
-        raise HerbensError(f"{where}: no embeddings directory {path} (write it with herbens infer RUN --embeddings)")
-    meta = _read_meta(path, where, split)
-    ids = _read_ids(path, where)
-    matrix = _open_npy(path / f"{MATRIX}.npy", tuple(meta["shape"]), len(ids), where, mmap)
-    labels = _read_labels(path, meta, len(ids), np.iinfo(np.int64).max if num_species is None else num_species,
-                          where)
-    if taxonomy_hash is not None and meta["taxonomy_hash"] != taxonomy_hash:
-        raise HerbensError(f"{where}: embeddings were written for taxonomy {meta['taxonomy_hash']} "
-                           f"but the run's taxonomy.json is {taxonomy_hash}")
-    return EmbeddingsSplit(run_dir, split, path, ids, meta, matrix, labels)
-
-
-def _read_meta(path: Path, where: str, split: str) -> dict:
-    meta = read_store_meta(path, where, split, ("taxonomy_hash", "shape", "dtype"), FORMAT_VERSION, kind=KIND)
-    shape = meta["shape"]
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)
-            and shape[1] > 0):
-        raise HerbensError(f"{where}: meta.json shape {shape!r} is not [rows, dim > 0]")
-    return meta
+    files = open_store(embeddings_dir(run_dir, split), _where(run_dir, split), split, EmbeddingsDescription,
+                       mmap=mmap, taxonomy=taxonomy, absent=" (write it with herbens infer RUN --embeddings)")
+    return EmbeddingsSplit(run_dir, split, files.path, files.image_ids, files.description, files.meta,
+                           files.arrays[MATRIX], files.labels)
 
 
 def iter_chunks(split: EmbeddingsSplit, chunk_rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -153,12 +140,12 @@ def _check_block(block: np.ndarray, start: int, where: str) -> None:
 class EmbeddingsWriter:
     """Normalises and stores row blocks; obtained from :func:`open_embeddings_writer`."""
 
-    def __init__(self, writer: LogitsWriter, where: str):
+    def __init__(self, writer: BlockWriter, where: str):
         self._writer, self._where = writer, where
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Store rows ``start:start+len(block)``, L2-normalised here (float32) before float16."""
-        self._writer.write(MATRIX, start, l2_normalise(block, self._where))
+        self._writer.put(MATRIX, start, l2_normalise(block, self._where))
 
 
 @contextlib.contextmanager
@@ -180,32 +167,16 @@ def open_embeddings_writer(run_dir: str | os.PathLike, split: str, image_ids: Se
         HerbensError: bad arguments, a block that does not fit, a zero/non-finite row, rows never
             written. Nothing is published then, and an older complete split is kept.
     """
-    where = f"run '{run_dir}', embeddings split '{split}'"
+    where = _where(run_dir, split)
     ids = [str(i) for i in image_ids]
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("taxonomy_hash"), str):
-        raise HerbensError(f"{where}: meta must be a dict with a 'taxonomy_hash' string")
-    if len(set(ids)) != len(ids):
-        raise HerbensError(f"{where}: duplicate image ids: {_duplicates(ids)}")
     if int(dim) < 1:
         raise HerbensError(f"{where}: embedding size must be >= 1, got {dim}")
-    label_array = _check_labels(labels, len(ids), np.iinfo(np.int64).max if num_species is None else num_species,
-                                where)
-    full_meta = {**dict(meta), "format_version": FORMAT_VERSION, "kind": KIND, "split": split,
-                 "dtype": DTYPE.name, "normalised": True, "model": str(meta.get("model", "")),
-                 "views": list(meta.get("views") or []), "num_rows": len(ids), "shape": [len(ids), int(dim)],
-                 "labels": label_array is not None}
-    with atomic_dir(embeddings_dir(run_dir, split)) as tmp:
-        inner = LogitsWriter(tmp, where, len(ids), {MATRIX: int(dim)}, 0, ())
-        try:
-            yield EmbeddingsWriter(inner, where)
-            inner._finish()
-        finally:
-            inner._close(sync=False)
-        write_json(tmp / "image_ids.json", ids)
-        if label_array is not None:
-            np.save(tmp / "labels.npy", label_array)
-            _fsync(tmp / "labels.npy")
-        write_json(tmp / "meta.json", full_meta)  # last: its presence marks a complete directory
+    label_array = check_labels(labels, len(ids), np.iinfo(np.int64).max if num_species is None else num_species,
+                               where)
+    description = new_description(EmbeddingsDescription, meta, split, ids, where, normalised=True,
+                                  shape=[len(ids), int(dim)], labels=label_array is not None)
+    with publish_store(embeddings_dir(run_dir, split), where, ids, description, label_array) as writer:
+        yield EmbeddingsWriter(writer, where)
 
 
 def write_embeddings(run_dir: str | os.PathLike, split: str, image_ids: Sequence, embeddings: np.ndarray,
@@ -222,7 +193,7 @@ def write_embeddings(run_dir: str | os.PathLike, split: str, image_ids: Sequence
         The ``embeddings/<split>`` directory.
     """
     arr = np.asarray(embeddings)
-    where = f"run '{run_dir}', embeddings split '{split}'"
+    where = _where(run_dir, split)
     if arr.ndim not in (2, 3) or arr.shape[0] != len(image_ids):
         raise HerbensError(f"{where}: embeddings have shape {arr.shape}; expected [{len(image_ids)}, D] "
                            f"or [{len(image_ids)}, V, D]")

@@ -10,9 +10,10 @@ pseudo-run) holds ``targets/<split>/``:
 - ``<level>.rest.npy``: float32 ``[N]`` the probability mass of every other class together;
 - ``image_ids.json`` and ``meta.json`` (taxonomy hash, split, per-level shapes, the teacher).
 
-The store follows the logits store's conventions: written block by block into a temporary
-directory that is renamed into place (``atomic_dir``), read memory-mapped, every file checked
-against ``meta.json`` on reading.
+It is a thin layer on the stores kernel (:mod:`herbens.stores.kernel`, :mod:`herbens.stores.writer`):
+written block by block into a temporary directory that is renamed into place, read
+memory-mapped, every file checked against its description (``kind: sparse_targets``, shapes,
+ids and their digest, taxonomy) on reading.
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ import numpy as np
 
 from herbens.data.taxonomy import LEVELS
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, write_json
-from herbens.stores.logits import BlockWriter, _duplicates, _NpyFile, _open_npy, _read_ids, read_store_meta
+from herbens.stores.description import TARGET_ARRAYS, TargetsDescription
+from herbens.stores.kernel import open_store
+from herbens.stores.writer import BlockWriter, new_description, publish_store
 
-FORMAT_VERSION = 1
-KIND = "sparse_targets"
 # Zero-probability classes (log 0 = -inf) are stored at float32's smallest normal log instead.
 _LOG_TINY = np.float32(np.log(np.finfo(np.float32).tiny))
-_ARRAYS = {"classes": np.dtype(np.int32), "logp": np.dtype(np.float32), "rest": np.dtype(np.float32)}
 
 
 def targets_dir(run_dir: str | os.PathLike, split: str) -> Path:
@@ -86,12 +85,13 @@ class TargetsSplit:
         run_dir: the (pseudo-)run directory.
         split: split name.
         image_ids: row order, list of unique str.
-        meta: the parsed ``meta.json``.
+        description: the typed ``meta.json``; meta: the object as stored.
     """
 
-    def __init__(self, run_dir: Path, split: str, image_ids: list[str], meta: dict,
-                 levels: dict[str, SparseTargets]):
-        self.run_dir, self.split, self.image_ids, self.meta = run_dir, split, image_ids, meta
+    def __init__(self, run_dir: Path, split: str, image_ids: list[str], description: TargetsDescription,
+                 meta: dict, levels: dict[str, SparseTargets]):
+        self.run_dir, self.split, self.image_ids = run_dir, split, image_ids
+        self.description, self.meta = description, meta
         self._levels = levels
 
     @property
@@ -120,7 +120,7 @@ class TargetsSplit:
 
 
 def read_targets(run_dir: str | os.PathLike, split: str, *, taxonomy=None, check_values: bool = True) -> TargetsSplit:
-    """Open and check one split's sparse targets.
+    """Open and check one split's sparse targets (:func:`herbens.stores.kernel.open_store`).
 
     Args:
         run_dir: directory holding ``targets/<split>/``.
@@ -135,37 +135,16 @@ def read_targets(run_dir: str | os.PathLike, split: str, *, taxonomy=None, check
             non-finite values, another taxonomy).
     """
     run_dir = Path(run_dir)
-    path = targets_dir(run_dir, split)
     where = f"targets of '{run_dir}', split '{split}'"
-    if not (path / "meta.json").exists():
-        raise HerbensError(f"{where}: {path / 'meta.json'} is missing (no targets written, or half-written): "
-                           "write them with `herbens teach`")
-    meta = read_store_meta(path, where, split, ("taxonomy_hash", "levels"), FORMAT_VERSION, kind=KIND, dtype=None)
-    image_ids = _read_ids(path, where)
+    files = open_store(targets_dir(run_dir, split), where, split, TargetsDescription, taxonomy=taxonomy,
+                       absent=": write them with `herbens teach`")
     levels = {}
-    for level, shape in (meta.get("levels") or {}).items():
-        if level not in LEVELS:
-            raise HerbensError(f"{where}: unknown level {level!r} in meta.json")
-        levels[level] = _open_level(path, level, shape, len(image_ids), where, check_values)
-    if not levels:
-        raise HerbensError(f"{where}: meta.json lists no levels")
-    if taxonomy is not None:
-        check_targets_taxonomy(meta, levels, taxonomy, where)
-    return TargetsSplit(run_dir, split, image_ids, meta, levels)
-
-
-def _open_level(path: Path, level: str, shape, rows: int, where: str, check_values: bool) -> SparseTargets:
-    if not (isinstance(shape, dict) and all(isinstance(shape.get(k), int) for k in ("k", "classes"))):
-        raise HerbensError(f"{where}: meta.json levels.{level} must give integer 'k' and 'classes'")
-    k, num_classes = shape["k"], shape["classes"]
-    arrays = {}
-    for name, dtype in _ARRAYS.items():
-        expected = (rows,) if name == "rest" else (rows, k)
-        arrays[name] = _open_npy(path / f"{level}.{name}.npy", expected, rows, where, mmap=True,
-                                 expected_dtype=dtype)
-    if check_values:
-        _check_values(arrays, num_classes, f"{where}, level {level}")
-    return SparseTargets(arrays["classes"], arrays["logp"], arrays["rest"], num_classes)
+    for level, spec in files.description.levels.items():
+        arrays = {name: files.arrays[f"{level}.{name}"] for name in TARGET_ARRAYS}
+        if check_values:
+            _check_values(arrays, spec.classes, f"{where}, level {level}")
+        levels[level] = SparseTargets(arrays["classes"], arrays["logp"], arrays["rest"], spec.classes)
+    return TargetsSplit(run_dir, split, files.image_ids, files.description, files.meta, levels)
 
 
 def _check_values(arrays: dict[str, np.ndarray], num_classes: int, where: str) -> None:
@@ -180,29 +159,12 @@ def _check_values(arrays: dict[str, np.ndarray], num_classes: int, where: str) -
             raise HerbensError(f"{where}: {name} is not finite at row {row}")
 
 
-def check_targets_taxonomy(meta: dict, levels: Mapping[str, SparseTargets], taxonomy, where: str) -> None:
-    """The targets must be indexed by ``taxonomy``'s class order."""
-    if meta.get("taxonomy_hash") != taxonomy.hash:
-        raise HerbensError(f"{where}: targets were written for taxonomy {meta.get('taxonomy_hash')} but "
-                           f"this run's taxonomy is {taxonomy.hash} (another class order or data set)")
-    for level, targets in levels.items():
-        if targets.num_classes != taxonomy.num_classes(level):
-            raise HerbensError(f"{where}: {level} targets have {targets.num_classes} classes; the taxonomy "
-                               f"has {taxonomy.num_classes(level)}")
-
-
 class TargetsWriter(BlockWriter):
     """Fills one split's sparse targets block by block; obtained from :func:`open_targets_writer`."""
 
-    def __init__(self, tmp: Path, where: str, num_rows: int, shapes: Mapping[str, tuple[int, int]]):
-        self._where, self.num_rows = where, num_rows
+    def __init__(self, tmp: Path, where: str, num_rows: int, files: Mapping, shapes: Mapping[str, tuple[int, int]]):
+        super().__init__(tmp, where, num_rows, files)
         self._shapes = dict(shapes)
-        self._files: dict[str, _NpyFile] = {}
-        for level, (k, _) in shapes.items():
-            for name, dtype in _ARRAYS.items():
-                shape = (num_rows,) if name == "rest" else (num_rows, k)
-                self._files[f"{level}.{name}"] = _NpyFile(tmp / f"{level}.{name}.npy", shape, dtype)
-        self._written = {level: np.zeros(num_rows, bool) for level in shapes}
 
     def write(self, level: str, start: int, log_probs: np.ndarray) -> None:
         """Sparsify rows ``start:start+n`` of ``level``'s log-probabilities ``[n, C]`` and store them."""
@@ -218,8 +180,7 @@ class TargetsWriter(BlockWriter):
             bad = start + int(np.argmin(np.isfinite(logp).all(axis=1)))
             raise HerbensError(f"{self._where}: {level} teacher log-probabilities are not finite at row {bad}")
         for name, block in (("classes", classes), ("logp", logp), ("rest", rest)):
-            self._files[f"{level}.{name}"].write_rows(start, block)
-        self._written[level][start:start + len(log_probs)] = True
+            self.put(f"{level}.{name}", start, block)
 
 
 @contextlib.contextmanager
@@ -236,25 +197,14 @@ def open_targets_writer(run_dir: str | os.PathLike, split: str, image_ids: Seque
     """
     where = f"targets of '{run_dir}', split '{split}'"
     ids = [str(i) for i in image_ids]
-    if len(set(ids)) != len(ids):
-        raise HerbensError(f"{where}: duplicate image ids: {_duplicates(ids)}")
-    if not isinstance(meta.get("taxonomy_hash"), str):
-        raise HerbensError(f"{where}: meta must hold a 'taxonomy_hash' string")
     shapes = {level: (min(int(k), int(c)), int(c)) for level, (k, c) in levels.items()}
-    unknown = [level for level in shapes if level not in LEVELS]
-    if unknown or not shapes or any(k < 1 for k, _ in shapes.values()):
+    if any(level not in LEVELS for level in shapes) or not shapes or any(k < 1 for k, _ in shapes.values()):
         raise HerbensError(f"{where}: levels must be some of {', '.join(LEVELS)} with k >= 1, got {dict(levels)}")
-    full_meta = {**meta, "format_version": FORMAT_VERSION, "kind": KIND, "split": split, "num_rows": len(ids),
-                 "levels": {lv: {"k": k, "classes": c} for lv, (k, c) in shapes.items()}}
-    with atomic_dir(targets_dir(run_dir, split)) as tmp:
-        writer = TargetsWriter(tmp, where, len(ids), shapes)
-        try:
-            yield writer
-            writer._finish()
-        finally:
-            writer._close(sync=False)
-        write_json(tmp / "image_ids.json", ids)
-        write_json(tmp / "meta.json", full_meta)  # last: marks a complete directory
+    description = new_description(TargetsDescription, meta, split, ids, where,
+                                  levels={lv: {"k": k, "classes": c} for lv, (k, c) in shapes.items()})
+    with publish_store(targets_dir(run_dir, split), where, ids, description, None, TargetsWriter,
+                       shapes=shapes) as writer:
+        yield writer
 
 
 class TeacherRows:
