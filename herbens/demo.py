@@ -161,7 +161,7 @@ def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int
     from herbens.bundle.predict import predict_command
 
     print("\n== exporting the ensemble into a bundle and predicting from it ==")
-    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo")
+    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo", overwrite=True)
     test = load_test_metadata(root / "test_metadata.json").head(sheets)
     listing = workdir / "bundles" / "demo_sheets.txt"
     with atomic_write(listing) as handle:

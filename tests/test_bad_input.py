@@ -117,3 +117,22 @@ def test_empty_training_metadata_is_reported_in_the_users_terms(tiny_herbarium, 
     err = capsys.readouterr().err
     assert f"{data / 'train_metadata.json'}: no training images (the metadata lists none)" in err
     assert "sampler" not in err
+
+
+def test_image_under_the_minimum_size_is_refused_like_an_unreadable_one(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from herbens.data.dataset import BadImageWarning, HerbariumDataset, ImageTooSmallError
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("RGB", (24, 16), (90, 120, 60)).save(tmp_path / "sheet.png")
+    frame = pd.DataFrame({"file_name": ["dot.png", "sheet.png"]})
+    with pytest.raises(ImageTooSmallError, match=r"dot.png is 1 x 1 pixels: too small to be a specimen image"):
+        HerbariumDataset(frame, tmp_path, None, None)[0]
+    with pytest.warns(BadImageWarning, match="too small"):
+        assert HerbariumDataset(frame, tmp_path, None, None, bad_image_policy="skip")[0]["unreadable"] is True
+    assert HerbariumDataset(frame, tmp_path, None, None, min_side=0)[0]["image"].size == (1, 1)
+    with pytest.raises(ImageTooSmallError, match="sheet.png is 24 x 16"):
+        HerbariumDataset(frame, tmp_path, None, None, min_side=20)[1]
+    assert load_config("demo_ce", ["data.min_image_size=64"])["data"]["min_image_size"] == 64

@@ -139,7 +139,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the held-out species and the folds")
     p.add_argument("--workdir", type=Path, default=Path("openset"),
                    help="where the filtered metadata and the run go (default: %(default)s)")
-    p.add_argument("--ood-score", choices=th.OOD_SCORES, default="msp")
+    p.add_argument("--ood-score", choices=th.SOFTMAX_OOD_SCORES, default="msp")
     p.add_argument("--target-precision", type=float, default=0.95)
     p.add_argument("--ood-keep", type=float, default=0.95)
     p.set_defaults(handler=run)

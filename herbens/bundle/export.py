@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -19,15 +20,18 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from herbens.bundle import distance
 from herbens.bundle import thresholds as th
 from herbens.bundle.prototype_export import export_prototypes
-from herbens.bundle.load import DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, load_bundle, write_manifest
+from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, check_export_target,
+                                 load_bundle, write_manifest)
 from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
                                     params_record, single_run_params)
 from herbens.config import load_run_config, save_config
 from herbens.data.taxonomy import LEVELS, Taxonomy
+from herbens.ensemble.outputs import check_companions, output_paths
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.fileio import atomic_dir, atomic_write, exclusive_lock, read_json, write_json
 from herbens.stores.logits import read_logits
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # setup.cfg's onnx extra
@@ -43,12 +47,17 @@ def resolve_source(source: str | Path) -> tuple[list[Path], object, dict | None]
         if not (source / "config.yaml").is_file():
             raise HerbensError(f"{source}: not a run directory (no config.yaml)")
         return [source], single_run_params(), None
-    if source.suffix.lower() == ".csv" and source.with_suffix(".json").is_file():
-        source = source.with_suffix(".json")
+    if source.suffix.lower() == ".csv":
+        record_file = output_paths(source)["json"]
+        if not record_file.is_file():
+            raise HerbensError(f"{source}: no ensemble record {record_file.name} beside it (an interrupted "
+                               "herbens ensemble run?); rerun herbens ensemble")
+        source = record_file
     record = read_json(source)
     if not isinstance(record, dict) or "runs" not in record:
         raise HerbensError(f"{source}: not an ensemble record (no 'runs'); give a run directory or "
                            "the .json that herbens ensemble writes beside its CSV")
+    check_companions(record, source)
     if record.get("align_by_category") and any((record.get("dropped_species") or {}).values()):
         raise HerbensError(f"{source}: an ensemble aligned by category with dropped species cannot be exported")
     runs = [_run_path(entry["path"], source) for entry in record["runs"]]
@@ -106,6 +115,28 @@ def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val",
     return th.RowSummary.concat(parts), (None if labels[0] is None else np.concatenate(labels))
 
 
+def row_image_ids(run_dirs: list[Path], split: str = "val") -> list[str]:
+    """The image ids of :func:`combined_chunks`' labelled rows, in their order."""
+    from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
+
+    runs = load_runs(run_dirs, splits=(split,))
+    return labelled(align_split(runs, split, class_space(runs), exact=False, log=lambda _: None)).image_ids
+
+
+def validation_rows_with_ood(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str, seed: int):
+    """:func:`validation_rows` with the chosen OOD score, and the members' OOD banks (None
+    unless ``knn``: then each row's OOD score is its negated distance to the banks)."""
+    if ood_score != "knn":
+        return (*validation_rows(run_dirs, params, taxonomy, ood_score), None)
+    if not distance.has_embeddings(run_dirs):
+        raise HerbensError("--ood-score knn needs train and val embeddings of every member run "
+                           "(herbens infer RUN --embeddings, or train with infer.embeddings=true)")
+    rows, truth, labels = validation_rows(run_dirs, params, taxonomy, "msp")
+    banks = distance.training_banks(run_dirs, taxonomy, seed)
+    ids = row_image_ids(run_dirs, "val")
+    return replace(rows, ood=-distance.split_distance(run_dirs, banks, "val", ids, taxonomy)), truth, labels, banks
+
+
 def validation_rows(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str):
     """Labelled validation rows: ``(RowSummary, truth per level, species labels)``."""
     rows, labels = split_rows(run_dirs, params, ood_score, "val")
@@ -122,8 +153,6 @@ def _json_thresholds(values: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, log: Callable) -> dict:
     """Write one member (EMA weights when the run has them); returns its provenance entry."""
-    from safetensors.torch import save_model
-
     from herbens.data.transforms import model_data_config
     from herbens.infer.run import load_run_model
 
@@ -132,7 +161,7 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
         raise HerbensError(f"run '{run_dir}': its taxonomy differs from the first member's")
     model = load_run_model(run_dir, cfg, taxonomy).eval()
     folder.mkdir(parents=True)
-    save_model(model, str(folder / WEIGHTS))
+    _save_weights(model, folder / WEIGHTS)
     save_config(cfg, folder / RECIPE)  # the resolved recipe, upgraded to this version's schema
     data_config = model_data_config(model.data_config, cfg["input"])
     levels = [lv for lv in LEVELS if lv in cfg["levels"]]
@@ -155,6 +184,20 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
             "input_size": list(data_config["input_size"]),
             "val": read_json(metrics).get("val", {}) if metrics.exists() else {},
             "data_root": cfg["data"]["root"]}
+
+
+def _save_weights(model, path: Path) -> None:
+    """The member's safetensors file; a full disk or a write error becomes one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_model
+
+    try:
+        save_model(model, str(path))
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = " (the disk is full or the file size limit is reached)" if "too large" in reason.lower() \
+            or "no space" in reason.lower() else ""
+        raise HerbensError(f"cannot write {path}: {reason}{hint}; the previous bundle, if any, is kept") from None
 
 
 def fitted_views(run_dir: Path, cfg: dict, taxonomy: Taxonomy, log: Callable) -> tuple[list[str], str]:
@@ -222,12 +265,13 @@ def _authors(data_root: str | None, log: Callable) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------
 def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, target_precision: float = 0.95,
                   ood_score: str = "msp", ood_keep: float = 0.95, folds: int = 2, seed: int = 0,
-                  log: Callable[[str], None] = print) -> Path:
+                  overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """Export a run or an ensemble into a self-contained bundle folder.
 
     Args:
         source: a run directory or an ensemble's JSON record (or its CSV, the JSON beside it).
-        out: the bundle folder (replaced atomically if it exists).
+        out: the bundle folder: new, empty, or (with ``overwrite``) a bundle, replaced atomically.
+            Any other existing folder is refused: export never destroys what it did not write.
         onnx: also write one ONNX graph per member, checked against PyTorch with onnxruntime.
         target_precision: precision each back-off level's threshold must reach on validation.
         ood_score: ``msp`` or ``energy``; ``ood_keep``: share of known validation images kept.
@@ -240,18 +284,22 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
 
     if ood_score not in th.OOD_SCORES:
         raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
+    out = Path(out)
+    check_export_target(out, overwrite)
     if onnx:
         check_onnx_extra()
     run_dirs, params, record = resolve_source(source)
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
-    rows, truth, labels = validation_rows(run_dirs, params, taxonomy, ood_score)
+    rows, truth, labels, banks = validation_rows_with_ood(run_dirs, params, taxonomy, ood_score, seed)
     fitted = th.cross_fit(rows, truth, target_precision, ood_keep, folds, seed)
     log(th.format_report(fitted))
     val_scores = level_scores(labels, rows.top["species"], taxonomy)
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    with exclusive_lock(out, on_wait=log), atomic_dir(out) as tmp:
+        check_export_target(out, overwrite)  # again, now that no other writer can change it
         folders = [tmp / "members" / f"m{i}_{run.name}" for i, run in enumerate(run_dirs)]
         members = [export_member(run, folder, taxonomy, onnx, log) for run, folder in zip(run_dirs, folders)]
+        for folder, bank in zip(folders, banks or []):
+            distance.save_bank(folder, bank)
         enrolment = export_prototypes(run_dirs, folders, combined_chunks(run_dirs, params, "val"), taxonomy, log, seed)
         taxonomy.save(tmp / "taxonomy.json")
         frame = names_table(taxonomy, members[0]["data_root"], log)
@@ -264,6 +312,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
             "taxonomy_hash": taxonomy.hash,
             "ensemble": params_record(params),
             "thresholds": {**fitted, "thresholds": _json_thresholds(fitted["thresholds"]), "ood_score": ood_score},
+            "ood_bank": None if banks is None else {"k": distance.K, "per_species": distance.PER_SPECIES,
+                                                    "rows": [len(b) for b in banks]},
             "val_scores": val_scores,
             "enrolment": enrolment,
             "provenance": {"source": str(source), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -354,10 +404,13 @@ def register(subparsers) -> None:
     p.add_argument("--target-precision", type=float, default=0.95,
                    help="precision each back-off level must reach on validation (default: %(default)s)")
     p.add_argument("--ood-score", choices=th.OOD_SCORES, default="msp",
-                   help="open-set score: max softmax probability or energy (default: %(default)s)")
+                   help="open-set score: max softmax probability, energy, or knn (distance to the k-th "
+                        "nearest training embedding; needs the runs' embeddings) (default: %(default)s)")
     p.add_argument("--ood-keep", type=float, default=0.95,
                    help="share of known validation images the OOD threshold keeps (default: %(default)s)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle at -o (atomically; a folder that is not a bundle is never replaced)")
     p.set_defaults(handler=run)
 
 
@@ -366,5 +419,5 @@ def run(args: argparse.Namespace) -> int:
     if args.folds < 2:
         raise HerbensError("--folds must be at least 2")
     export_bundle(args.source, args.output, onnx=args.onnx, target_precision=args.target_precision,
-                  ood_score=args.ood_score, ood_keep=args.ood_keep, folds=args.folds)
+                  ood_score=args.ood_score, ood_keep=args.ood_keep, folds=args.folds, overwrite=args.overwrite)
     return 0

@@ -34,6 +34,9 @@ def _ood_flagged(rows: th.RowSummary, i: int, thresholds: dict) -> bool:
 def reason(rows: th.RowSummary, i: int, decision: str, thresholds: dict, target: float, ood_kind: str) -> str:
     """Why row ``i`` got ``decision`` (the order of the tests is :func:`th.decide`'s)."""
     if decision == "unknown" and _ood_flagged(rows, i, thresholds):
+        if ood_kind == "knn":  # stored negated (higher = more familiar); a distance reads better
+            return (f"OOD distance {-rows.ood[i]:.4g} above its threshold {-thresholds['ood']:.4g} "
+                    "(far from every training image)")
         return (f"OOD score {ood_kind} {rows.ood[i]:.4g} below its threshold {thresholds['ood']:.4g} "
                 "(not like the training images)")
     precision = f"{100 * target:.0f} % precision"

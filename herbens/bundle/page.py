@@ -99,8 +99,9 @@ def thresholds_line(bundle) -> str:
     levels = ", ".join(f"{lv} {100 * values[lv]:.1f} %" if values[lv] != float("inf") else f"{lv} never"
                        for lv in ("species", "genus", "family"))
     target = bundle.record["thresholds"].get("target_precision", 0.95)
-    return (f"Thresholds ({100 * target:.0f} % precision on validation): {levels}; "
-            f"unknown when the OOD score ({bundle.ood_score}) is below {values['ood']:.4g}.")
+    ood = (f"the embedding distance (knn) is above {-values['ood']:.4g}" if bundle.ood_score == "knn"
+           else f"the OOD score ({bundle.ood_score}) is below {values['ood']:.4g}")
+    return f"Thresholds ({100 * target:.0f} % precision on validation): {levels}; unknown when {ood}."
 
 
 def render_page(items: list[dict], title: str, failures: list[tuple[str, str]] = (), thresholds: str = "",

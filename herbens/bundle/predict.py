@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from herbens.bundle import thresholds as th
+from herbens.bundle.distance import combined_distance
 from herbens.bundle.collection import (DEFAULT_BLOCK, FORMAT_VERSION, InputList, Processes, bundle_digest, check_parts, open_parts,
                                        parts_dir, predict_blocks, remove_parts, shard_path)
 from herbens.bundle.load import load_bundle
@@ -98,12 +99,13 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
     bar = tqdm(total=len(paths) * len(bundle.members), desc="predict", unit="img", disable=None if progress else True)
     enrolment = bundle.enrolment
+    embeddings = enrolment is not None or bundle.ood_banks is not None
     for start in range(0, len(paths), block):
         part = paths[start:start + block]
         logits, errors = [], {}
         for member in bundle.members:
             out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update, max_pixels,
-                                        embeddings=enrolment is not None)
+                                        embeddings=embeddings)
             logits.append(out)
             for i, message in failed.items():
                 errors.setdefault(i, message)
@@ -113,6 +115,9 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
         if probs is not None and enrolment is not None:
             # Enrolled species: prototype scores fused with the combined head (herbens.bundle.enrolment).
             probs = enrolment.fuse(probs, [m["embedding"][good] for m in logits])
+        if probs is not None and bundle.ood_banks is not None:
+            # The knn OOD score: distance to each member's training embeddings (herbens.bundle.distance).
+            probs = replace(probs, distance=combined_distance([m["embedding"][good] for m in logits], bundle.ood_banks))
         yield start, good, probs, errors
     bar.close()
 

@@ -68,6 +68,7 @@ class LevelProbabilities:
     species: np.ndarray                # softmax of the scores [n, C]
     genus: np.ndarray                  # species probabilities summed within each genus [n, G]
     family: np.ndarray                 # ... within each family [n, F]
+    distance: np.ndarray | None = None  # [n] embedding distance to the OOD banks (knn score), if any
 
     def level(self, name: str) -> np.ndarray:
         return {"species": self.species, "genus": self.genus, "family": self.family}[name]

@@ -66,9 +66,10 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
     if k < 1:
         raise HerbensError(f"--k must be at least 1, got {k}")
     out = Path(out)
+    _check_teacher_folder(out)
     run_dirs, _, _ = resolve_source(source)
     frame, images_dir, taxonomy = member_training_images(run_dirs)
-    export_bundle(source, out / "bundle", log=log)
+    export_bundle(source, out / "bundle", overwrite=True, log=log)  # the teacher's own bundle
     bundle = load_bundle(out / "bundle", device=device)
     paths = [str(images_dir / name) for name in frame["file_name"]]
     ids = frame["image_id"].astype(str).tolist()
@@ -90,6 +91,16 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
                     writer.write(level, start, np.log(probs.level(level)))
     log(f"wrote teacher targets for {len(ids)} training images into {out / 'targets' / 'train'} (top {k} species)")
     return out
+
+
+def _check_teacher_folder(out: Path) -> None:
+    """Refuse an output folder that holds something else (a trained run's taxonomy.json and
+    split.csv would be overwritten): only a new or empty folder or an earlier teacher."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "config.yaml").exists() or not ((out / "bundle").is_dir() or (out / "targets").is_dir()):
+        raise HerbensError(f"{out} exists and is not a teacher folder (no bundle/ or targets/; a run has "
+                           "config.yaml): teach does not write into it; choose another -o")
 
 
 def register(subparsers) -> None:

@@ -23,7 +23,10 @@ from herbens.errors import HerbensError
 from herbens import numerics
 from herbens.numerics import CrossFitted, logsumexp, stratified_folds
 
-OOD_SCORES = ("msp", "energy")
+OOD_SCORES = ("msp", "energy", "knn")
+# knn (herbens.bundle.distance) is not a function of the scores: callers summarise with msp and
+# replace RowSummary.ood by the negated embedding distance.
+SOFTMAX_OOD_SCORES = ("msp", "energy")
 DECISIONS = ("species", "genus", "family", "unknown")
 
 
@@ -56,6 +59,8 @@ def ood_score(scores: np.ndarray, species_probs: np.ndarray, kind: str) -> np.nd
         return species_probs.max(axis=1).astype(np.float64)
     if kind == "energy":
         return logsumexp(scores.astype(np.float64))
+    if kind == "knn":
+        raise HerbensError("the knn OOD score needs embeddings: herbens.bundle.distance computes it")
     raise HerbensError(f"unknown OOD score {kind!r}; expected one of {', '.join(OOD_SCORES)}")
 
 
@@ -64,6 +69,10 @@ def summarize(probs, kind: str) -> RowSummary:
     top = {lv: probs.level(lv).argmax(axis=1) for lv in LEVELS}
     confidence = {lv: np.take_along_axis(probs.level(lv), top[lv][:, None], axis=1)[:, 0].astype(np.float64)
                   for lv in LEVELS}
+    if kind == "knn":
+        if probs.distance is None:
+            raise HerbensError("the knn OOD score needs the embedding distances (a bundle with OOD banks)")
+        return RowSummary(top, confidence, -np.asarray(probs.distance, dtype=np.float64))
     return RowSummary(top, confidence, ood_score(probs.scores, probs.species, kind))
 
 

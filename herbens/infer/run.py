@@ -12,6 +12,7 @@ from herbens.data.run_data import load_run_data
 from herbens.data.transforms import model_data_config
 from herbens.data.views import Views
 from herbens.errors import HerbensError
+from herbens.fileio import one_writer
 from herbens.infer.splits import INFER_BAD_IMAGES, embedding_splits, write_split_embeddings, write_split_logits
 
 
@@ -34,6 +35,7 @@ def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
     return model
 
 
+@one_writer
 def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
               data_root: str | None = None, batch_size: int | None = None,
               tta_space: str | None = None, keep_views: bool | None = None,
