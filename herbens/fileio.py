@@ -199,18 +199,26 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
         handle.write("\n")
 
 
-def read_json(path: str | os.PathLike) -> object:
-    """Read a JSON file; a missing file or malformed JSON raises HerbensError naming it."""
+def read_text(path: str | os.PathLike, hint: str = "") -> str:
+    """The text of a UTF-8 file; a missing file or another encoding raises HerbensError naming
+    the file (and the first bad byte), with ``hint`` (what to do) appended."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as exc:
-        raise HerbensError(f"{path}: file not found") from exc
-    except json.JSONDecodeError as exc:
-        raise HerbensError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HerbensError(f"{path}: file not found") from None
     except UnicodeDecodeError as exc:
-        raise HerbensError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        raise HerbensError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+                           + (f"; {hint}" if hint else "")) from None
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """Read a JSON file; a missing file or malformed JSON raises HerbensError naming it."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HerbensError(f"{Path(path)}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
 
 
 def lock_path(target: str | os.PathLike) -> Path:

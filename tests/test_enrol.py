@@ -79,7 +79,7 @@ def test_enrolled_held_out_species_is_named_by_predict(held_out, tmp_path):
     rest = tmp_path / "rest.txt"
     rest.write_text("\n".join(held[SHOTS:]) + "\n")
     out = tmp_path / "pred.csv"
-    assert main(["predict", str(bundle), str(rest), "-o", str(out), "--quiet"]) == 0
+    assert main(["predict", str(bundle), str(rest), "-o", str(out), "--no-progress"]) == 0
     pred = pd.read_csv(out, keep_default_na=False)
     assert len(pred) == len(held) - SHOTS
     named = pred["category_id_1"] == new_id
@@ -184,11 +184,11 @@ def test_nothing_enrolled_predicts_bit_identically(held_out, tmp_path):
     outputs = {}
     for name, target in (("plain", plain), ("prototypes", bundle)):
         outputs[name] = tmp_path / f"{name}.csv"
-        assert main(["predict", str(target), str(images), "-o", str(outputs[name]), "--quiet"]) == 0
+        assert main(["predict", str(target), str(images), "-o", str(outputs[name]), "--no-progress"]) == 0
     enrol_species(bundle, _shots(held[:1], tmp_path / "s"), "Carex nova", family="Cyperaceae", log=lambda _: None)
     unenrol_species(bundle, name="Carex nova", log=lambda _: None)
     outputs["round_trip"] = tmp_path / "round_trip.csv"
-    assert main(["predict", str(bundle), str(images), "-o", str(outputs["round_trip"]), "--quiet"]) == 0
+    assert main(["predict", str(bundle), str(images), "-o", str(outputs["round_trip"]), "--no-progress"]) == 0
     data = {name: path.read_bytes() for name, path in outputs.items()}
     assert data["plain"] == data["prototypes"] == data["round_trip"]
 

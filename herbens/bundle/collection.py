@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from herbens.bundle.inputs import LIST_SUFFIXES, PATH_COLUMNS, collect_inputs
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, read_json, write_json
+from herbens.progress import progress_bar
 from herbens.runtime import launched_on_cpus_only
 
 MANIFEST = "manifest.json"
@@ -224,7 +224,7 @@ def predict_blocks(predict: Callable[[list[str]], tuple[list[dict], dict[str, st
     ``predict(paths) -> (records of the readable paths in order, {path: error})``.
     """
     count, done = 0, set(done_blocks(work))
-    bar = tqdm(desc="predict", unit="block", disable=None if progress and procs.is_main else True)
+    bar = progress_bar(desc="predict", unit="block", enabled=progress and procs.is_main)
     for b, part in enumerate(inputs.blocks(block)):
         count += 1
         if b % procs.world != procs.rank or b in done:

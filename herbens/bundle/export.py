@@ -9,7 +9,6 @@ exactly as at prediction time (:mod:`herbens.bundle.scoring`). The layout is des
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import platform
 from dataclasses import replace
@@ -388,36 +387,3 @@ def onnx_section(members: list[dict]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-def register(subparsers) -> None:
-    """Add the ``export`` verb."""
-    p = subparsers.add_parser(
-        "export", help="write a self-contained model bundle from a run or an ensemble",
-        description="Export a run directory or an ensemble's JSON record into a folder that alone "
-                    "predicts: safetensors weights per member, data configs, recipes, taxonomy with "
-                    "names and authors, fitted ensemble values, back-off and open-set thresholds "
-                    "(fitted on validation), provenance, a model card and a manifest of file hashes.")
-    p.add_argument("source", help="run directory, or the .json written by herbens ensemble")
-    p.add_argument("-o", "--output", required=True, help="bundle folder, e.g. bundles/NAME")
-    p.add_argument("--onnx", action="store_true", help="also write one ONNX graph per member (checked)")
-    p.add_argument("--target-precision", type=float, default=0.95,
-                   help="precision each back-off level must reach on validation (default: %(default)s)")
-    p.add_argument("--ood-score", choices=th.OOD_SCORES, default="msp",
-                   help="open-set score: max softmax probability, energy, or knn (distance to the k-th "
-                        "nearest training embedding; needs the runs' embeddings) (default: %(default)s)")
-    p.add_argument("--ood-keep", type=float, default=0.95,
-                   help="share of known validation images the OOD threshold keeps (default: %(default)s)")
-    p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing bundle at -o (atomically; a folder that is not a bundle is never replaced)")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens export``."""
-    if args.folds < 2:
-        raise HerbensError("--folds must be at least 2")
-    export_bundle(args.source, args.output, onnx=args.onnx, target_precision=args.target_precision,
-                  ood_score=args.ood_score, ood_keep=args.ood_keep, folds=args.folds, overwrite=args.overwrite)
-    return 0

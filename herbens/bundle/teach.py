@@ -15,7 +15,6 @@ the student's augmented views are not re-predicted online.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -101,26 +100,3 @@ def _check_teacher_folder(out: Path) -> None:
     if (out / "config.yaml").exists() or not ((out / "bundle").is_dir() or (out / "targets").is_dir()):
         raise HerbensError(f"{out} exists and is not a teacher folder (no bundle/ or targets/; a run has "
                            "config.yaml): teach does not write into it; choose another -o")
-
-
-def register(subparsers) -> None:
-    """Add the ``teach`` verb."""
-    p = subparsers.add_parser(
-        "teach", help="write an ensemble's sparse soft targets for its training images (distillation)",
-        description="Export an ensemble (its JSON record) into OUT/bundle and write the top-K classes, "
-                    "log-probabilities and remaining mass of every training image into OUT/targets/train/, "
-                    "for recipes with distill.teacher=OUT.")
-    p.add_argument("source", help="ensemble JSON written by herbens ensemble (or a run directory)")
-    p.add_argument("-o", "--output", required=True, help="teacher folder, e.g. teachers/final_teacher")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="classes kept per image and level (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens teach``."""
-    write_teacher(args.source, args.output, k=args.k, batch_size=args.batch_size, device=args.device,
-                  workers=args.workers)
-    return 0

@@ -44,8 +44,10 @@ def _split_frame(data: RunData, split: str):
 
 
 def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                       run_dir: Path, split: str, views: Views | None = None) -> None:
+                       run_dir: Path, split: str, views: Views | None = None) -> int:
     """Predict every image of ``split`` with test-time views combined and store the logits.
+
+    Returns the number of rows stored.
 
     Batches stream straight into the logits store, so a full test split (210,407 x 15,501
     per level) never sits in memory; the split appears only once every row is written.
@@ -90,6 +92,7 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
             _finish_unreadable(writer, ids, split, policy)
 
     written_by_main_process(accelerator, batches, write, f"the {split} logits")
+    return len(ids)
 
 
 def written_by_main_process(accelerator, batches, write, what: str) -> None:
@@ -133,7 +136,7 @@ def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException)
 
 
 def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                           run_dir: Path, split: str, views: Views | None = None) -> None:
+                           run_dir: Path, split: str, views: Views | None = None) -> int:
     """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``."""
     views = views or Views.of_recipe(cfg)
     frame, images_dir, labelled = _split_frame(data, split)
@@ -154,6 +157,7 @@ def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_co
                     writer.write(int(index[order[start]]), record["embedding"][order[start:stop]])
 
     written_by_main_process(accelerator, batches, write, f"the {split} embeddings")
+    return len(frame)
 
 
 def embedding_splits(data: RunData) -> list[str]:
