@@ -150,7 +150,7 @@ def test_a_process_that_fails_stops_every_process_instead_of_a_hang(bundle, list
     out = tmp_path / "pred.csv"
     env = {**child_env(), "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(KILLER),
-               "fail-rank-1", "predict", str(bundle), str(listing), "-o", str(out), "--block", BLOCK, "--quiet"]
+               "fail-rank-1", "predict", str(bundle), str(listing), "-o", str(out), "--block", BLOCK, "--no-progress"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode != 0 and not out.exists()
     assert "injected failure writing block-00000001.parquet" in proc.stderr
