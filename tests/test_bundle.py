@@ -302,7 +302,7 @@ def test_export_refuses_what_it_cannot_bundle(tmp_path, capsys):
 
 
 def test_record_run_paths_resolve_from_the_project_folder_of_the_record(tmp_path, monkeypatch):
-    from herbens.bundle.export import _run_path
+    from herbens.bundle.sources import _run_path
 
     project = tmp_path / "project"
     (project / "runs" / "r1").mkdir(parents=True)

@@ -168,7 +168,7 @@ def test_predict_refuses_an_image_too_small_to_be_a_specimen(bundled, tmp_path, 
     shutil.copy(good, folder / good.name)
     Image.new("RGB", (1, 1), (200, 180, 150)).save(folder / "dot.png")
     out = tmp_path / "p.csv"
-    assert main(["predict", str(bundle), str(folder), "-o", str(out), "--quiet"]) == 1
+    assert main(["predict", str(bundle), str(folder), "-o", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"failed {folder / 'dot.png'}: image {folder / 'dot.png'} is 1 x 1 pixels: too small to be a specimen" in err
     assert out.read_text().count("\n") == 2  # the header and the real sheet

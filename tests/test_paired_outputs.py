@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from herbens.bundle.export import resolve_source
+from herbens.bundle.sources import resolve_source
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble import pipeline
 from herbens.ensemble.outputs import file_sha256

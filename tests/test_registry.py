@@ -4,9 +4,15 @@ what it needs is declared on it and checked when the recipe loads."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 import yaml
 
 from conftest import train_tiny
@@ -15,47 +21,61 @@ from herbens.errors import HerbensError
 from herbens.losses import LOSSES, LevelLoss, build_level_loss
 from herbens.registry import components, register, unregister
 
+ROOT = Path(__file__).resolve().parents[1]
 CALLS = {"toy_focal": 0}
 
 
-@register("loss")
-class ToyFocalLoss(LevelLoss):
-    """Focal loss (Lin et al. 2017) on hard labels: ``-(1 - p_t)^gamma log p_t``."""
+def define_toy_losses() -> dict[str, type]:
+    """Define (and so register) the toy losses. Run by the module fixture, not at import, so
+    that they exist only while this module's tests run: collecting it registers nothing."""
 
-    name = "toy_focal"
-    supports_soft_targets = False
+    @register("loss")
+    class ToyFocalLoss(LevelLoss):
+        """Focal loss (Lin et al. 2017) on hard labels: ``-(1 - p_t)^gamma log p_t``."""
 
-    def __init__(self, level: str, num_classes: int, counts=None, gamma: float = 2.0):
-        super().__init__(level, num_classes, counts)
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        self.gamma = float(gamma)
+        name = "toy_focal"
+        supports_soft_targets = False
 
-    def forward(self, outputs: dict, target: torch.Tensor) -> torch.Tensor:
-        CALLS["toy_focal"] += 1
-        log_p = F.log_softmax(self.logits(outputs), dim=1).gather(1, self.check_target(target)[:, None])[:, 0]
-        return (-(1 - log_p.exp()) ** self.gamma * log_p).mean()
+        def __init__(self, level: str, num_classes: int, counts=None, gamma: float = 2.0):
+            super().__init__(level, num_classes, counts)
+            if gamma < 0:
+                raise ValueError(f"gamma must be >= 0, got {gamma}")
+            self.gamma = float(gamma)
 
+        def forward(self, outputs: dict, target: torch.Tensor) -> torch.Tensor:
+            CALLS["toy_focal"] += 1
+            log_p = F.log_softmax(self.logits(outputs), dim=1).gather(1, self.check_target(target)[:, None])[:, 0]
+            return (-(1 - log_p.exp()) ** self.gamma * log_p).mean()
 
-@register("loss", needs_class_batches=True)
-class ToyMetricLoss(ToyFocalLoss):
-    name = "toy_metric"
+    @register("loss", needs_class_batches=True)
+    class ToyMetricLoss(ToyFocalLoss):
+        name = "toy_metric"
 
+    @register("loss", requires_head="cosine")
+    class ToyCosineLoss(ToyFocalLoss):
+        name = "toy_cosine"
 
-@register("loss", requires_head="cosine")
-class ToyCosineLoss(ToyFocalLoss):
-    name = "toy_cosine"
+    @register("head", "toy_margin", is_margin_head=True)
+    class ToyMarginHead(nn.Linear):
+        is_margin_head = False  # declared True by the decorator
+
+        def __init__(self, in_dim: int, num_classes: int):
+            super().__init__(in_dim, num_classes)
+
+    return {cls.name: cls for cls in (ToyFocalLoss, ToyMetricLoss, ToyCosineLoss)}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _forget_the_toy_losses():
-    yield
-    for name in ("toy_focal", "toy_metric", "toy_cosine"):
+def toys():
+    defined = define_toy_losses()
+    yield defined
+    for name in defined:
         unregister("loss", name)
+    unregister("head", "toy_margin")
 
 
-def test_a_loss_defined_in_a_test_module_trains_a_tiny_run(tiny_herbarium, tmp_path):
-    assert LOSSES["toy_focal"] is ToyFocalLoss  # the package's view of the registry sees it
+def test_a_loss_defined_in_a_test_module_trains_a_tiny_run(tiny_herbarium, tmp_path, toys):
+    assert LOSSES["toy_focal"] is toys["toy_focal"]  # the package's view of the registry sees it
     before = CALLS["toy_focal"]
     status = train_tiny(tiny_herbarium, tmp_path, extra=[
         "name=toy", "train.epochs=1", "infer.splits=[val]", "levels.genus=null", "levels.family=null",
@@ -93,6 +113,9 @@ def test_its_parameters_come_from_its_constructor():
      r"set sampler: \{name: pk,"),
     (["levels.species.loss=toy_cosine", "levels.species.head=linear"],
      r"levels\.species\.loss\[0\]: loss toy_cosine needs levels\.species\.head: cosine, got head 'linear'"),
+    (["levels.species.head=toy_margin"],
+     r"levels\.species\.head: head toy_margin is trained by its margin loss: no registered loss declares "
+     r"requires_head = 'toy_margin', got ce"),
 ])
 def test_what_a_component_declares_it_needs_is_checked_when_the_recipe_loads(overrides, message):
     with pytest.raises(HerbensError, match=message):
@@ -103,6 +126,16 @@ def test_declared_needs_are_met_by_declared_abilities():
     cfg = load_config(base_recipe(), ["levels.species.loss=toy_metric", "sampler=pk"])
     assert components("sampler")[cfg["sampler"]["name"]].class_batches
     assert load_config(base_recipe(), ["levels.species.loss=toy_cosine", "levels.species.head=cosine"])
+
+
+def test_importing_this_module_registers_nothing():
+    # Collecting it (importing it) must not change what other modules' tests see.
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_registry; "
+            "from herbens.registry import components; print(sorted(components('loss')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr
+    assert "toy_" not in done.stdout and "'ce'" in done.stdout
 
 
 def test_registration_mistakes_are_refused_at_once():

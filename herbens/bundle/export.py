@@ -24,55 +24,15 @@ from herbens.bundle import thresholds as th
 from herbens.bundle.prototype_export import export_prototypes
 from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, check_export_target,
                                  load_bundle, write_manifest)
-from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
-                                    params_record, single_run_params)
+from herbens.bundle.scoring import combine_members, needed_levels, params_record
+from herbens.bundle.sources import resolve_source
 from herbens.config import load_run_config, save_config
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.ensemble.outputs import check_companions, output_paths
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, exclusive_lock, read_json, write_json
 from herbens.stores.logits import read_logits
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # setup.cfg's onnx extra
-
-
-# ----------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------
-def resolve_source(source: str | Path) -> tuple[list[Path], object, dict | None]:
-    """Member run directories, the combination params and the ensemble record (None for a run)."""
-    source = Path(source)
-    if source.is_dir():
-        if not (source / "config.yaml").is_file():
-            raise HerbensError(f"{source}: not a run directory (no config.yaml)")
-        return [source], single_run_params(), None
-    if source.suffix.lower() == ".csv":
-        record_file = output_paths(source)["json"]
-        if not record_file.is_file():
-            raise HerbensError(f"{source}: no ensemble record {record_file.name} beside it (an interrupted "
-                               "herbens ensemble run?); rerun herbens ensemble")
-        source = record_file
-    record = read_json(source)
-    if not isinstance(record, dict) or "runs" not in record:
-        raise HerbensError(f"{source}: not an ensemble record (no 'runs'); give a run directory or "
-                           "the .json that herbens ensemble writes beside its CSV")
-    check_companions(record, source)
-    if record.get("align_by_category") and any((record.get("dropped_species") or {}).values()):
-        raise HerbensError(f"{source}: an ensemble aligned by category with dropped species cannot be exported")
-    runs = [_run_path(entry["path"], source) for entry in record["runs"]]
-    return runs, fitted_params(record, len(runs)), record
-
-
-def _run_path(path: str, record_file: Path) -> Path:
-    """A run path of an ensemble record: as written (relative to where ensemble ran), else
-    relative to the record's folder or the folder above it (``submissions/`` beside ``runs/``)."""
-    candidates = list(dict.fromkeys((Path(path), record_file.parent / path, record_file.parent.parent / path)))
-    for candidate in candidates:
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    looked = ", ".join(str(c) for c in candidates)
-    raise HerbensError(f"{record_file}: run {path} not found (no config.yaml in {looked}); run from the folder "
-                       "herbens ensemble ran in")
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,6 +222,15 @@ def _authors(data_root: str | None, log: Callable) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------
 # The whole export
 # ----------------------------------------------------------------------------------------
+def _check_request(out: Path, overwrite: bool, onnx: bool, ood_score: str) -> None:
+    """What can be refused before any work: the OOD score, the output folder, the onnx extra."""
+    if ood_score not in th.OOD_SCORES:
+        raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
+    check_export_target(out, overwrite)
+    if onnx:
+        check_onnx_extra()
+
+
 def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, target_precision: float = 0.95,
                   ood_score: str = "msp", ood_keep: float = 0.95, folds: int = 2, seed: int = 0,
                   overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
@@ -281,12 +250,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     """
     from herbens.metrics import level_scores
 
-    if ood_score not in th.OOD_SCORES:
-        raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
     out = Path(out)
-    check_export_target(out, overwrite)
-    if onnx:
-        check_onnx_extra()
+    _check_request(out, overwrite, onnx, ood_score)
     run_dirs, params, record = resolve_source(source)
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
     rows, truth, labels, banks = validation_rows_with_ood(run_dirs, params, taxonomy, ood_score, seed)

@@ -57,7 +57,8 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
         HerbensError: on a source the exporter refuses, members that disagree on their training
             images, or training images no member can read (listed, nothing written).
     """
-    from herbens.bundle.export import export_bundle, resolve_source
+    from herbens.bundle.export import export_bundle
+    from herbens.bundle.sources import resolve_source
     from herbens.bundle.load import load_bundle
     from herbens.bundle.predict import block_probabilities
     from herbens.stores.targets import open_targets_writer

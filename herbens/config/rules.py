@@ -20,7 +20,8 @@ def check_rules(cfg: dict, source: str) -> None:
 
     What a component needs is declared on its class (:mod:`herbens.registry`) and checked here
     only: a loss's ``requires_head``, ``needs_class_batches`` and ``supports_soft_targets``,
-    a sampler's ``class_batches``.
+    a sampler's ``class_batches``, a head's ``is_margin_head`` (trained by the loss that
+    requires it).
     """
     try:
         check_mixup_compatible(cfg["levels"], cfg["augment"])
@@ -66,9 +67,11 @@ def _check_component_needs(cfg: dict) -> None:
                     f"set sampler: {{name: {batching[0]}, classes_per_batch: P, images_per_class: K}}, "
                     f"got sampler {sampler['name']!r}")
         margin_losses = sorted(n for n, cls in losses.items() if cls.requires_head == head)
-        if margin_losses and not set(margin_losses) & set(names):
-            raise HerbensError(f"levels.{level}.head: head {head} is trained by its margin loss: "
-                               f"add {{name: {margin_losses[0]}}} to levels.{level}.loss, got {', '.join(names)}")
+        if components("head")[head].is_margin_head and not set(margin_losses) & set(names):
+            fix = (f"add {{name: {margin_losses[0]}}} to levels.{level}.loss" if margin_losses else
+                   f"no registered loss declares requires_head = {head!r}")
+            raise HerbensError(f"levels.{level}.head: head {head} is trained by its margin loss: {fix}, "
+                               f"got {', '.join(names)}")
     metric = any(losses[loss["name"]].needs_class_batches for spec in cfg["levels"].values() for loss in spec["loss"])
     if class_batches and metric and sampler["images_per_class"] < 2:
         raise HerbensError(f"sampler.images_per_class: a metric loss needs at least 2 images per class, "

@@ -57,8 +57,8 @@ class ImageTooLargeError(HerbensError):
         size: the declared ``(width, height)``.
     """
 
-    def __init__(self, message: str, size: tuple[int, int]):
-        super().__init__(message)
+    def __init__(self, message: str, size: tuple[int, int] | None = None):
+        super().__init__(message)  # size None: rebuilt from a DataLoader worker's message
         self.size = size
 
 
