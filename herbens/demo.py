@@ -8,7 +8,6 @@ names a few test sheets from it, measures the open-set flag, and prints one tabl
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -161,7 +160,7 @@ def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int
     from herbens.bundle.predict import predict_command
 
     print("\n== exporting the ensemble into a bundle and predicting from it ==")
-    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo")
+    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo", overwrite=True)
     test = load_test_metadata(root / "test_metadata.json").head(sheets)
     listing = workdir / "bundles" / "demo_sheets.txt"
     with atomic_write(listing) as handle:
@@ -171,21 +170,3 @@ def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int
     frame = pd.read_csv(out)
     print(frame[["path", "decision", "scientific_name_1", "probability_1"]]
           .assign(path=frame["path"].map(lambda p: Path(p).name)).to_string(index=False))
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="synthesise a herbarium, train, ensemble, score and report (CPU, minutes)",
-        description="The whole pipeline on the embedded synthetic herbarium: writes data/demo/, "
-                    "runs/demo_*/, submissions/demo.csv and reports/demo/ under --workdir.")
-    parser.add_argument("--workdir", default=".", type=Path, help="where data/, runs/, submissions/ go")
-    parser.add_argument("--recipes", nargs="+", default=list(DEMO_RECIPES), help="recipes to train")
-    parser.add_argument("--no-openset", dest="openset", action="store_false",
-                        help="skip the open-set evaluation (one more training run)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every recipe")
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    run_demo(args.workdir, args.recipes, args.overrides, args.openset)
-    return 0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import functools
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from herbens.errors import HerbensError
 
@@ -197,15 +199,73 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
         handle.write("\n")
 
 
-def read_json(path: str | os.PathLike) -> object:
-    """Read a JSON file; a missing file or malformed JSON raises HerbensError naming it."""
+def read_text(path: str | os.PathLike, hint: str = "") -> str:
+    """The text of a UTF-8 file; a missing file or another encoding raises HerbensError naming
+    the file (and the first bad byte), with ``hint`` (what to do) appended."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as exc:
-        raise HerbensError(f"{path}: file not found") from exc
-    except json.JSONDecodeError as exc:
-        raise HerbensError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HerbensError(f"{path}: file not found") from None
     except UnicodeDecodeError as exc:
-        raise HerbensError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        raise HerbensError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+                           + (f"; {hint}" if hint else "")) from None
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """Read a JSON file; a missing file or malformed JSON raises HerbensError naming it."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HerbensError(f"{Path(path)}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file of a folder changed in place: a hidden sibling, so that replacing the folder
+    atomically (and the bundle manifest, which lists every file inside) never touches it."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``target`` (a bundle or a run) for the block.
+
+    A second writer of the same target waits (saying so once through ``on_wait``) until the
+    first is done, then reads the state the first one left: two enrolments end with both
+    species. The kernel drops the lock when a holder dies, so a killed writer blocks nobody.
+    """
+    lock = lock_path(target)
+    _ensure_parent(lock)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise HerbensError(f"cannot create the lock file {lock}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(f"{target} is being changed by another herbens process (lock file {lock}); "
+                        "waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def one_writer(change: Callable) -> Callable:
+    """Run a verb that changes the folder named by its first argument under that folder's lock
+    (:func:`exclusive_lock`; a ``log`` keyword, else print, hears about a wait). The verb reads
+    the folder inside the lock: a second enrol waits and builds on what the first wrote, instead
+    of both starting from the same state and the later one erasing the earlier one's species.
+    Under a multi-process launch only the main process (``RANK`` 0) writes, so only it locks:
+    the others must not wait on it while it waits on them in a collective."""
+    @functools.wraps(change)
+    def locked(target, *args, **kwargs):
+        if os.environ.get("RANK", "0") != "0":
+            return change(target, *args, **kwargs)
+        with exclusive_lock(target, on_wait=kwargs.get("log", print)):
+            return change(target, *args, **kwargs)
+    return locked

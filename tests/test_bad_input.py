@@ -117,3 +117,46 @@ def test_empty_training_metadata_is_reported_in_the_users_terms(tiny_herbarium, 
     err = capsys.readouterr().err
     assert f"{data / 'train_metadata.json'}: no training images (the metadata lists none)" in err
     assert "sampler" not in err
+
+
+def test_image_under_the_minimum_size_is_refused_like_an_unreadable_one(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from herbens.data.dataset import BadImageWarning, HerbariumDataset, ImageTooSmallError
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("RGB", (24, 16), (90, 120, 60)).save(tmp_path / "sheet.png")
+    frame = pd.DataFrame({"file_name": ["dot.png", "sheet.png"]})
+    with pytest.raises(ImageTooSmallError, match=r"dot.png is 1 x 1 pixels: too small to be a specimen image"):
+        HerbariumDataset(frame, tmp_path, None, None)[0]
+    with pytest.warns(BadImageWarning, match="too small"):
+        assert HerbariumDataset(frame, tmp_path, None, None, bad_image_policy="skip")[0]["unreadable"] is True
+    assert HerbariumDataset(frame, tmp_path, None, None, min_side=0)[0]["image"].size == (1, 1)
+    with pytest.raises(ImageTooSmallError, match="sheet.png is 24 x 16"):
+        HerbariumDataset(frame, tmp_path, None, None, min_side=20)[1]
+    assert load_config("demo_ce", ["data.min_image_size=64"])["data"]["min_image_size"] == 64
+
+
+def test_worker_errors_read_like_main_process_errors(tmp_path):
+    import pandas as pd
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from herbens.data.dataset import HerbariumDataset, ImageTooLargeError
+
+    Image.new("RGB", (40, 60), (90, 120, 60)).save(tmp_path / "sheet.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    frame = pd.DataFrame({"file_name": ["sheet.png", "broken.jpg"]})
+    loader = DataLoader(HerbariumDataset(frame, tmp_path, None, None), batch_size=2, num_workers=1,
+                        collate_fn=lambda items: items)
+    with pytest.raises(HerbensError) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    assert message.startswith(f"cannot decode image {tmp_path / 'broken.jpg'}: ") and "\n" not in message
+    assert "Traceback" not in message and "DataLoader worker" not in message
+    big = DataLoader(HerbariumDataset(frame.head(1), tmp_path, None, None, max_pixels=100), num_workers=1,
+                     collate_fn=lambda items: items)
+    with pytest.raises(ImageTooLargeError, match=r"^image .*sheet.png is 40 x 60 = 2,400 pixels, over the limit"):
+        next(iter(big))
+

@@ -59,7 +59,7 @@ def test_moved_bundle_predicts_what_infer_and_ensemble_predict(exported, tiny_he
     bundle, submission, topk, _, _ = exported
     out = tmp_path / "pred.csv"
     assert main(["predict", str(bundle), str(tiny_herbarium / "test_images"), "-o", str(out), "--top-k", "3",
-                 "--quiet"]) == 0
+                 "--no-progress"]) == 0
     pred = pd.read_csv(out)
     ids = _test_paths(tiny_herbarium)
     pred["Id"] = pred["path"].map(ids)
@@ -80,7 +80,7 @@ def test_single_run_bundle_predicts_the_runs_own_logits(exported, tiny_herbarium
     _, _, _, single, (ids, logits) = exported
     out = tmp_path / "single.json"
     assert main(["predict", str(single), str(tiny_herbarium / "test_images"), "-o", str(out), "--format", "json",
-                 "--quiet"]) == 0
+                 "--no-progress"]) == 0
     record = json.loads(out.read_text())
     by_id = {_test_paths(tiny_herbarium)[p["path"]]: p for p in record["predictions"]}
     tax = load_bundle(single).taxonomy
@@ -183,7 +183,7 @@ def test_bad_input_is_reported_per_file_and_the_rest_predicted(exported, tmp_pat
     (folder / "notes.txt").write_text("not an image")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "p.csv"
-    assert main(["predict", str(exported[0]), str(folder), "-o", str(out), "--quiet"]) == 1
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"failed {folder / 'broken.jpg'}: cannot decode image" in err
     assert f"skipped {folder / 'notes.txt'}: not an image file" in err
@@ -191,7 +191,7 @@ def test_bad_input_is_reported_per_file_and_the_rest_predicted(exported, tmp_pat
 
     listing = tmp_path / "list.csv"
     listing.write_text("path\nsheets/a.jpg\nsheets/missing.jpg\n")
-    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "l.csv"), "--quiet"]) == 1
+    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "l.csv"), "--no-progress"]) == 1
     assert "failed" in capsys.readouterr().err and len(pd.read_csv(tmp_path / "l.csv")) == 1
 
 
@@ -210,7 +210,7 @@ def test_outputs_name_the_decision_and_a_run_with_nothing_readable_writes_nothin
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "p.json"
     assert main(["predict", str(exported[0]), str(folder), "-o", str(out), "--format", "json", "--html",
-                 "--quiet"]) == 1
+                 "--no-progress"]) == 1
     (item,) = json.loads(out.read_text())["predictions"]
     assert item["rank"] == item["decision"] and item["reason"]
     names = pd.read_csv(exported[0] / "names.csv", keep_default_na=False)
@@ -221,18 +221,18 @@ def test_outputs_name_the_decision_and_a_run_with_nothing_readable_writes_nothin
     page = out.with_suffix(".html").read_text()
     assert "2 files:" in page and "1 failed" in page and "broken.jpg" in page and "Thresholds (" in page
     csv = tmp_path / "p.csv"
-    assert main(["predict", str(exported[0]), str(folder), "-o", str(csv), "--quiet"]) == 1
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(csv), "--no-progress"]) == 1
     assert list(pd.read_csv(csv).columns[:5]) == ["path", "name", "rank", "reason", "decision"]
     capsys.readouterr()
 
     listing = tmp_path / "gone.txt"
     listing.write_text("missing1.jpg\nmissing2.jpg\n")
-    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "none.csv"), "--quiet"]) == 2
+    assert main(["predict", str(exported[0]), str(listing), "-o", str(tmp_path / "none.csv"), "--no-progress"]) == 2
     assert "none of the 2 image(s) could be read" in capsys.readouterr().err
     assert not (tmp_path / "none.csv").exists()
     headerless = tmp_path / "list.csv"
     headerless.write_text("sheets/a.jpg\nsheets/a.jpg\n")
-    assert main(["predict", str(exported[0]), str(headerless), "-o", str(tmp_path / "h.csv"), "--quiet"]) == 2
+    assert main(["predict", str(exported[0]), str(headerless), "-o", str(tmp_path / "h.csv"), "--no-progress"]) == 2
     assert "needs a header row naming its path column" in capsys.readouterr().err
 
 
@@ -240,7 +240,7 @@ def test_decompression_bomb_is_refused_per_file(exported, tmp_path, capsys):
     folder = tmp_path / "bomb"
     _good_image(folder / "small.png")
     Image.new("RGB", (400, 400)).save(folder / "huge.png")
-    assert main(["predict", str(exported[0]), str(folder), "-o", str(tmp_path / "b.csv"), "--quiet",
+    assert main(["predict", str(exported[0]), str(folder), "-o", str(tmp_path / "b.csv"), "--no-progress",
                  "--max-image-pixels", "10000"]) == 1
     assert "huge.png" in (err := capsys.readouterr().err) and "over the limit of 10,000" in err
     assert len(pd.read_csv(tmp_path / "b.csv")) == 1
@@ -248,7 +248,7 @@ def test_decompression_bomb_is_refused_per_file(exported, tmp_path, capsys):
 
 def test_html_page_is_self_contained_and_renders_one_card_per_image(exported, tiny_herbarium, tmp_path):
     out = tmp_path / "p.csv"
-    main(["predict", str(exported[0]), str(tiny_herbarium / "test_images"), "-o", str(out), "--html", "--quiet"])
+    main(["predict", str(exported[0]), str(tiny_herbarium / "test_images"), "-o", str(out), "--html", "--no-progress"])
     page = out.with_suffix(".html").read_text()
     count = len(pd.read_csv(out))
     assert page.count('class="card"') == count
@@ -302,7 +302,7 @@ def test_export_refuses_what_it_cannot_bundle(tmp_path, capsys):
 
 
 def test_record_run_paths_resolve_from_the_project_folder_of_the_record(tmp_path, monkeypatch):
-    from herbens.bundle.export import _run_path
+    from herbens.bundle.sources import _run_path
 
     project = tmp_path / "project"
     (project / "runs" / "r1").mkdir(parents=True)

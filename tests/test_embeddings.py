@@ -136,13 +136,13 @@ def test_infer_embeddings_on_a_trained_run(tiny_run, tmp_path):
 def test_training_writes_embeddings_and_retrieval_joins_the_ensemble(tiny_herbarium, tmp_path):
     from conftest import train_tiny
 
-    from herbens.ensemble.command import ensemble_runs
+    from herbens.ensemble.pipeline import ensemble_runs
 
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=emb", "infer.embeddings=true"]) == 0
     run = tmp_path / "emb"
     for split in ("train", "val", "test"):
         assert read_embeddings(run, split, taxonomy=Taxonomy.load(run / "taxonomy.json")).dim > 0
-    assert main(["retrieval", str(run), "--method", "prototype", "--quiet"]) == 0
+    assert main(["retrieval", str(run), "--method", "prototype", "--no-progress"]) == 0
     summary = ensemble_runs([run, tmp_path / "emb_prototype"], tmp_path / "both.csv", progress=False,
                             log=lambda *_: None)
     assert [r["name"] for r in summary["runs"]] == ["emb", "emb_prototype"]

@@ -19,6 +19,7 @@ from herbens.bundle.load import load_bundle
 from herbens.cli.main import main
 from herbens.config import load_config
 from herbens.errors import HerbensError
+from herbens.fileio import lock_path
 
 SHOTS = 3
 
@@ -78,7 +79,7 @@ def test_enrolled_held_out_species_is_named_by_predict(held_out, tmp_path):
     rest = tmp_path / "rest.txt"
     rest.write_text("\n".join(held[SHOTS:]) + "\n")
     out = tmp_path / "pred.csv"
-    assert main(["predict", str(bundle), str(rest), "-o", str(out), "--quiet"]) == 0
+    assert main(["predict", str(bundle), str(rest), "-o", str(out), "--no-progress"]) == 0
     pred = pd.read_csv(out, keep_default_na=False)
     assert len(pred) == len(held) - SHOTS
     named = pred["category_id_1"] == new_id
@@ -109,7 +110,8 @@ def test_enrol_then_unenrol_leaves_the_bundle_byte_identical(held_out, tmp_path)
     assert [e["scientific_name"] for e in load_bundle(bundle).enrolment.species] == ["Carex duo"]
     assert main(["unenrol", str(bundle), "--name", "Carex duo"]) == 0
     assert _files(bundle) == before
-    assert not any(p.name.startswith(".") for p in bundle.parent.iterdir())  # no temporaries left
+    # No temporaries left (the lock file beside the bundle stays: removing it would race a waiter).
+    assert not any(p.name.startswith(".") and p != lock_path(bundle) for p in bundle.parent.iterdir())
 
 
 def test_manifest_refuses_a_tampered_or_unlisted_enrolled_prototype(held_out, tmp_path):
@@ -182,11 +184,11 @@ def test_nothing_enrolled_predicts_bit_identically(held_out, tmp_path):
     outputs = {}
     for name, target in (("plain", plain), ("prototypes", bundle)):
         outputs[name] = tmp_path / f"{name}.csv"
-        assert main(["predict", str(target), str(images), "-o", str(outputs[name]), "--quiet"]) == 0
+        assert main(["predict", str(target), str(images), "-o", str(outputs[name]), "--no-progress"]) == 0
     enrol_species(bundle, _shots(held[:1], tmp_path / "s"), "Carex nova", family="Cyperaceae", log=lambda _: None)
     unenrol_species(bundle, name="Carex nova", log=lambda _: None)
     outputs["round_trip"] = tmp_path / "round_trip.csv"
-    assert main(["predict", str(bundle), str(images), "-o", str(outputs["round_trip"]), "--quiet"]) == 0
+    assert main(["predict", str(bundle), str(images), "-o", str(outputs["round_trip"]), "--no-progress"]) == 0
     data = {name: path.read_bytes() for name, path in outputs.items()}
     assert data["plain"] == data["prototypes"] == data["round_trip"]
 

@@ -560,7 +560,7 @@ def test_prob_space_and_given_values(tmp_path):
 def test_cli_writes_valid_csv_and_json(tmp_path, capsys):
     runs, _, tax, data = hierarchical_runs(tmp_path)
     out = tmp_path / "submissions" / "cli.csv"
-    status = main(["ensemble", *map(str, runs), "-o", str(out), "--top-k", "3", "--chunk-rows", "16", "--quiet"])
+    status = main(["ensemble", *map(str, runs), "-o", str(out), "--top-k", "3", "--chunk-rows", "16", "--no-progress"])
     assert status == 0
     test_ids = [f"imgtest{i:03d}" for i in range(len(data["test"]))]
     frame = read_submission(out, expected_ids=test_ids, valid_category_ids=tax.category_ids)
@@ -577,7 +577,7 @@ def test_cli_writes_valid_csv_and_json(tmp_path, capsys):
 def test_cli_options_and_errors(tmp_path, capsys):
     runs, *_ = hierarchical_runs(tmp_path, num_runs=2)
     out = tmp_path / "o.csv"
-    args = ["ensemble", *map(str, runs), "-o", str(out), "--quiet"]
+    args = ["ensemble", *map(str, runs), "-o", str(out), "--no-progress"]
     assert main(args + ["--weights", "1,3", "--no-calibrate", "--tau", "0.3", "--hierarchy", "none",
                         "--space", "prob", "--mode", "vote", "--vote-k", "2"]) == 0
     summary = json.loads(out.with_suffix(".json").read_text())

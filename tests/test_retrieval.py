@@ -13,7 +13,7 @@ import pytest
 from conftest import train_tiny
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.ensemble.command import ensemble_runs
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.errors import HerbensError
 from herbens.numerics import stratified_folds
 from herbens.retrieval.command import retrieval_run
@@ -167,7 +167,7 @@ def test_prototype_retrieval_on_an_arcface_run(tiny_herbarium, tmp_path):
     assert train_tiny(tiny_herbarium, tmp_path, recipe="demo_arcface",
                       extra=["name=arc", "train.epochs=1", "infer.embeddings=true"]) == 0
     out = tmp_path / "arc_proto"
-    assert main(["retrieval", str(tmp_path / "arc"), "--method", "prototype", "-o", str(out), "--quiet"]) == 0
+    assert main(["retrieval", str(tmp_path / "arc"), "--method", "prototype", "-o", str(out), "--no-progress"]) == 0
     for split in ("val", "test"):
         logits = read_logits(out, split)
         for level in logits.levels:
@@ -251,12 +251,12 @@ def test_pseudo_run_helps_the_ensemble(planted, method):
 def test_sub_centres_and_faiss_through_the_verb(planted):
     root, head, tax, _ = planted
     assert main(["retrieval", str(head), "--method", "prototype", "--sub-centers", "3",
-                 "-o", str(root / "sub"), "--quiet"]) == 0
+                 "-o", str(root / "sub"), "--no-progress"]) == 0
     assert json.loads((root / "sub" / "retrieval.json").read_text())["fitted"]["prototypes"] == 36
     pytest.importorskip("faiss")
     assert main(["retrieval", str(head), "--method", "knn", "--backend", "faiss", "--k", "5",
-                 "-o", str(root / "kf"), "--quiet"]) == 0
-    assert main(["retrieval", str(head), "--method", "knn", "--k", "5", "-o", str(root / "ke"), "--quiet"]) == 0
+                 "-o", str(root / "kf"), "--no-progress"]) == 0
+    assert main(["retrieval", str(head), "--method", "knn", "--k", "5", "-o", str(root / "ke"), "--no-progress"]) == 0
     np.testing.assert_array_equal(np.asarray(read_logits(root / "kf", "test").level("species")),
                                   np.asarray(read_logits(root / "ke", "test").level("species")))
 

@@ -188,14 +188,14 @@ def test_a_bundle_predicts_with_the_views_its_ensemble_was_fitted_on(tiny_herbar
     for split in ("val", "test"):
         assert read_logits(run, split).description.views == ["tencrop"]
     submission = tmp_path / "out" / "ens.csv"
-    assert main(["ensemble", str(run), "-o", str(submission), "--top-k", "3", "--quiet"]) == 0
+    assert main(["ensemble", str(run), "-o", str(submission), "--top-k", "3", "--no-progress"]) == 0
     bundle = tmp_path / "bundle"
     assert main(["export", str(submission.with_suffix(".json")), "-o", str(bundle)]) == 0
     member = next((bundle / "members").iterdir())
     assert json.loads((member / "data_config.json").read_text())["views"] == ["tencrop"]
     pred_csv = tmp_path / "pred.csv"
     assert main(["predict", str(bundle), str(tiny_herbarium / "test_images"), "-o", str(pred_csv),
-                 "--top-k", "3", "--quiet"]) == 0
+                 "--top-k", "3", "--no-progress"]) == 0
     test = load_test_metadata(tiny_herbarium / "test_metadata.json")
     images = Path(test.attrs["images_dir"])
     ids = {str(images / f): i for i, f in zip(test["image_id"], test["file_name"])}

@@ -13,7 +13,6 @@ so a species head is all an input needs.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from herbens.analysis.tables import format_detail, format_summary
 from herbens.data.taxonomy import Taxonomy
 from herbens.errors import HerbensError
-from herbens.fileio import write_json
 from herbens.metrics import (accuracy_by_training_count, best_worst, correctness_anova,
                              head_tail_scores, level_scores, per_level_accuracy, top1_accuracy)
 
@@ -319,30 +316,6 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
-# ----- command line -----------------------------------------------------------------------------
-
-def register(subparsers) -> None:
-    """Add the ``evaluate`` verb."""
-    p = subparsers.add_parser(
-        "evaluate", help="score submissions or runs (macro-F1, per-family, head/tail, ANOVA)",
-        description="Score Kaggle submission CSVs against a solution, or runs on their "
-                    "validation logits, side by side.")
-    p.add_argument("inputs", nargs="+", type=Path, metavar="SUBMISSION.csv|RUN_DIR")
-    p.add_argument("--solution", type=Path, help="solution CSV (Id + true category_id)")
-    p.add_argument("--metadata", type=Path, help="train_metadata.json (taxonomy and counts)")
-    p.add_argument("--split", default="val", help="logits split of runs (default: val)")
-    p.add_argument("--exclude-split", type=Path, metavar="SPLIT.csv",
-                   help="a run's split.csv: left out of the metadata's training counts (submissions' "
-                        "training-count bins and head/tail; runs use their own training-split counts)")
-    p.add_argument("--top-k", type=int, default=10, help="rows in best/worst tables (default 10)")
-    p.add_argument("--min-images", type=int, default=1,
-                   help="leave groups with fewer test images out of best/worst tables")
-    p.add_argument("--detail", action="store_true",
-                   help="print per-family tables and ANOVA for every input, not only the first")
-    p.add_argument("--json", type=Path, metavar="OUT", help="write every score to this JSON file")
-    p.set_defaults(handler=run)
-
-
 def evaluate_inputs(paths: list[Path], solution=None, metadata=None, split: str = "val",
                     k: int = 10, min_images: int = 1, exclude_split=None) -> list[dict]:
     """Load and score every input; one dict per input with ``name, path, kind, metrics``."""
@@ -353,19 +326,3 @@ def evaluate_inputs(paths: list[Path], solution=None, metadata=None, split: str 
              "taxonomy_hash": p.taxonomy.hash, "unreadable": list(p.unreadable),
              "metrics": evaluate_predictions(p.true, p.pred, p.taxonomy, k, min_images)}
             for name, p in zip(names, loaded)]
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens evaluate``."""
-    if args.top_k < 1 or args.min_images < 1:
-        raise HerbensError("--top-k and --min-images must be at least 1")
-    results = evaluate_inputs(args.inputs, args.solution, args.metadata, args.split,
-                              args.top_k, args.min_images, args.exclude_split)
-    print(format_summary([(r["name"], r["metrics"]) for r in results]))
-    for r in results if args.detail else results[:1]:
-        print()
-        print(format_detail(r["name"], r["metrics"]))
-    if args.json:
-        write_json(args.json, {"inputs": results})
-        print(f"\nwrote {args.json}")
-    return 0

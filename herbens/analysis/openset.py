@@ -10,7 +10,6 @@ reported as AUROC, and as flag rates at the threshold chosen on known validation
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -124,29 +123,3 @@ def run_open_set(recipe: str, overrides: list[str], workdir: Path, *, share: flo
     write_json(run_dir / "openset.json", report)
     log(format_open_set(report, ood_score))
     return report
-
-
-def register(subparsers) -> None:
-    """Add the ``openset`` verb."""
-    p = subparsers.add_parser(
-        "openset", help="hold species out, train, and measure how often they are flagged unknown",
-        description="Train a recipe on all but a random share of species (through the normal "
-                    "training code) and report AUROC of the OOD score and the flag rates of "
-                    "held-out-species and known-species images.")
-    p.add_argument("recipe", help="recipe name or YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (e.g. data.root=...)")
-    p.add_argument("--holdout", type=float, default=0.1, help="share of species held out (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the held-out species and the folds")
-    p.add_argument("--workdir", type=Path, default=Path("openset"),
-                   help="where the filtered metadata and the run go (default: %(default)s)")
-    p.add_argument("--ood-score", choices=th.SOFTMAX_OOD_SCORES, default="msp")
-    p.add_argument("--target-precision", type=float, default=0.95)
-    p.add_argument("--ood-keep", type=float, default=0.95)
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens openset``."""
-    run_open_set(args.recipe, args.overrides, args.workdir, share=args.holdout, seed=args.seed,
-                 ood_score=args.ood_score, target=args.target_precision, keep=args.ood_keep)
-    return 0

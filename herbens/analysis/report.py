@@ -12,7 +12,6 @@ each on its own, so an existing output folder with other content is never replac
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import re
@@ -354,30 +353,3 @@ def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, spli
     with atomic_write(out_dir / "summary.txt") as handle:
         handle.write(summary_text(entries, figures, index) + "\n")
     return index
-
-
-def register(subparsers) -> None:
-    """Add the ``report`` verb."""
-    p = subparsers.add_parser(
-        "report", help="figures and an HTML report for runs and submissions",
-        description="Write PNG figures, index.html, report.json and summary.txt for runs "
-                    "(validation logits, history.jsonl, metrics.json) and scored submissions.")
-    p.add_argument("inputs", nargs="+", type=Path, metavar="RUN_DIR|SUBMISSION.csv")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder, e.g. reports/NAME/")
-    p.add_argument("--solution", type=Path, help="solution CSV, to score submissions")
-    p.add_argument("--metadata", type=Path, help="train_metadata.json, to score submissions")
-    p.add_argument("--split", default="val", help="logits split of runs (default: val)")
-    p.add_argument("--exclude-split", type=Path, metavar="SPLIT.csv",
-                   help="a run's split.csv, left out of the metadata's training counts for submissions")
-    p.add_argument("--top-k", type=int, default=10, help="families in best/worst figures (default 10)")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens report``: write the report and print its summary."""
-    if args.top_k < 1:
-        raise HerbensError("--top-k must be at least 1")
-    index = write_report(args.inputs, args.out, args.solution, args.metadata, args.split, args.top_k,
-                         args.exclude_split)
-    print((index.parent / "summary.txt").read_text(encoding="utf-8"), end="")
-    return 0

@@ -11,7 +11,6 @@ comparable with that run), else the seeded split training would draw.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from herbens.errors import HerbensError
@@ -70,29 +69,3 @@ def load_zeroshot_config(source: str, overrides: list[str]) -> dict:
     if not overrides:
         return cfg
     return validate_config(apply_overrides(cfg, overrides), f"{Path(source) / 'config.yaml'} with overrides")
-
-
-def run(args: argparse.Namespace) -> int:
-    from herbens.fileio import write_json
-
-    cfg = load_zeroshot_config(args.recipe, args.overrides)
-    scores = zero_shot_scores(cfg, Path(args.recipe) if Path(args.recipe).is_dir() else None)
-    for level in scores["levels"]:
-        print(f"zero-shot {level} macro-F1 {scores[f'val_{level}_macro_f1']:.4f}  "
-              f"({scores['val_images']} validation images)")
-    if args.json:
-        write_json(Path(args.json), scores)
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "zeroshot", help="macro-F1 of a CLIP checkpoint's class-name heads on the validation split (no training)",
-        description="Build a CLIP-family recipe's model with its text_heads.levels initialised from the class "
-                    "names (CLIP zero-shot) and report each level's macro-F1 on the validation split.")
-    parser.add_argument("recipe", help="recipe YAML file, shipped recipe name, or a run folder (its config.yaml "
-                                       "and split)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="recipe overrides, e.g. data.root=/data/h22 model.pretrained_file=bioclip.bin")
-    parser.add_argument("--json", help="also write the scores to this JSON file")
-    parser.set_defaults(handler=run)

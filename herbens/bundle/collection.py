@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from herbens.bundle.inputs import LIST_SUFFIXES, PATH_COLUMNS, collect_inputs
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, read_json, write_json
+from herbens.progress import progress_bar
 from herbens.runtime import launched_on_cpus_only
 
 MANIFEST = "manifest.json"
@@ -74,6 +74,26 @@ class Processes:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
+
+    def run_everywhere(self, work: Callable[[], int], what: str) -> int:
+        """``work()`` on every process, then all learn whether each succeeded.
+
+        A process that failed would otherwise leave the others waiting for ever at the next
+        barrier; here every one raises instead: its own error, or HerbensError naming ``what``.
+        """
+        error, result = None, 0
+        try:
+            result = work()
+        except Exception as exc:  # raised below, once every process knows
+            error = exc
+        if self.state is not None:
+            failed = torch.tensor([int(error is not None)], device=self.state.device)
+            torch.distributed.all_reduce(failed)
+            if error is None and int(failed.item()):
+                raise HerbensError(f"another process failed {what}; its error is in its output")
+        if error is not None:
+            raise error
+        return result
 
 
 # ----- input --------------------------------------------------------------------------------------
@@ -204,7 +224,7 @@ def predict_blocks(predict: Callable[[list[str]], tuple[list[dict], dict[str, st
     ``predict(paths) -> (records of the readable paths in order, {path: error})``.
     """
     count, done = 0, set(done_blocks(work))
-    bar = tqdm(desc="predict", unit="block", disable=None if progress and procs.is_main else True)
+    bar = progress_bar(desc="predict", unit="block", enabled=progress and procs.is_main)
     for b, part in enumerate(inputs.blocks(block)):
         count += 1
         if b % procs.world != procs.rank or b in done:

@@ -49,7 +49,7 @@ import numpy as np
 
 from herbens.bundle.scoring import LevelProbabilities, sum_within
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
 from herbens.numerics import log_softmax
 from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head, species_prototype
 
@@ -276,6 +276,7 @@ def _new_identity(bundle, name: str, category_id: int | None) -> tuple[str, int]
     return name, int(category_id)
 
 
+@one_writer
 def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: str | None = None,
                   family: str | None = None, category_id: int | None = None, device: str = "cpu",
                   batch_size: int = 32, log: Callable[[str], None] = print) -> dict:
@@ -323,6 +324,7 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
     return entry
 
 
+@one_writer
 def unenrol_species(bundle_path, *, name: str | None = None, category_id: int | None = None,
                     log: Callable[[str], None] = print) -> dict:
     """Remove an enrolled species (by name or category_id); returns its entry.

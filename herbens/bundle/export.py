@@ -9,7 +9,6 @@ exactly as at prediction time (:mod:`herbens.bundle.scoring`). The layout is des
 
 from __future__ import annotations
 
-import argparse
 import platform
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -22,50 +21,17 @@ import pandas as pd
 from herbens.bundle import distance
 from herbens.bundle import thresholds as th
 from herbens.bundle.prototype_export import export_prototypes
-from herbens.bundle.load import DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, load_bundle, write_manifest
+from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, check_export_target,
+                                 load_bundle, write_manifest)
 from herbens.bundle.onnx_card import check_onnx_extra, onnx_section
-from herbens.bundle.scoring import (combine_members, fitted_params, needed_levels,
-                                    params_record, single_run_params)
+from herbens.bundle.scoring import combine_members, needed_levels, params_record
+from herbens.bundle.sources import resolve_source
 from herbens.config import load_run_config, save_config
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.fileio import atomic_dir, atomic_write, exclusive_lock, read_json, write_json
 from herbens.stores.logits import read_logits
 
-
-
-# ----------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------
-def resolve_source(source: str | Path) -> tuple[list[Path], object, dict | None]:
-    """Member run directories, the combination params and the ensemble record (None for a run)."""
-    source = Path(source)
-    if source.is_dir():
-        if not (source / "config.yaml").is_file():
-            raise HerbensError(f"{source}: not a run directory (no config.yaml)")
-        return [source], single_run_params(), None
-    if source.suffix.lower() == ".csv" and source.with_suffix(".json").is_file():
-        source = source.with_suffix(".json")
-    record = read_json(source)
-    if not isinstance(record, dict) or "runs" not in record:
-        raise HerbensError(f"{source}: not an ensemble record (no 'runs'); give a run directory or "
-                           "the .json that herbens ensemble writes beside its CSV")
-    if record.get("align_by_category") and any((record.get("dropped_species") or {}).values()):
-        raise HerbensError(f"{source}: an ensemble aligned by category with dropped species cannot be exported")
-    runs = [_run_path(entry["path"], source) for entry in record["runs"]]
-    return runs, fitted_params(record, len(runs)), record
-
-
-def _run_path(path: str, record_file: Path) -> Path:
-    """A run path of an ensemble record: as written (relative to where ensemble ran), else
-    relative to the record's folder or the folder above it (``submissions/`` beside ``runs/``)."""
-    candidates = list(dict.fromkeys((Path(path), record_file.parent / path, record_file.parent.parent / path)))
-    for candidate in candidates:
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    looked = ", ".join(str(c) for c in candidates)
-    raise HerbensError(f"{record_file}: run {path} not found (no config.yaml in {looked}); run from the folder "
-                       "herbens ensemble ran in")
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,8 +119,6 @@ def _json_thresholds(values: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, log: Callable) -> dict:
     """Write one member (EMA weights when the run has them); returns its provenance entry."""
-    from safetensors.torch import save_model
-
     from herbens.data.transforms import model_data_config
     from herbens.infer.run import load_run_model
 
@@ -163,7 +127,7 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
         raise HerbensError(f"run '{run_dir}': its taxonomy differs from the first member's")
     model = load_run_model(run_dir, cfg, taxonomy).eval()
     folder.mkdir(parents=True)
-    save_model(model, str(folder / WEIGHTS))
+    _save_weights(model, folder / WEIGHTS)
     save_config(cfg, folder / RECIPE)  # the resolved recipe, upgraded to this version's schema
     data_config = model_data_config(model.data_config, cfg["input"])
     levels = [lv for lv in LEVELS if lv in cfg["levels"]]
@@ -186,6 +150,20 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
             "input_size": list(data_config["input_size"]),
             "val": read_json(metrics).get("val", {}) if metrics.exists() else {},
             "data_root": cfg["data"]["root"]}
+
+
+def _save_weights(model, path: Path) -> None:
+    """The member's safetensors file; a full disk or a write error becomes one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_model
+
+    try:
+        save_model(model, str(path))
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = " (the disk is full or the file size limit is reached)" if "too large" in reason.lower() \
+            or "no space" in reason.lower() else ""
+        raise HerbensError(f"cannot write {path}: {reason}{hint}; the previous bundle, if any, is kept") from None
 
 
 def fitted_views(run_dir: Path, cfg: dict, taxonomy: Taxonomy, log: Callable) -> tuple[list[str], str]:
@@ -243,14 +221,24 @@ def _authors(data_root: str | None, log: Callable) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------
 # The whole export
 # ----------------------------------------------------------------------------------------
+def _check_request(out: Path, overwrite: bool, onnx: bool, ood_score: str) -> None:
+    """What can be refused before any work: the OOD score, the output folder, the onnx extra."""
+    if ood_score not in th.OOD_SCORES:
+        raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
+    check_export_target(out, overwrite)
+    if onnx:
+        check_onnx_extra()
+
+
 def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, target_precision: float = 0.95,
                   ood_score: str = "msp", ood_keep: float = 0.95, folds: int = 2, seed: int = 0,
-                  log: Callable[[str], None] = print) -> Path:
+                  overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """Export a run or an ensemble into a self-contained bundle folder.
 
     Args:
         source: a run directory or an ensemble's JSON record (or its CSV, the JSON beside it).
-        out: the bundle folder (replaced atomically if it exists).
+        out: the bundle folder: new, empty, or (with ``overwrite``) a bundle, replaced atomically.
+            Any other existing folder is refused: export never destroys what it did not write.
         onnx: also write one ONNX graph per member, checked against PyTorch with onnxruntime.
         target_precision: precision each back-off level's threshold must reach on validation.
         ood_score: ``msp`` or ``energy``; ``ood_keep``: share of known validation images kept.
@@ -261,10 +249,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     """
     from herbens.metrics import level_scores
 
-    if ood_score not in th.OOD_SCORES:
-        raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
-    if onnx:
-        check_onnx_extra()
+    out = Path(out)
+    _check_request(out, overwrite, onnx, ood_score)
     run_dirs, params, record = resolve_source(source)
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
     rows, truth, labels, banks, val_ood = validation_rows_with_ood(run_dirs, params, taxonomy, ood_score, seed)
@@ -272,8 +258,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     fitted["ood_thresholds"] = {kind: th.ood_threshold(values, ood_keep) for kind, values in val_ood.items()}
     log(th.format_report(fitted))
     val_scores = level_scores(labels, rows.top["species"], taxonomy)
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    with exclusive_lock(out, on_wait=log), atomic_dir(out) as tmp:
+        check_export_target(out, overwrite)  # again, now that no other writer can change it
         folders = [tmp / "members" / f"m{i}_{run.name}" for i, run in enumerate(run_dirs)]
         members = [export_member(run, folder, taxonomy, onnx, log) for run, folder in zip(run_dirs, folders)]
         for folder, bank in zip(folders, banks or []):
@@ -341,34 +327,3 @@ def model_card(bundle: dict, taxonomy: Taxonomy) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-def register(subparsers) -> None:
-    """Add the ``export`` verb."""
-    p = subparsers.add_parser(
-        "export", help="write a self-contained model bundle from a run or an ensemble",
-        description="Export a run directory or an ensemble's JSON record into a folder that alone "
-                    "predicts: safetensors weights per member, data configs, recipes, taxonomy with "
-                    "names and authors, fitted ensemble values, back-off and open-set thresholds "
-                    "(fitted on validation), provenance, a model card and a manifest of file hashes.")
-    p.add_argument("source", help="run directory, or the .json written by herbens ensemble")
-    p.add_argument("-o", "--output", required=True, help="bundle folder, e.g. bundles/NAME")
-    p.add_argument("--onnx", action="store_true", help="also write one ONNX graph per member (checked)")
-    p.add_argument("--target-precision", type=float, default=0.95,
-                   help="precision each back-off level must reach on validation (default: %(default)s)")
-    p.add_argument("--ood-score", choices=th.OOD_SCORES, default="msp",
-                   help="open-set score: max softmax probability, energy, or knn (distance to the k-th "
-                        "nearest training embedding; needs the runs' embeddings) (default: %(default)s)")
-    p.add_argument("--ood-keep", type=float, default=0.95,
-                   help="share of known validation images the OOD threshold keeps (default: %(default)s)")
-    p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens export``."""
-    if args.folds < 2:
-        raise HerbensError("--folds must be at least 2")
-    export_bundle(args.source, args.output, onnx=args.onnx, target_precision=args.target_precision,
-                  ood_score=args.ood_score, ood_keep=args.ood_keep, folds=args.folds)
-    return 0

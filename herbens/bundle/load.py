@@ -2,7 +2,8 @@
 
 Layout of ``bundles/<name>/`` (written by :mod:`herbens.bundle.export`)::
 
-    manifest.json          sha256 of every other file (checked at load)
+    manifest.json          sha256 of every other file (checked at load: none missing, none unlisted)
+    manifest.sha256        sha256 of manifest.json (required)
     bundle.json            members, levels, fitted ensemble values, thresholds, provenance
     taxonomy.json          class order, hierarchy and training counts (herbens Taxonomy)
     names.csv              category_id, scientific_name, authors, genus, family per species
@@ -29,9 +30,10 @@ from herbens.data.taxonomy import Taxonomy
 from herbens.data.views import Views
 from herbens.ensemble.combine import ClassSpace, Params
 from herbens.errors import HerbensError
-from herbens.fileio import read_json, write_json
+from herbens.fileio import atomic_write, read_json, write_json
 
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.sha256"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 DATA_CONFIG = "data_config.json"
@@ -50,20 +52,25 @@ def file_hash(path: Path) -> str:
 
 def write_manifest(root: Path) -> None:
     """Write ``manifest.json``: the sha256 of every other file of the bundle, sorted by path
-    (export and enrolment both call it, so the same files give the same bytes)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    (export and enrolment both call it, so the same files give the same bytes), then
+    ``manifest.sha256``: the manifest's own hash, which :func:`verify_manifest` requires."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, MANIFEST_HASH))
     write_json(root / MANIFEST, {"format_version": FORMAT_VERSION,
                                  "files": {p.relative_to(root).as_posix(): file_hash(p) for p in files}})
+    with atomic_write(root / MANIFEST_HASH) as handle:
+        handle.write(f"{file_hash(root / MANIFEST)}  {MANIFEST}\n")
 
 
 def verify_manifest(root: Path) -> dict[str, str]:
-    """Check that every file the manifest lists exists with its recorded hash.
+    """Check the manifest against its hash file, then that the bundle holds exactly the files the
+    manifest lists (none missing, none unlisted), each with its recorded hash.
 
     Raises:
-        HerbensError: naming the bundle and the first missing or altered file.
+        HerbensError: naming the bundle and the first missing, unlisted or altered file.
     """
     if not (root / MANIFEST).is_file():
         raise HerbensError(f"{root}: not a herbens bundle (no {MANIFEST})")
+    _check_manifest_hash(root)
     manifest = read_json(root / MANIFEST)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
@@ -74,7 +81,35 @@ def verify_manifest(root: Path) -> dict[str, str]:
             raise HerbensError(f"bundle {root}: file {name} is missing")
         if file_hash(path) != expected:
             raise HerbensError(f"bundle {root}: file {name} was altered (sha256 differs from the manifest)")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    unlisted = sorted(present - set(files) - {MANIFEST, MANIFEST_HASH})
+    if unlisted:
+        raise HerbensError(f"bundle {root}: file {unlisted[0]} is not in the manifest"
+                           + (f" (nor {len(unlisted) - 1} other(s))" if len(unlisted) > 1 else "")
+                           + "; a bundle holds only what export or enrol wrote")
     return files
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder export did not write (a run, a dataset...), and a bundle unless
+    ``overwrite``."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / MANIFEST).is_file():
+        raise HerbensError(f"{out} exists and is not a herbens bundle (no {MANIFEST}): export does not "
+                           "replace it; choose another -o")
+    if not overwrite:
+        raise HerbensError(f"{out} already holds a bundle; pass --overwrite to replace it")
+
+
+def _check_manifest_hash(root: Path) -> None:
+    hash_file = root / MANIFEST_HASH
+    if not hash_file.is_file():
+        raise HerbensError(f"bundle {root}: {MANIFEST_HASH} is missing, so {MANIFEST} cannot be trusted "
+                           "(export the bundle again)")
+    recorded = hash_file.read_text(encoding="utf-8", errors="replace").split()
+    if not recorded or recorded[0] != file_hash(root / MANIFEST):
+        raise HerbensError(f"bundle {root}: file {MANIFEST} was altered (sha256 differs from {MANIFEST_HASH})")
 
 
 @dataclass

@@ -10,7 +10,6 @@ Unreadable images are reported one per line and the others still predicted (exit
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.data.loaders import paths_loader
 from herbens.errors import HerbensError
 from herbens.infer.loop import Engine, predict_batches
+from herbens.progress import progress_bar
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,13 +91,11 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     ``probabilities`` their :class:`herbens.bundle.scoring.LevelProbabilities` and ``errors``
     ``{row: message}`` for the others. Memory holds one block per member.
     """
-    from tqdm.auto import tqdm
-
     from herbens.bundle.scoring import combine_members, needed_levels
 
     levels = needed_levels(bundle.params)
     classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
-    bar = tqdm(total=len(paths) * len(bundle.members), desc="predict", unit="img", disable=None if progress else True)
+    bar = progress_bar(total=len(paths) * len(bundle.members), desc="predict", unit="img", enabled=progress)
     enrolment = bundle.enrolment
     embeddings = enrolment is not None or bundle.ood_banks is not None
     for start in range(0, len(paths), block):
@@ -215,8 +213,8 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
                              block=len(part), progress=False, max_pixels=max_pixels)
         return (records(bundle, pred) if pred.paths else []), dict(pred.failures)
 
-    blocks = predict_blocks(predict, inputs, work, block, procs, progress)
-    procs.barrier()
+    blocks = procs.run_everywhere(lambda: predict_blocks(predict, inputs, work, block, procs, progress),
+                                  "predicting its blocks (rerun the same command to resume)")
     if not procs.is_main:
         return 0
     return _merge(bundle, source, inputs, [shard_path(work, b) for b in range(blocks)], output, fmt, html, top_k,
@@ -252,44 +250,3 @@ def _merge(bundle, source, inputs: InputList, shards: list[Path], output: Path, 
         + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"), {sample.failed} unreadable"
         + (f", {len(inputs.skipped)} non-image file(s) skipped" if inputs.skipped else ""))
     return 1 if sample.failed else 0
-
-
-def register(subparsers) -> None:
-    """Add the ``predict`` verb."""
-    p = subparsers.add_parser(
-        "predict", help="name new specimen images with a bundle (species / genus / family / unknown)",
-        description="Predict images (a file, a folder searched recursively, or a CSV/text list of "
-                    "paths) with an exported bundle: top-k species with authors and probabilities, "
-                    "the most probable genus and family, and a back-off decision.")
-    p.add_argument("bundle", help="bundle folder written by herbens export")
-    p.add_argument("input", help="image, folder, or .csv/.txt list of paths")
-    p.add_argument("-o", "--output", default="predictions.csv", help="output file (default: %(default)s)")
-    p.add_argument("--format", choices=OUTPUT_FORMATS, default="csv", dest="fmt")
-    p.add_argument("--html", nargs="?", const=True, default=None, metavar="PAGE",
-                   help="also write a self-contained HTML page (default: OUTPUT with .html)")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                   help="refuse images with more pixels, from their header (decompression bombs; "
-                        "default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present, else cpu; "
-                                                   "under torchrun / accelerate launch each process's own)")
-    p.add_argument("--block", type=int, default=DEFAULT_BLOCK,
-                   help="paths per shard: the unit of resume and of work per process (default: %(default)s)")
-    p.add_argument("--page-cap", type=int, default=DEFAULT_PAGE_CAP, metavar="N",
-                   help="most sheets on the HTML page: all unknown ones first, then a random sample "
-                        "(default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens predict``."""
-    html = None
-    if args.html is not None:
-        html = Path(args.output).with_suffix(".html") if args.html is True else Path(args.html)
-    return predict_command(args.bundle, args.input, args.output, fmt=args.fmt, html=html, top_k=args.top_k,
-                           batch_size=args.batch_size, device=args.device, workers=args.workers,
-                           max_pixels=args.max_image_pixels, block=args.block, page_cap=args.page_cap,
-                           progress=not args.quiet)

@@ -15,7 +15,6 @@ the student's augmented views are not re-predicted online.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -58,7 +57,8 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
         HerbensError: on a source the exporter refuses, members that disagree on their training
             images, or training images no member can read (listed, nothing written).
     """
-    from herbens.bundle.export import export_bundle, resolve_source
+    from herbens.bundle.export import export_bundle
+    from herbens.bundle.sources import resolve_source
     from herbens.bundle.load import load_bundle
     from herbens.bundle.predict import block_probabilities
     from herbens.stores.targets import open_targets_writer
@@ -66,9 +66,10 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
     if k < 1:
         raise HerbensError(f"--k must be at least 1, got {k}")
     out = Path(out)
+    _check_teacher_folder(out)
     run_dirs, _, _ = resolve_source(source)
     frame, images_dir, taxonomy = member_training_images(run_dirs)
-    export_bundle(source, out / "bundle", log=log)
+    export_bundle(source, out / "bundle", overwrite=True, log=log)  # the teacher's own bundle
     bundle = load_bundle(out / "bundle", device=device)
     paths = [str(images_dir / name) for name in frame["file_name"]]
     ids = frame["image_id"].astype(str).tolist()
@@ -92,24 +93,11 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
     return out
 
 
-def register(subparsers) -> None:
-    """Add the ``teach`` verb."""
-    p = subparsers.add_parser(
-        "teach", help="write an ensemble's sparse soft targets for its training images (distillation)",
-        description="Export an ensemble (its JSON record) into OUT/bundle and write the top-K classes, "
-                    "log-probabilities and remaining mass of every training image into OUT/targets/train/, "
-                    "for recipes with distill.teacher=OUT.")
-    p.add_argument("source", help="ensemble JSON written by herbens ensemble (or a run directory)")
-    p.add_argument("-o", "--output", required=True, help="teacher folder, e.g. teachers/final_teacher")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="classes kept per image and level (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens teach``."""
-    write_teacher(args.source, args.output, k=args.k, batch_size=args.batch_size, device=args.device,
-                  workers=args.workers)
-    return 0
+def _check_teacher_folder(out: Path) -> None:
+    """Refuse an output folder that holds something else (a trained run's taxonomy.json and
+    split.csv would be overwritten): only a new or empty folder or an earlier teacher."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "config.yaml").exists() or not ((out / "bundle").is_dir() or (out / "targets").is_dir()):
+        raise HerbensError(f"{out} exists and is not a teacher folder (no bundle/ or targets/; a run has "
+                           "config.yaml): teach does not write into it; choose another -o")

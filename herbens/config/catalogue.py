@@ -11,7 +11,6 @@ is cached on disk.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -318,27 +317,3 @@ def table_note() -> str:
             f"at: the input size of the backbone tag's weights (timm's pretrained config); speed: "
             f"fused-attn = SwinV2 window attention through fused SDPA (model.fused_attention), "
             f"compile = torch.compile of the model or of each trunk block (model.compile).")
-
-
-def run(args: argparse.Namespace) -> int:
-    rows = list_recipes(args.names or None, flops=not args.no_flops)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_table(rows))
-        print(table_note())
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "recipes", help="list the shipped recipes with model size, cost and losses",
-        description="List the shipped recipes (recipes/*.yaml): backbone, input size, the resolution "
-                    "the weights were pre-trained at (timm's pretrained config), parameters "
-                    "(M), forward GFLOPs per image at the input size (multiply-add = 2 FLOPs), and "
-                    "the loss of each level. Models are built on the meta device: no weights are "
-                    "downloaded.")
-    parser.add_argument("names", nargs="*", help="only these recipes (default: all)")
-    parser.add_argument("--json", action="store_true", help="print JSON (one object per recipe)")
-    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (faster)")
-    parser.set_defaults(handler=run)

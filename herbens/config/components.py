@@ -20,7 +20,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
+import herbens.data.samplers  # noqa: F401 (registers the samplers)
+import herbens.losses  # noqa: F401 (registers the losses)
+import herbens.models.net  # noqa: F401 (registers the heads and necks)
 from herbens.errors import HerbensError
+from herbens.registry import components
 
 # Constructor arguments the trainer supplies (sizes, labels, rank), not the recipe.
 _SUPPLIED = {
@@ -31,25 +35,21 @@ _SUPPLIED = {
 }
 
 
-def registry(kind: str) -> dict[str, type]:
-    """Name -> class of the components of ``kind`` (imported late: they pull in torch)."""
-    if kind == "head":
-        from herbens.models.heads import HEADS as found
-    elif kind == "loss":
-        from herbens.losses import LOSSES as found
-    elif kind == "neck":
-        from herbens.models.net import NECKS as found
-    elif kind == "sampler":
-        from herbens.data.samplers import SAMPLERS as found
-    else:
-        raise KeyError(kind)
-    return found
+def registry(kind: str):
+    """Name -> class of the registered components of ``kind`` (:func:`herbens.registry.register`);
+    the built-in ones are registered by the imports above."""
+    return components(kind)
+
+
+def params_model(kind: str, name: str) -> type[BaseModel]:
+    """A pydantic model of the parameters of component ``name``, from its constructor."""
+    return _params_model(kind, registry(kind)[name])
 
 
 @lru_cache(maxsize=None)
-def params_model(kind: str, name: str) -> type[BaseModel]:
-    """A pydantic model of the parameters of component ``name``, from its constructor."""
-    cls = registry(kind)[name]
+def _params_model(kind: str, cls: type) -> type[BaseModel]:
+    # Cached per class, not per name: a name registered again (a test's toy loss) is read afresh.
+    name = cls.__name__
     hints = typing.get_type_hints(cls.__init__)
     fields = {}
     for param in inspect.signature(cls.__init__).parameters.values():

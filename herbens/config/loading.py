@@ -21,6 +21,7 @@ from herbens.config.components import lowercase, registry, suggestion, with_valu
 from herbens.config.rules import check_rules
 from herbens.config.schema import Recipe, section_class
 from herbens.errors import HerbensError
+from herbens.fileio import read_text
 
 # The recipes shipped with the checkout, and the setting that points every reader elsewhere
 # (a suite run as another user from a private clone, a site's own recipe folder).
@@ -106,17 +107,13 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
 
 def read_yaml(path: Path) -> dict:
     """A YAML mapping from ``path`` (empty file: ``{}``), with herbens errors."""
+    text = read_text(path, hint="save the recipe as UTF-8")
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_LOADER)
-    except FileNotFoundError:
-        raise HerbensError(f"{path}: file not found") from None
+        data = yaml.load(text, Loader=_LOADER)
     except DuplicateKey as exc:
         raise HerbensError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise HerbensError(f"{path}: malformed YAML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise HerbensError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the recipe as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

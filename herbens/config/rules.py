@@ -8,47 +8,74 @@ from __future__ import annotations
 
 from typing import Any
 
+from herbens.config.schema import Recipe, section_class
 from herbens.errors import HerbensError
+from herbens.losses.base import mixup_error
+from herbens.models.clip import template_error
+from herbens.registry import components
 
 
 def check_rules(cfg: dict, source: str) -> None:
-    """Raise HerbensError for keys that are fine alone but not together."""
-    from herbens.losses import LOSSES, REQUIRED_HEAD
-    from herbens.losses.hierarchical import check_mixup_compatible
+    """Raise HerbensError for keys that are fine alone but not together.
 
+    What a component needs is declared on its class (:mod:`herbens.registry`) and checked here
+    only: a loss's ``requires_head``, ``needs_class_batches`` and ``supports_soft_targets``,
+    a sampler's ``class_batches``, a head's ``is_margin_head`` (trained by the loss that
+    requires it).
+    """
     try:
         check_mixup_compatible(cfg["levels"], cfg["augment"])
+        _check_component_needs(cfg)
     except HerbensError as exc:
         raise HerbensError(f"{source}: {exc}") from None
-    for level, spec in cfg["levels"].items():
-        names = [loss["name"] for loss in spec["loss"]]
-        head = spec["head"]["name"]
-        for i, name in enumerate(names):
-            needed = REQUIRED_HEAD.get(name)
-            if needed and head != needed:
-                raise HerbensError(f"{source}: levels.{level}.loss[{i}]: loss {name} needs "
-                                   f"levels.{level}.head: {needed}, got head {head!r}")
-            if LOSSES[name].needs_class_batches and cfg["sampler"]["name"] != "pk":
-                raise HerbensError(
-                    f"{source}: levels.{level}.loss[{i}]: loss {name} needs several images of a species "
-                    f"in each batch: set sampler: {{name: pk, classes_per_batch: P, images_per_class: K}}, "
-                    f"got sampler {cfg['sampler']['name']!r}")
-        margin_losses = {n for n, h in REQUIRED_HEAD.items() if h == head}
-        if margin_losses and not margin_losses & set(names):
-            raise HerbensError(f"{source}: levels.{level}.head: head {head} is trained by its margin loss: "
-                               f"add {{name: {sorted(margin_losses)[0]}}} to levels.{level}.loss, got "
-                               f"{', '.join(names)}")
     if cfg["distill"]["teacher"] and (cfg["augment"]["mixup"] or cfg["augment"]["cutmix"]):
         raise HerbensError(f"{source}: distill.teacher cannot be combined with augment.mixup/cutmix (the "
                            "teacher's targets describe the unmixed images): set augment.mixup=0 and augment.cutmix=0")
     _check_probe(cfg, source)
     _check_text_heads(cfg, source)
-    sampler = cfg["sampler"]
-    if sampler["name"] == "pk" and any(LOSSES[loss["name"]].needs_class_batches
-                                       for spec in cfg["levels"].values() for loss in spec["loss"]):
-        if sampler["images_per_class"] < 2:
-            raise HerbensError(f"{source}: sampler.images_per_class: a metric loss needs at least 2 "
-                               f"images per class, got {sampler['images_per_class']}")
+
+
+def check_mixup_compatible(levels_cfg: dict, augment_cfg: dict) -> None:
+    """Refuse mixup/cutmix with a loss that needs hard labels (``supports_soft_targets`` False:
+    margin losses, Seesaw), so the error comes before any compute is spent."""
+    if not (augment_cfg["mixup"] > 0 or augment_cfg["cutmix"] > 0):
+        return
+    losses = components("loss")
+    for level, spec in levels_cfg.items():
+        for i, node in enumerate(spec["loss"]):
+            cls = losses[node["name"]]
+            if not cls.supports_soft_targets:
+                raise HerbensError(mixup_error(cls, level, f"levels.{level}.loss[{i}]"))
+
+
+def _check_component_needs(cfg: dict) -> None:
+    """Each loss's head and sampler needs, and each margin head's loss."""
+    losses, sampler = components("loss"), cfg["sampler"]
+    batching = [name for name, cls in components("sampler").items() if cls.class_batches]
+    class_batches = components("sampler")[sampler["name"]].class_batches
+    for level, spec in cfg["levels"].items():
+        names = [loss["name"] for loss in spec["loss"]]
+        head = spec["head"]["name"]
+        for i, name in enumerate(names):
+            needed = losses[name].requires_head
+            if needed and head != needed:
+                raise HerbensError(f"levels.{level}.loss[{i}]: loss {name} needs levels.{level}.head: {needed}, "
+                                   f"got head {head!r}")
+            if losses[name].needs_class_batches and not class_batches:
+                raise HerbensError(
+                    f"levels.{level}.loss[{i}]: loss {name} needs several images of a species in each batch: "
+                    f"set sampler: {{name: {batching[0]}, classes_per_batch: P, images_per_class: K}}, "
+                    f"got sampler {sampler['name']!r}")
+        margin_losses = sorted(n for n, cls in losses.items() if cls.requires_head == head)
+        if components("head")[head].is_margin_head and not set(margin_losses) & set(names):
+            fix = (f"add {{name: {margin_losses[0]}}} to levels.{level}.loss" if margin_losses else
+                   f"no registered loss declares requires_head = {head!r}")
+            raise HerbensError(f"levels.{level}.head: head {head} is trained by its margin loss: {fix}, "
+                               f"got {', '.join(names)}")
+    metric = any(losses[loss["name"]].needs_class_batches for spec in cfg["levels"].values() for loss in spec["loss"])
+    if class_batches and metric and sampler["images_per_class"] < 2:
+        raise HerbensError(f"sampler.images_per_class: a metric loss needs at least 2 images per class, "
+                           f"got {sampler['images_per_class']}")
 
 
 def _check_probe(cfg: dict, source: str) -> None:
@@ -69,8 +96,6 @@ def _check_text_heads(cfg: dict, source: str) -> None:
     levels = cfg["text_heads"]["levels"]
     if not levels:
         return
-    from herbens.models.clip import template_error
-
     model = cfg["model"]
     for level in levels:
         error = template_error(cfg["text_heads"]["template"], level)
@@ -100,8 +125,6 @@ def _check_text_heads(cfg: dict, source: str) -> None:
 
 def resumable_paths() -> list[str]:
     """Dotted key paths (``train.epochs``, ``infer``) a resumed run may change."""
-    from herbens.config.schema import Recipe, section_class
-
     found = []
 
     def walk(model, prefix):

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from herbens.config.components import node_error, resolve_losses, resolve_node, suggestion
-from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MIN_IMAGE_SIDE
 from herbens.data.metadata import FORMATS
 from herbens.data.views import parse_view
 from herbens.errors import HerbensError
@@ -81,6 +81,9 @@ class Data(Section):
     max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description=(
         "images with more pixels are refused from their header before decoding (decompression "
         "bombs); null: no limit"))
+    min_image_size: int = Field(DEFAULT_MIN_IMAGE_SIDE, ge=0, description=(
+        "images with a side shorter than this (px) are refused from their header as too small to "
+        "be a specimen image, like unreadable ones (training, inference, predict); 0: no minimum"))
 
 
 class Model(Section):

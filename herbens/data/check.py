@@ -8,7 +8,6 @@ once: the same bytes are hashed and decoded, in a process pool for large dataset
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import io
@@ -18,13 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, describe_decode_error, load_rgb
 from herbens.data.metadata import (ISSUE_MESSAGES, find_dataset, inspect_test_metadata,
                                    inspect_train_metadata)
 from herbens.errors import HerbensError
-from herbens.fileio import write_json
+from herbens.progress import progress_bar
 
 # Problem kinds in report order, with the heading printed for each.
 PROBLEMS = {
@@ -53,7 +51,7 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True,
         root: dataset directory (see :func:`herbens.data.metadata.find_dataset`) or a training
             metadata file.
         workers: processes used to read, hash and decode the image files (1: in-process).
-        progress: show a tqdm progress bar (on a terminal).
+        progress: show progress (a bar on a terminal, plain lines in a log: herbens.progress).
         max_pixels: images declaring more pixels are reported as oversized (and not decoded);
             use the recipe's ``data.max_image_pixels``.
 
@@ -134,7 +132,7 @@ def scan_file(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> t
 
 def _scan_files(paths: list[str], workers: int, progress: bool,
                 max_pixels: int | None) -> list[tuple[str, str]]:
-    bar = tqdm(total=len(paths), desc="checking images", unit="img", disable=None if progress else True)
+    bar = progress_bar(total=len(paths), desc="checking images", unit="img", enabled=progress)
     scan = functools.partial(scan_file, max_pixels=max_pixels)
     try:
         if workers <= 1 or len(paths) < 2:
@@ -194,32 +192,3 @@ def format_report(report: dict, limit: int = 5) -> str:
     lines.append("OK: no problems found" if report["ok"] else
                  f"PROBLEMS: {sum(1 for v in report['problems'].values() if v)} kind(s) found")
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    """Add the ``check`` verb to the ``herbens`` command line."""
-    p = subparsers.add_parser(
-        "check", help="check a dataset's metadata and image files",
-        description="Check a dataset directory (Kaggle 2022, Kaggle 2021 or CSV metadata): duplicate or "
-                    "unknown ids, empty classes, missing, corrupt and duplicate image files. "
-                    "Exit status 0 when clean, 1 when problems were found.")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="dataset directory or training metadata file")
-    p.add_argument("--workers", type=int, metavar="N", default=min(8, os.cpu_count() or 1),
-                   help="processes that read and decode images (default: %(default)s)")
-    p.add_argument("--show", type=int, default=5, metavar="K", help="examples listed per problem (default: 5)")
-    p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                   help="report images with more pixels (width x height) as oversized, the limit that "
-                        "training applies as data.max_image_pixels (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``herbens check``; returns 0 when clean, 1 when problems were found."""
-    report = check_dataset(args.data_dir, workers=args.workers, progress=not args.no_progress,
-                           max_pixels=args.max_image_pixels)
-    print(format_report(report, limit=args.show))
-    if args.json:
-        write_json(args.json, report)
-    return 0 if report["ok"] else 1

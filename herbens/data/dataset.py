@@ -30,6 +30,11 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 # 70 MP) with room to spare, and for the 1,000 px Kaggle images by far. Settable per recipe
 # (``data.max_image_pixels``) and per check (``herbens check --max-image-pixels``).
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# Below this many pixels on its shorter side a file is a placeholder, an icon or a broken
+# export, not a specimen: resized to the input it still gets a confident (meaningless) name.
+# Training, inference and predict refuse it from the header, as an unreadable image
+# (``data.min_image_size``; 0 turns the check off). 16 px keeps the synthetic test sheets.
+DEFAULT_MIN_IMAGE_SIDE = 16
 
 _WHITE = (255, 255, 255)  # herbarium paper: transparent areas are blank sheet, not black
 _ORIENTATION_TAG = 0x0112
@@ -41,6 +46,10 @@ class BadImageWarning(UserWarning):
     """An image could not be decoded and was replaced by another (``bad_image_policy="skip"``)."""
 
 
+class ImageTooSmallError(HerbensError):
+    """An image whose shorter side is under the minimum: too small to be a specimen image."""
+
+
 class ImageTooLargeError(HerbensError):
     """An image declares more pixels than the limit (a possible decompression bomb).
 
@@ -48,8 +57,8 @@ class ImageTooLargeError(HerbensError):
         size: the declared ``(width, height)``.
     """
 
-    def __init__(self, message: str, size: tuple[int, int]):
-        super().__init__(message)
+    def __init__(self, message: str, size: tuple[int, int] | None = None):
+        super().__init__(message)  # size None: rebuilt from a DataLoader worker's message
         self.size = size
 
 
@@ -63,7 +72,8 @@ def allow_large_images() -> None:
 
 
 def load_rgb(source: str | os.PathLike | io.BytesIO, decode_size: tuple[int, int] | None = None,
-             name: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+             name: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+             min_side: int | None = None) -> Image.Image:
     """Decode an image file into an upright RGB image.
 
     Args:
@@ -75,18 +85,21 @@ def load_rgb(source: str | os.PathLike | io.BytesIO, decode_size: tuple[int, int
         name: how to name the image in error messages (defaults to the path).
         max_pixels: refuse images with more pixels than this, from the header, before
             decoding (None: no limit).
+        min_side: refuse images whose shorter side is under this, from the header (None or 0:
+            no minimum; the datasets pass :data:`DEFAULT_MIN_IMAGE_SIDE`).
 
     Returns:
         An RGB image with the EXIF orientation applied.
 
     Raises:
         ImageTooLargeError: naming the file and its size when it is over ``max_pixels``.
+        ImageTooSmallError: naming the file and its size when a side is under ``min_side``.
         HerbensError: naming the file when it is missing or cannot be decoded.
     """
     name = name or str(source)
     allow_large_images()
     try:
-        img = _decode(source, decode_size, max_pixels, name)
+        img = _decode(source, decode_size, max_pixels, name, min_side)
         img = to_rgb(img)
         if decode_size:
             img = _reduce(img, decode_size)
@@ -106,10 +119,14 @@ def describe_decode_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _decode(source, decode_size: tuple[int, int] | None, max_pixels: int | None, name: str) -> Image.Image:
+def _decode(source, decode_size: tuple[int, int] | None, max_pixels: int | None, name: str,
+            min_side: int | None = None) -> Image.Image:
     """Open, check the declared size, decode (at reduced scale if asked) and turn upright."""
     img = Image.open(source)  # reads the header only: the size is known, nothing decoded yet
     try:
+        if min_side and min(img.size) < min_side:
+            raise ImageTooSmallError(f"image {name} is {img.width} x {img.height} pixels: too small to be a "
+                                     f"specimen image (a side under {min_side} px, data.min_image_size)")
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageTooLargeError(f"image {name} is {img.width} x {img.height} = {img.width * img.height:,} "
                                      f"pixels, over the limit of {max_pixels:,} (data.max_image_pixels; a "
@@ -229,7 +246,7 @@ class HerbariumDataset(torch.utils.data.Dataset):
     def __init__(self, frame: pd.DataFrame, images_dir: str | os.PathLike, taxonomy,
                  transform: Callable | None, bad_image_policy: str = "error",
                  decode_size: tuple[int, int] | None = None, views: Sequence[Callable] | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, min_side: int | None = DEFAULT_MIN_IMAGE_SIDE):
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise HerbensError(f"unknown bad_image_policy {bad_image_policy!r}; "
                                f"expected one of {', '.join(BAD_IMAGE_POLICIES)}")
@@ -244,6 +261,7 @@ class HerbariumDataset(torch.utils.data.Dataset):
         self.decode_size = tuple(int(s) for s in decode_size) if decode_size else None
         self.bad_image_policy = bad_image_policy
         self.max_pixels = None if max_pixels is None else int(max_pixels)
+        self.min_side = int(min_side or 0)
         self.bad_images: list[str] = []
         self._bad_positions: set[int] = set()
 
@@ -267,7 +285,8 @@ class HerbariumDataset(torch.utils.data.Dataset):
             if position in self._bad_positions:
                 continue
             try:
-                return load_rgb(self.paths[position], self.decode_size, max_pixels=self.max_pixels), position
+                return load_rgb(self.paths[position], self.decode_size, max_pixels=self.max_pixels,
+                                min_side=self.min_side), position
             except HerbensError as exc:
                 if self.bad_image_policy == "error":
                     raise

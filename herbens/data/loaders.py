@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from herbens.data.dataset import HerbariumDataset
+from herbens.data.dataset import DEFAULT_MIN_IMAGE_SIDE, HerbariumDataset
 from herbens.data.samplers import build_sampler
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.transforms import build_tta_views, eval_decode_size
@@ -152,7 +152,8 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
     dataset = TrainingDataset(frame, images_dir, taxonomy, transform,
                               bad_image_policy=cfg["data"]["bad_images"],
                               decode_size=train_decode_size(cfg), seed=cfg["seed"],
-                              max_pixels=cfg["data"]["max_image_pixels"], teacher=teacher)
+                              max_pixels=cfg["data"]["max_image_pixels"], min_side=min_image_size(cfg),
+                              teacher=teacher)
     kwargs = _loader_kwargs(cfg["data"]["num_workers"])
     kwargs["generator"] = torch.Generator().manual_seed(int(cfg["seed"]))
     keys = EpochKeys(sampler, len(dataset))
@@ -160,6 +161,11 @@ def train_loader(frame, images_dir: Path, taxonomy: Taxonomy, transform, cfg: di
         return DataLoader(dataset, batch_sampler=keys, **kwargs), keys
     return DataLoader(dataset, batch_size=cfg["train"]["batch_size"], sampler=keys, drop_last=True,
                       **kwargs), keys
+
+
+def min_image_size(cfg: dict) -> int:
+    """``data.min_image_size`` (hand-made configs without it get the default)."""
+    return int(cfg["data"].get("min_image_size", DEFAULT_MIN_IMAGE_SIDE) or 0)
 
 
 def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cfg: dict,
@@ -183,7 +189,8 @@ def predict_loader(frame, images_dir: Path, taxonomy: Taxonomy | None, views, cf
     dataset = HerbariumDataset(frame, images_dir, taxonomy, transform=None,
                                bad_image_policy=cfg["data"]["bad_images"],
                                decode_size=eval_decode_size(data_config, parsed) if data_config else None,
-                               views=[fn for _, fn in views], max_pixels=cfg["data"]["max_image_pixels"])
+                               views=[fn for _, fn in views], max_pixels=cfg["data"]["max_image_pixels"],
+                               min_side=min_image_size(cfg))
     return DataLoader(dataset, batch_size=batch_size or int(cfg["infer"]["batch_size"]), shuffle=False,
                       **_loader_kwargs(cfg["data"]["num_workers"]))
 

@@ -16,7 +16,6 @@ replacement for the original folder.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import shutil
@@ -26,12 +25,12 @@ from collections import Counter
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from herbens.data.dataset import allow_large_images, load_rgb
 from herbens.data.metadata import find_dataset, load_test_metadata, load_train_metadata
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
+from herbens.progress import progress_bar
 
 JPEG_QUALITY = 90
 _ORIENTATION_TAG = 0x0112
@@ -59,7 +58,7 @@ def prepare_dataset(root: str | os.PathLike, size: int, out: str | os.PathLike |
         out: output directory; default :func:`default_output`.
         workers: processes (default: all CPUs); 1 runs in this process.
         quality: JPEG quality of resized images.
-        progress: show a tqdm bar.
+        progress: show progress (herbens.progress).
 
     Returns:
         ``{"out", "images", "seconds", <outcome>: count}`` for every outcome in ``OUTCOMES``.
@@ -114,7 +113,7 @@ def _relative(path: Path, root: Path) -> Path:
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool):
     """Yield each job's outcome, from a process pool when ``workers > 1``."""
-    bar = tqdm(total=len(jobs), desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(jobs), desc="prepare", unit="img", enabled=progress, leave=True)
     try:
         if workers <= 1 or len(jobs) < 2:
             for job in jobs:
@@ -218,40 +217,3 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         return  # a missing source stays missing in the copy, where check/training report it
     with open(src, "rb") as source, atomic_write(dst, "wb", durable=False) as handle:
         shutil.copyfileobj(source, handle)
-
-
-# ----- command line ---------------------------------------------------------------------------
-
-def register(subparsers) -> None:
-    """Add the ``prepare`` verb to the ``herbens`` command line."""
-    p = subparsers.add_parser(
-        "prepare", help="write a resized copy of a dataset once, for faster training",
-        description="Write every train and test image with its long edge at most --size pixels "
-                    "(JPEG quality 90, same relative paths) and copy the metadata, into OUT "
-                    "(default: DATA_DIR/../<name>_<size>). Train on it with data.root=OUT. "
-                    "Rerunning skips images already done. A size about 2x the training input "
-                    "suits random crops down to half the image area (augment.scale 0.5); "
-                    "smaller crops want more (2.4x at scale 0.35).")
-    p.add_argument("data_dir", help="dataset directory (Kaggle 2022/2021 layout or CSV metadata)")
-    p.add_argument("--size", type=int, required=True, help="long edge of the written images, in pixels")
-    p.add_argument("--out", default=None, help="output directory (default: DATA_DIR/../<name>_<size>)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    p.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality (default 90)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens prepare``: write the copy and print a summary."""
-    summary = prepare_dataset(args.data_dir, args.size, args.out, args.workers, args.quality,
-                              progress=not args.no_progress)
-    print(f"prepared {summary['images']} images into {summary['out']} in {summary['seconds']} s: "
-          f"{summary['resized']} resized, {summary['copied']} copied (already small), "
-          f"{summary['done']} already done")
-    problems = summary["unreadable"] + summary["missing"]
-    if problems:
-        print(f"warning: {summary['unreadable']} unreadable image(s) copied unchanged and "
-              f"{summary['missing']} missing; `herbens check {args.data_dir}` lists them",
-              file=sys.stderr)
-    print(f"train on it with data.root={summary['out']}")
-    return 0

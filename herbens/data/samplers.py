@@ -19,6 +19,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from herbens.errors import HerbensError
+from herbens.registry import components, register
 
 
 class EpochSampler(Sampler[int]):
@@ -32,6 +33,8 @@ class EpochSampler(Sampler[int]):
     """
 
     is_batch_sampler = False
+    # Several images of each class in every batch: what a loss with needs_class_batches asks for.
+    class_batches = False
 
     def __init__(self, labels, seed: int, num_replicas: int = 1, rank: int = 0):
         self.labels = _check_labels(labels)
@@ -65,6 +68,7 @@ class EpochSampler(Sampler[int]):
         return math.ceil(self.num_samples / self.num_replicas)
 
 
+@register("sampler", "random")
 class RandomSampler(EpochSampler):
     """A seeded random permutation of all positions (each exactly once per epoch)."""
 
@@ -72,6 +76,8 @@ class RandomSampler(EpochSampler):
         return self.rng().permutation(len(self.labels))
 
 
+@register("sampler", "power")
+@register("sampler", "sqrt")
 class PowerSampler(EpochSampler):
     """Draws with replacement so that ``p(class) ∝ n_c ** alpha``, uniform within a class.
 
@@ -101,6 +107,7 @@ class PowerSampler(EpochSampler):
         return self.rng().choice(len(self.labels), size=self.num_samples, replace=True, p=self.sample_probs)
 
 
+@register("sampler", "class_balanced")
 class ClassBalancedSampler(PowerSampler):
     """Every class equally likely (:class:`PowerSampler` with ``alpha = 0``)."""
 
@@ -110,6 +117,7 @@ class ClassBalancedSampler(PowerSampler):
                          rank=rank)
 
 
+@register("sampler", "pk")
 class PKBatchSampler(EpochSampler):
     """Batches of P distinct classes x K images each (for metric losses such as AMS).
 
@@ -127,6 +135,7 @@ class PKBatchSampler(EpochSampler):
     """
 
     is_batch_sampler = True
+    class_batches = True
 
     def __init__(self, labels, seed: int, classes_per_batch: int = 16, images_per_class: int = 4,
                  num_batches: int | None = None, num_replicas: int = 1, rank: int = 0):
@@ -169,10 +178,9 @@ class PKBatchSampler(EpochSampler):
         return np.lexsort((keys, self.labels))
 
 
-# Recipe name -> sampler; a sampler's recipe parameters are its constructor's keywords.
-SAMPLERS: dict[str, type[EpochSampler]] = {
-    "random": RandomSampler, "class_balanced": ClassBalancedSampler, "sqrt": PowerSampler,
-    "power": PowerSampler, "pk": PKBatchSampler}
+# Recipe name -> sampler (``@register("sampler", NAME)``); a sampler's recipe parameters are its
+# constructor's keywords.
+SAMPLERS = components("sampler")
 
 
 def build_sampler(name: str, labels, seed: int, **params) -> EpochSampler:

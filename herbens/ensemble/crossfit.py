@@ -108,9 +108,24 @@ def collect(split: AlignedSplit, chunk_rows: int, fn: Callable, **needs) -> np.n
 
 
 def fit_predictions(split: AlignedSplit, folds: NestedFolds, chunk_rows: int, fn: Callable, **needs) -> np.ndarray:
-    """``[N, fits, G]`` predicted columns: ``fn(chunk, j)`` gives fit j's G candidates ``[n, G]``."""
-    return collect(split, chunk_rows, lambda c: np.stack([fn(c, j) for j in range(folds.num_fits)], axis=1),
-                   **needs)
+    """``[N, fits, G]`` predicted columns: ``fn(chunk, j)`` gives fit j's G candidates ``[n, G]``.
+
+    Only fit j's training rows are predicted (a nested fit never uses about a third of the
+    rows); the others hold -1, and :func:`choose` reads training rows only.
+    """
+    masks = [folds.train_mask(j) for j in range(folds.num_fits)]
+
+    def per_chunk(chunk):
+        out = None
+        for j, mask in enumerate(masks):
+            rows = np.flatnonzero(mask[chunk.start:chunk.stop])
+            pred = fn(chunk if len(rows) == len(chunk) else chunk.take(rows), j)
+            if out is None:
+                out = np.full((len(chunk), len(masks), pred.shape[1]), -1, dtype=np.int64)
+            out[rows, j] = pred
+        return out
+
+    return collect(split, chunk_rows, per_chunk, **needs)
 
 
 def species_f1(split: AlignedSplit, columns: np.ndarray, rows: np.ndarray | None = None) -> float:

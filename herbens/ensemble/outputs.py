@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from herbens.ensemble.combine import ClassSpace, Params
 from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.stores import AlignedSplit, Run
 from herbens.ensemble.submission import read_submission, write_submission
+from herbens.errors import HerbensError
 from herbens.fileio import atomic_write
 
 SCORE_LEVELS = ("species", "genus", "family")
@@ -27,16 +29,53 @@ def output_paths(output: Path) -> dict[str, Path]:
 
 def write_outputs(output: Path, test: AlignedSplit, space: ClassSpace, pred: np.ndarray,
                   top: np.ndarray | None, top_scores: np.ndarray | None) -> dict[str, Path]:
-    """Write the submission (re-read with Kaggle's checks) and, with ``top``, the top-k CSV."""
+    """Write the submission (re-read with Kaggle's checks) and, with ``top``, the top-k CSV.
+
+    The previous JSON sidecar goes first and the new one (written last, by the caller, with
+    :func:`companion_hashes`) records the content hash of each CSV: a run that fails or is
+    killed part-way leaves no pair rather than a new CSV beside the old run's JSON, and a
+    reader (:func:`check_companions`) refuses any pair whose hashes do not match.
+    """
     paths = output_paths(output)
+    paths["json"].unlink(missing_ok=True)
     write_submission(output, test.image_ids, space.category_ids(pred))
     # Re-read what was written: the checks Kaggle applies, before anyone uploads it.
     read_submission(output, expected_ids=test.image_ids, valid_category_ids=space.taxonomy.category_ids)
     if top is not None:
         _write_topk(paths["topk"], test.image_ids, space.category_ids(top), top_scores)
     else:
-        paths.pop("topk")
+        paths.pop("topk").unlink(missing_ok=True)  # an earlier run's top-k file would disagree
     return paths
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def companion_hashes(paths: dict[str, Path]) -> dict[str, dict]:
+    """``{kind: {"name", "sha256"}}`` of the CSVs a sidecar vouches for (names relative to it)."""
+    return {kind: {"name": path.name, "sha256": file_sha256(path)}
+            for kind, path in paths.items() if kind != "json"}
+
+
+def check_companions(record: dict, record_file: Path) -> None:
+    """Refuse an ensemble record whose CSVs are missing or are not the ones it was written with.
+
+    Records written before the hashes existed (no ``files``) are accepted as they are.
+    """
+    for kind, entry in (record.get("files") or {}).items():
+        path = Path(record_file).parent / entry["name"]
+        if not path.is_file():
+            raise HerbensError(f"{record_file} describes {path}, which is missing: rerun herbens ensemble")
+        if file_sha256(path) != entry["sha256"]:
+            raise HerbensError(f"{path} and {record_file} do not belong together ({kind} content hash "
+                               "differs from the one recorded): an interrupted or different herbens "
+                               "ensemble run wrote one of them; rerun it")
 
 
 def _write_topk(path: Path, ids: list[str], categories: np.ndarray, scores: np.ndarray) -> None:
@@ -85,6 +124,7 @@ def summary(paths: dict, runs: list[Run], space: ClassSpace, opts: EnsembleOptio
         "submission": str(paths["submission"]),
         "json": str(paths["json"]),
         "topk": str(paths["topk"]) if "topk" in paths else None,
+        "files": companion_hashes(paths),
         "runs": [{"name": run.name, "path": str(run.path), "taxonomy_hash": run.taxonomy.hash,
                   "counts_source": run.taxonomy.counts_source,
                   "model": run.splits["test"].meta.get("model", ""),

@@ -37,6 +37,7 @@ from herbens.ensemble.submission import prepare_outputs
 from herbens.errors import HerbensError
 from herbens.fileio import write_json
 from herbens.stores.logits import logits_dir
+from herbens.progress import progress_bar
 
 # Shrinkage of fitted weights towards equal, in log space: the out-of-fold score picks the
 # factor; on a tie the stronger shrinkage wins.
@@ -104,14 +105,12 @@ def ensemble_runs(run_dirs: Sequence, output: str | os.PathLike, *, weights="fit
 def predict_split(split: AlignedSplit, params: Params, chunk_rows: int, top_k: int = 0,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Stream a whole split: predicted ensemble column per row (and top-k columns/scores)."""
-    from tqdm.auto import tqdm
-
     pred = np.empty(len(split), dtype=np.int64)
     top = np.empty((len(split), min(top_k, split.space.num_classes)), dtype=np.int64) if top_k else None
     top_scores = np.empty(top.shape, dtype=np.float32) if top_k else None
     chunks = split.chunks(chunk_rows, **needs_of([params]))
-    for chunk in tqdm(chunks, total=split.num_chunks(chunk_rows), desc=f"ensemble {split.name}",
-                      unit="chunk", disable=None if progress else True, leave=False):
+    for chunk in progress_bar(chunks, total=split.num_chunks(chunk_rows), desc=f"ensemble {split.name}",
+                              unit="chunk", enabled=progress):
         p, t, s = predict_chunk(chunk, params, split.space, top_k)
         pred[chunk.start:chunk.stop] = p
         if top_k:

@@ -18,9 +18,9 @@ from typing import Callable, ContextManager
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from herbens.errors import HerbensError
+from herbens.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def predict_batches(engine: Engine, model, loader, levels, desc: str = "predict"
     absent from ``index``.
     """
     model.eval()
-    bar = tqdm(total=len(loader), desc=desc, disable=not engine.progress, leave=False)
+    bar = progress_bar(total=len(loader), desc=desc, unit="batch", enabled=engine.progress)
     for batch in loader:
         record = _batch_record(engine, model, batch, levels, space, keep_views, embedding)
         if engine.gather is not None:

@@ -3,7 +3,6 @@ weights, and rewrite its stores (e.g. with other test-time views)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -12,7 +11,10 @@ from herbens.data.run_data import load_run_data
 from herbens.data.transforms import model_data_config
 from herbens.data.views import Views
 from herbens.errors import HerbensError
-from herbens.infer.splits import INFER_BAD_IMAGES, embedding_splits, write_split_embeddings, write_split_logits
+from herbens.fileio import one_writer
+from herbens.infer.splits import embedding_splits, write_split_embeddings, write_split_logits
+from herbens.stores.embeddings import embeddings_dir
+from herbens.stores.logits import logits_dir
 
 
 def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
@@ -34,16 +36,21 @@ def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
     return model
 
 
+@one_writer
 def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
               data_root: str | None = None, batch_size: int | None = None,
               tta_space: str | None = None, keep_views: bool | None = None,
-              embeddings: bool = False, bad_images: str | None = None) -> None:
+              embeddings: bool = False, bad_images: str | None = None,
+              progress: bool = True) -> list[tuple[Path, int]]:
     """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views).
 
     With ``embeddings`` (or the recipe's ``infer.embeddings``) also write its embeddings of the
     train, val and test images. ``bad_images`` overrides the recipe for this inference: every
     image is tried (``data.bad_images: skip``), then ``fail`` refuses the split listing every
     unreadable image and ``prior`` stores the fallback for them (``infer.bad_images``).
+
+    Returns:
+        ``(store folder, rows)`` of every store written, in order.
     """
     from accelerate import Accelerator
 
@@ -67,41 +74,12 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
     data = load_run_data(cfg, run_dir, reuse_split=True)
     model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
     data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])
-    for split in splits:
-        write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, parsed)
+    written = [(logits_dir(run_dir, split),
+                write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, parsed, progress))
+               for split in splits]
     if embeddings or cfg["infer"]["embeddings"]:
-        for split in embedding_splits(data):
-            write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, parsed)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "infer", help="write a run's per-level logits for val/test images (with test-time views)",
-        description="Predict a finished run's validation and/or test images and store the logits "
-                    "in runs/NAME/logits/<split>/ for the ensembler.")
-    parser.add_argument("run", help="run directory, e.g. runs/convnext_b")
-    parser.add_argument("--split", nargs="+", default=["val", "test"], choices=["val", "test"])
-    parser.add_argument("--tta", nargs="+", default=None, metavar="VIEW",
-                        help="test-time views to average (default: the recipe's infer.tta)")
-    parser.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--tta-space", choices=["logit", "prob"], default=None,
-                        help="average views' logits or probabilities (default: the recipe's)")
-    parser.add_argument("--keep-views", action=argparse.BooleanOptionalAction, default=None,
-                        help="also store per-view logits (default: the recipe's infer.keep_views)")
-    parser.add_argument("--embeddings", action="store_true",
-                        help="also write L2-normalised embeddings of the train, val and test images to "
-                             "runs/NAME/embeddings/<split>/ (for herbens retrieval)")
-    parser.add_argument("--no-logits", action="store_true", help="write no logits (with --embeddings)")
-    parser.add_argument("--bad-images", choices=INFER_BAD_IMAGES, default=None,
-                        help="unreadable images: fail (write nothing, list them all) or prior (store the "
-                             "training prior for them and record them as unreadable); default: the recipe's")
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.no_logits and not args.embeddings:
-        raise HerbensError("--no-logits leaves nothing to do without --embeddings")
-    infer_run(args.run, [] if args.no_logits else args.split, args.tta, args.data_root, args.batch_size,
-              args.tta_space, args.keep_views, embeddings=args.embeddings, bad_images=args.bad_images)
-    return 0
+        written += [(embeddings_dir(run_dir, split),
+                     write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, parsed,
+                                            progress))
+                    for split in embedding_splits(data)]
+    return written

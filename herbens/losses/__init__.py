@@ -10,24 +10,24 @@ Each loss is an ``nn.Module`` constructed as ``cls(level=..., num_classes=..., c
 from __future__ import annotations
 
 from herbens.data.taxonomy import LEVELS
-from herbens.losses.ams import AMSLoss
-from herbens.losses.arcface import SubCenterArcFaceMarginLoss
 from herbens.losses.base import LevelLoss
-from herbens.losses.ce import CrossEntropyLoss
-from herbens.losses.class_balanced import ClassBalancedLoss, class_balanced_weights
-from herbens.losses.hierarchical import HierarchicalLoss, WeightedLosses, check_mixup_compatible
-from herbens.losses.logit_adjusted import LogitAdjustedLoss
-from herbens.losses.seesaw import SeesawLoss
+# Importing a loss module registers its loss; this order is the order they are listed in.
+from herbens.losses.ce import CrossEntropyLoss  # isort: skip
+from herbens.losses.class_balanced import ClassBalancedLoss, class_balanced_weights  # isort: skip
+from herbens.losses.seesaw import SeesawLoss  # isort: skip
+from herbens.losses.logit_adjusted import LogitAdjustedLoss  # isort: skip
+from herbens.losses.arcface import SubCenterArcFaceMarginLoss  # isort: skip
+from herbens.losses.ams import AMSLoss  # isort: skip
+from herbens.losses.hierarchical import HierarchicalLoss, WeightedLosses
+from herbens.registry import components
 
-LOSSES: dict[str, type[LevelLoss]] = {cls.name: cls for cls in (
-    CrossEntropyLoss, ClassBalancedLoss, SeesawLoss, LogitAdjustedLoss,
-    SubCenterArcFaceMarginLoss, AMSLoss)}
+# Every registered loss (``@register("loss")``): the built-in ones imported above, and any other
+# module's that registered one (a new loss is one new file).
+LOSSES = components("loss")
 
-# Losses that read a margin head's output: the level's head must be that head.
-REQUIRED_HEAD = {"subcenter_arcface": "subcenter_arcface"}
-
-__all__ = ["LOSSES", "REQUIRED_HEAD", "LevelLoss", "HierarchicalLoss", "WeightedLosses",
-           "build_level_loss", "build_criterion", "check_mixup_compatible"]
+__all__ = ["AMSLoss", "ClassBalancedLoss", "CrossEntropyLoss", "HierarchicalLoss", "LOSSES", "LevelLoss",
+           "LogitAdjustedLoss", "SeesawLoss", "SubCenterArcFaceMarginLoss", "WeightedLosses",
+           "build_criterion", "build_level_loss"]
 
 
 def build_level_loss(name: str, level: str, num_classes: int, counts, **params) -> LevelLoss:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from herbens.errors import HerbensError
 from herbens.losses.base import LevelLoss
+from herbens.registry import register
 from herbens.runtime import autocast_off
 
 
@@ -63,6 +64,7 @@ def _weighted_mean(dist: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor)
     return (weights * dist).sum(1)
 
 
+@register("loss")
 class AMSLoss(LevelLoss):
     """``metric_weight * L_metric(embedding) + CE(logits, label_smoothing)`` (hard labels).
 

@@ -12,8 +12,10 @@ import torch
 
 from herbens.errors import HerbensError
 from herbens.losses.base import LevelLoss
+from herbens.registry import register
 
 
+@register("loss")
 class SubCenterArcFaceMarginLoss(LevelLoss):
     """Returns ``outputs[f"{level}_margin_loss"]`` (hard labels only).
 
@@ -24,6 +26,7 @@ class SubCenterArcFaceMarginLoss(LevelLoss):
     name = "subcenter_arcface"
     supports_soft_targets = False
     is_margin_loss = True
+    requires_head = "subcenter_arcface"  # it reads that head's margin loss output
 
     def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         self.check_target(target)

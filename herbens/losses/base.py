@@ -13,8 +13,11 @@ class LevelLoss(nn.Module):
     """Base of every per-level loss: ``loss(outputs: dict, target: Tensor) -> scalar``.
 
     Class attributes tell the criterion and the recipe checks what a loss can take:
-    ``supports_soft_targets`` (mixup/cutmix ``[B, C]`` targets), ``is_margin_loss`` and
-    ``needs_class_batches`` (several images of a class per batch: the ``pk`` sampler).
+    ``supports_soft_targets`` (mixup/cutmix ``[B, C]`` targets), ``is_margin_loss``,
+    ``needs_class_batches`` (several images of a class per batch: a sampler with
+    ``class_batches``) and ``requires_head`` (the head the level must have, for a loss that reads
+    that head's output). A loss registers itself with ``@register("loss")``
+    (:mod:`herbens.registry`); :func:`herbens.config.rules.check_rules` checks these needs.
 
     Args:
         level: the level whose logits ``outputs[level]`` this loss reads.
@@ -26,6 +29,7 @@ class LevelLoss(nn.Module):
     supports_soft_targets = True
     is_margin_loss = False
     needs_class_batches = False
+    requires_head: str | None = None
 
     def __init__(self, level: str, num_classes: int, counts=None):
         super().__init__()

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from herbens.losses.base import LevelLoss
+from herbens.registry import register
 
 
+@register("loss")
 class CrossEntropyLoss(LevelLoss):
     """``F.cross_entropy(z, y, label_smoothing)``; ``y`` is ``[B]`` int or ``[B, C]`` soft.
 

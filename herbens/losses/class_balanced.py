@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from herbens.errors import HerbensError
 from herbens.losses.base import LevelLoss, clamped_counts
+from herbens.registry import register
 
 
 def class_balanced_weights(counts, beta: float) -> np.ndarray:
@@ -23,6 +24,7 @@ def class_balanced_weights(counts, beta: float) -> np.ndarray:
     return w * (len(w) / w.sum())
 
 
+@register("loss")
 class ClassBalancedLoss(LevelLoss):
     """CE (with label smoothing) times the class-balanced weight of the target class.
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from herbens.errors import HerbensError
-from herbens.losses.base import LevelLoss, mixup_error
+from herbens.losses.base import LevelLoss
 from herbens.losses.distill import sparse_kl_div
 
 
@@ -138,24 +138,3 @@ class WeightedLosses(nn.Module):
         values = [loss(outputs, target) for loss in self.terms]
         total = sum(w * v for w, v in zip(self.weights, values))
         return total, values
-
-
-def check_mixup_compatible(levels_cfg: dict, augment_cfg: dict, losses: dict | None = None) -> None:
-    """Refuse mixup/cutmix with a loss that needs hard labels (margin losses, Seesaw).
-
-    The recipe loader calls this, so the error comes before any compute is spent.
-
-    Args:
-        levels_cfg: the resolved recipe's ``levels`` block (each ``loss`` a list of nodes).
-        augment_cfg: the recipe's ``augment`` block (``mixup`` and ``cutmix`` alphas).
-        losses: name -> loss class registry (default: ``herbens.losses.LOSSES``).
-    """
-    if not (augment_cfg["mixup"] > 0 or augment_cfg["cutmix"] > 0):
-        return
-    if losses is None:
-        from herbens.losses import LOSSES as losses  # noqa: N811 (late import: avoids a cycle)
-    for level, spec in levels_cfg.items():
-        for i, node in enumerate(spec["loss"]):
-            cls = losses[node["name"]]
-            if not cls.supports_soft_targets:
-                raise HerbensError(mixup_error(cls, level, f"levels.{level}.loss[{i}]"))

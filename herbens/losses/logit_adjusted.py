@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from herbens.losses.base import LevelLoss, clamped_counts
 from herbens.numerics import log_prior
+from herbens.registry import register
 
 
+@register("loss")
 class LogitAdjustedLoss(LevelLoss):
     """CE (with label smoothing) on ``z + tau * log(pi)``, ``pi = counts / sum(counts)``.
 

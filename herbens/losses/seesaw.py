@@ -23,8 +23,10 @@ import torch.nn.functional as F
 
 from herbens.errors import HerbensError
 from herbens.losses.base import LevelLoss
+from herbens.registry import register
 
 
+@register("loss")
 class SeesawLoss(LevelLoss):
     """Seesaw loss on hard labels.
 

@@ -20,9 +20,9 @@ import string
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from herbens.errors import HerbensError
+from herbens.progress import progress_bar
 
 
 def load_open_clip(model_name: str, checkpoint: str | None):
@@ -96,7 +96,7 @@ def class_prompts(taxonomy, level: str, template: str) -> list[str]:
 def text_embeddings(clip_model, tokenizer, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """L2-normalised text-tower embeddings ``[len(prompts), D]`` (fp32, CPU)."""
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="encode class names", leave=False):
+    for start in progress_bar(range(0, len(prompts), batch_size), desc="encode class names", unit="batch"):
         tokens = tokenizer(prompts[start:start + batch_size])
         out.append(clip_model.encode_text(tokens, normalize=True).float())
     return torch.cat(out)

@@ -14,9 +14,11 @@ from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 from torch import nn
 
 from herbens.errors import HerbensError
+from herbens.registry import components, register
 from herbens.runtime import autocast_off
 
 
+@register("head", "linear")
 class LinearHead(nn.Module):
     """Plain affine classifier (``nn.Linear`` with bias).
 
@@ -35,6 +37,7 @@ class LinearHead(nn.Module):
         return self.fc(emb)
 
 
+@register("head", "cosine")
 class CosineHead(nn.Module):
     """Normalised-softmax classifier: ``scale * cos(emb, w_c)`` (no bias, no margin).
 
@@ -62,6 +65,7 @@ class CosineHead(nn.Module):
             return self.scale * emb @ weight.t()
 
 
+@register("head", "subcenter_arcface")
 class SubCenterArcFaceHead(nn.Module):
     """Sub-center ArcFace (Deng et al., ECCV 2020) wrapping pytorch-metric-learning 2.x.
 
@@ -109,11 +113,8 @@ class SubCenterArcFaceHead(nn.Module):
         return emb.float()
 
 
-HEADS: dict[str, type[nn.Module]] = {
-    "linear": LinearHead,
-    "cosine": CosineHead,
-    "subcenter_arcface": SubCenterArcFaceHead,
-}
+# Every registered head (``@register("head", NAME)``), these three and any other module's.
+HEADS = components("head")
 
 
 def build_head(in_dim: int, num_classes: int, name: str, **params) -> nn.Module:

@@ -27,7 +27,9 @@ from herbens.errors import HerbensError
 from herbens.models.fused_swinv2 import fuse_window_attention
 from herbens.models.heads import build_head
 from herbens.models.hub import check_weights_reachable
+from herbens.registry import components, register
 
+@register("neck", "none")
 class IdentityNeck(nn.Module):
     """``none``: embedding and head input are the pooled trunk features."""
 
@@ -39,6 +41,7 @@ class IdentityNeck(nn.Module):
         return features, features
 
 
+@register("neck", "linear")
 class LinearNeck(nn.Module):
     """``linear``: embedding = head input = ``Linear(features)``.
 
@@ -59,6 +62,7 @@ class LinearNeck(nn.Module):
         return emb, emb
 
 
+@register("neck", "bnneck")
 class BNNeck(LinearNeck):
     """``bnneck`` (BagTricks, Luo et al. 2019): embedding = ``Linear(features)``, head input =
     ``BatchNorm1d(embedding)``.
@@ -79,7 +83,8 @@ class BNNeck(LinearNeck):
         return emb, self.bn(emb)
 
 
-NECKS: dict[str, type[nn.Module]] = {"none": IdentityNeck, "linear": LinearNeck, "bnneck": BNNeck}
+# Every registered neck (``@register("neck", NAME)``).
+NECKS = components("neck")
 
 
 def build_neck(node: dict, in_dim: int) -> nn.Module:

@@ -9,7 +9,6 @@ per-level logits for val (out of fold) and test into a pseudo-run folder, so tha
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -82,38 +81,3 @@ def _val_scores(labels: np.ndarray, predictions: dict, taxonomy: Taxonomy) -> di
     """Per-level validation scores of the in-sample and the out-of-fold predictions."""
     return {part: None if pred is None else {k: float(v) for k, v in level_scores(labels, pred, taxonomy).items()}
             for part, pred in predictions.items()}
-
-
-def register(subparsers) -> None:
-    """Add the ``retrieval`` verb."""
-    p = subparsers.add_parser(
-        "retrieval", help="prototype / kNN classifier on a run's embeddings, written as a pseudo-run",
-        description="Build a prototype (class-mean, optionally k-means sub-centres) or k-nearest-neighbour "
-                    "classifier on a run's training embeddings (herbens infer RUN --embeddings), fit its "
-                    "temperature (and k) on the validation embeddings, and write per-level logits for val "
-                    "and test into a pseudo-run folder that herbens ensemble accepts like any run.")
-    p.add_argument("run", help="source run directory with embeddings/")
-    p.add_argument("--method", choices=METHODS, required=True)
-    p.add_argument("-o", "--output", default=None, help="pseudo-run folder (default: RUN_<method>)")
-    p.add_argument("--sub-centers", type=int, default=1, help="prototype: k-means centres per species (default: 1, the mean)")
-    p.add_argument("--k", type=int, default=None, help="knn: neighbours (default: fitted on validation)")
-    p.add_argument("--temperature", type=float, default=None, help="default: fitted on validation")
-    p.add_argument("--backend", choices=BACKENDS, default="exact",
-                   help="knn search: exact (streaming numpy, bounded memory) or faiss (faiss-cpu)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed (sub-centres)")
-    p.add_argument("--chunk-rows", type=int, default=2048, help="query rows per chunk")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens retrieval``."""
-    if args.sub_centers < 1 or (args.k is not None and args.k < 1) or args.chunk_rows < 1:
-        raise HerbensError("--sub-centers, --k and --chunk-rows must be >= 1")
-    if args.temperature is not None and not args.temperature > 0:
-        raise HerbensError("--temperature must be > 0")
-    output = args.output or f"{str(args.run).rstrip('/')}_{args.method}"
-    retrieval_run(args.run, output, args.method, sub_centers=args.sub_centers, k=args.k,
-                  temperature=args.temperature, backend=args.backend, seed=args.seed,
-                  chunk_rows=args.chunk_rows, progress=not args.quiet)
-    return 0

@@ -18,6 +18,7 @@ import numpy as np
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, write_json
+from herbens.progress import progress_bar
 from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
 from herbens.stores.logits import open_logits_writer
 
@@ -64,8 +65,6 @@ def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dic
         record: written as ``retrieval.json`` (method, fitted values, scores).
         chunk_rows: query rows per chunk (memory ~ chunk_rows x classes x 4 bytes x a few).
     """
-    from tqdm.auto import tqdm
-
     output = Path(output)
     if output.resolve() == Path(source).resolve():
         raise HerbensError(f"retrieval output {output} is the source run itself; choose another -o")
@@ -79,8 +78,8 @@ def write_pseudo_run(source: Path, output: Path, taxonomy: Taxonomy, splits: dic
                     "views": split.meta.get("views", []), "source_run": str(source)}
             with open_logits_writer(tmp, name, split.image_ids, columns, meta, labels=split.labels) as writer:
                 chunks = iter_chunks(split, chunk_rows)
-                for start, _, block in tqdm(chunks, total=-(-len(split) // chunk_rows), desc=f"retrieval {name}",
-                                            disable=None if progress else True, leave=False):
+                for start, _, block in progress_bar(chunks, total=-(-len(split) // chunk_rows),
+                                                    desc=f"retrieval {name}", unit="chunk", enabled=progress):
                     for level, values in derived_logits(scores(name, start, block), taxonomy).items():
                         writer.write(level, start, values)
         write_json(tmp / "retrieval.json", record)

@@ -9,10 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-
-
+from herbens.progress import progress_bar
 
 
 @dataclass
@@ -152,8 +150,8 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
     totals = DeviceTotals()
     images = 0
     start = time.perf_counter()
-    bar = tqdm(total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
-               disable=not acc.is_main_process, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
+                       unit="batch", enabled=acc.is_main_process)
     for batch in loader:
         scale = window_loss_scale(state.batch_in_epoch, total_batches, acc.gradient_accumulation_steps)
         totals.add(train_step(parts, batch, state, scale), batch)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from herbens.data.synth.plan import make_plan
 from herbens.data.synth.sheet import SHEET_ASPECT, render_sheet
-from herbens.data.synth.write import METADATA_FILES, register, run, synthesize
+from herbens.data.synth.write import METADATA_FILES, synthesize
 
-__all__ = ["METADATA_FILES", "SHEET_ASPECT", "make_plan", "register", "render_sheet", "run",
-           "synthesize"]
+__all__ = ["METADATA_FILES", "SHEET_ASPECT", "make_plan", "render_sheet", "synthesize"]

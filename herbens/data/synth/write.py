@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import multiprocessing
 import os
@@ -16,6 +15,7 @@ from herbens.data.synth.plan import LICENSES, Plan, make_plan
 from herbens.data.synth.sheet import render_sheet
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_write, write_json
+from herbens.progress import progress_bar
 
 JPEG_QUALITY = 90
 
@@ -45,9 +45,7 @@ def _pool_context():
 
 
 def _render_all(jobs: list[tuple], workers: int, progress: bool) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="synth", unit="img", enabled=progress, leave=True)
     try:
         if workers <= 1 or len(jobs) < 64:
             for job in jobs:
@@ -139,7 +137,7 @@ def synthesize(out_dir, species: int = 40, seed: int = 0, long_edge: int = 1000,
         max_images: training images of the most common species (a power law in between).
         test_per_species: test images per species.
         institutions: number of contributing herbaria (paper, colour cast, layout).
-        progress: show a tqdm bar.
+        progress: show progress (herbens.progress).
         difficulty: scale of intra-class variation and noise (0 = none, 1 = default).
         workers: drawing processes; default ``os.cpu_count()``. The output does not depend on it.
 
@@ -178,43 +176,3 @@ def synthesize(out_dir, species: int = 40, seed: int = 0, long_edge: int = 1000,
         "long_edge": int(long_edge), "seed": int(seed),
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def register(subparsers) -> None:
-    """Add the ``synth`` verb to the ``herbens`` command line."""
-    p = subparsers.add_parser(
-        "synth", help="write a synthetic herbarium dataset (Kaggle 2022 layout)",
-        description="Write a synthetic, long-tailed herbarium dataset in the exact Kaggle "
-                    "Herbarium 2022 layout, plus test_solution.csv with the true labels.")
-    p.add_argument("out", help="dataset directory to write")
-    p.add_argument("--species", type=int, default=40, help="number of species (default 40)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--long-edge", type=int, default=1000,
-                   help="image height in pixels (default 1000)")
-    p.add_argument("--min-images", type=int, default=3,
-                   help="training images of the rarest species (default 3)")
-    p.add_argument("--max-images", type=int, default=80,
-                   help="training images of the commonest species (default 80)")
-    p.add_argument("--test-per-species", type=int, default=2,
-                   help="test images per species (default 2)")
-    p.add_argument("--institutions", type=int, default=5,
-                   help="number of contributing herbaria (default 5)")
-    p.add_argument("--difficulty", type=float, default=1.0,
-                   help="scale of intra-class variation and noise (default 1.0)")
-    p.add_argument("--workers", type=int, default=None, help="drawing processes (default: all CPUs)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``herbens synth``: write the dataset and print its summary."""
-    summary = synthesize(
-        args.out, species=args.species, seed=args.seed, long_edge=args.long_edge,
-        min_images=args.min_images, max_images=args.max_images,
-        test_per_species=args.test_per_species, institutions=args.institutions,
-        progress=not args.no_progress, difficulty=args.difficulty, workers=args.workers)
-    print(f"wrote {summary['train_images']} training and {summary['test_images']} test images of "
-          f"{summary['species']} species ({summary['genera']} genera, {summary['families']} "
-          f"families; {summary['min_per_species']}-{summary['max_per_species']} images per "
-          f"species) to {summary['out_dir']} in {summary['seconds']} s")
-    return 0
