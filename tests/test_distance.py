@@ -64,7 +64,7 @@ def test_knn_bundle_scores_images_by_distance_and_says_so(held_out, tmp_path):  
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join([str(folder / "blank.png"), str(folder / "noise.png"), *sheets]) + "\n")
     out = tmp_path / "p.json"
-    main(["predict", str(bundle_dir), str(listing), "-o", str(out), "--format", "json", "--quiet"])
+    main(["predict", str(bundle_dir), str(listing), "-o", str(out), "--format", "json", "--no-progress"])
     items = json.loads(out.read_text())["predictions"]
     assert len(items) == 4
     test = read_embeddings(run, "test")

@@ -40,7 +40,8 @@ def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
 def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = None,
               data_root: str | None = None, batch_size: int | None = None,
               tta_space: str | None = None, keep_views: bool | None = None,
-              embeddings: bool = False, bad_images: str | None = None) -> list[tuple[Path, int]]:
+              embeddings: bool = False, bad_images: str | None = None,
+              progress: bool = True) -> list[tuple[Path, int]]:
     """Rewrite a finished run's logits for ``splits`` (e.g. with other test-time views).
 
     With ``embeddings`` (or the recipe's ``infer.embeddings``) also write its embeddings of the
@@ -74,10 +75,11 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
     model = accelerator.prepare(load_run_model(run_dir, cfg, data.taxonomy))
     data_config = model_data_config(accelerator.unwrap_model(model).data_config, cfg["input"])
     written = [(logits_dir(run_dir, split),
-                write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, parsed))
+                write_split_logits(accelerator, model, cfg, data, data_config, run_dir, split, parsed, progress))
                for split in splits]
     if embeddings or cfg["infer"]["embeddings"]:
         written += [(embeddings_dir(run_dir, split),
-                     write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, parsed))
+                     write_split_embeddings(accelerator, model, cfg, data, data_config, run_dir, split, parsed,
+                                            progress))
                     for split in embedding_splits(data)]
     return written

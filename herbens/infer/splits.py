@@ -44,7 +44,7 @@ def _split_frame(data: RunData, split: str):
 
 
 def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                       run_dir: Path, split: str, views: Views | None = None) -> int:
+                       run_dir: Path, split: str, views: Views | None = None, progress: bool = True) -> int:
     """Predict every image of ``split`` with test-time views combined and store the logits.
 
     Returns the number of rows stored.
@@ -66,8 +66,9 @@ def write_split_logits(accelerator, model, cfg: dict, data: RunData, data_config
     levels = tuple(cfg["levels"])
     keep_views, space = bool(cfg["infer"]["keep_views"]), views.space
     rows = views.row_names
-    batches = predict_batches(Engine.of_accelerator(accelerator), model, loader, levels, desc=f"logits {split}",
-                              space=space, keep_views=keep_views)
+    engine = Engine.of_accelerator(accelerator, progress=progress)
+    batches = predict_batches(engine, model, loader, levels, desc=f"logits {split}", space=space,
+                              keep_views=keep_views)
     ids = frame["image_id"].astype(str).tolist()
 
     def write(batches) -> None:
@@ -136,14 +137,14 @@ def logits_failure_message(run_dir: Path, splits: list[str], exc: BaseException)
 
 
 def write_split_embeddings(accelerator, model, cfg: dict, data: RunData, data_config: dict,
-                           run_dir: Path, split: str, views: Views | None = None) -> int:
+                           run_dir: Path, split: str, views: Views | None = None, progress: bool = True) -> int:
     """Embed every image of ``split`` (views averaged, unit norm) into ``embeddings/<split>/``."""
     views = views or Views.of_recipe(cfg)
     frame, images_dir, labelled = _split_frame(data, split)
     loader = accelerator.prepare(
         predict_loader(frame, images_dir, data.taxonomy if labelled else None, views, cfg, data_config=data_config))
-    batches = predict_batches(Engine.of_accelerator(accelerator), model, loader, (), desc=f"embeddings {split}",
-                              embedding=True)
+    engine = Engine.of_accelerator(accelerator, progress=progress)
+    batches = predict_batches(engine, model, loader, (), desc=f"embeddings {split}", embedding=True)
 
     def write(batches) -> None:
         with open_embeddings_writer(

@@ -32,7 +32,8 @@ def add_export(subparsers) -> None:
                    help="share of known validation images the OOD threshold keeps (default: %(default)s)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing bundle at -o (atomically; a folder that is not a bundle is never replaced)")
+                   help="replace an existing bundle at -o (atomically; a folder that is not a bundle is "
+                        "never replaced)")
 
 
 def add_predict(subparsers) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from herbens.cli.options import add_batch_size, add_recipe, add_seed
+from herbens.cli.options import add_batch_size, add_progress, add_recipe, add_seed
 
 # herbens.demo.DEMO_RECIPES, herbens.infer.splits.INFER_BAD_IMAGES, herbens.bundle.thresholds.SOFTMAX_OOD_SCORES
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
@@ -68,6 +68,7 @@ def add_infer(subparsers) -> None:
     p.add_argument("--bad-images", choices=INFER_BAD_IMAGES, default=None,
                    help="unreadable images: fail (write nothing, list them all) or prior (store the "
                         "training prior for them and record them as unreadable); default: the recipe's")
+    add_progress(p)
 
 
 def add_recipes(subparsers) -> None:
