@@ -36,6 +36,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="only run the preflight (build everything, try every end-of-run step on a few "
                              "images, check files and disk space) and print what the run would do")
+    add_progress(parser)
 
 
 def add_train(subparsers) -> None:
