@@ -107,7 +107,7 @@ def main() -> None:
                             "--batch-size", str(args.batch)], processes)
         out = work / f"pred_{processes}.csv"
         predict_s, _ = timed(["predict", str(bundle), str(listing), "-o", str(out), "--batch-size", str(args.batch),
-                              "--device", args.device, "--quiet"], processes)
+                              "--device", args.device, "--no-progress"], processes)
         result["throughput"][processes] = {"infer_img_s": len(paths) / infer_s, "predict_img_s": len(paths) / predict_s,
                                            "predict_over_infer": infer_s / predict_s}
         print(processes, "process(es):", result["throughput"][processes], flush=True)
@@ -117,7 +117,7 @@ def main() -> None:
             for i in range(n):
                 handle.write(paths[i % len(paths)] + "\n")
         rss = peak_rss(["predict", str(bundle), str(big), "-o", str(work / f"pred_{n}.parquet"), "--format", "parquet",
-                        "--batch-size", str(args.batch), "--device", args.device, "--quiet"])
+                        "--batch-size", str(args.batch), "--device", args.device, "--no-progress"])
         result["peak_rss_MiB"][n] = rss / 1024
         print(f"{n} paths: peak RSS {rss / 1024:.0f} MiB", flush=True)
     out = ROOT / "bench" / "results" / args.name

@@ -142,3 +142,18 @@ def test_two_processes_write_exactly_the_rows_of_one(bundle, listing, uninterrup
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert out.read_bytes() == uninterrupted.read_bytes()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_process_that_fails_stops_every_process_instead_of_a_hang(bundle, listing, tmp_path):
+    out = tmp_path / "pred.csv"
+    env = {**child_env(), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(KILLER),
+               "fail-rank-1", "predict", str(bundle), str(listing), "-o", str(out), "--block", BLOCK, "--no-progress"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert proc.returncode != 0 and not out.exists()
+    assert "injected failure writing block-00000001.parquet" in proc.stderr
+    assert "another process failed predicting its blocks" in proc.stderr
+    assert sorted(p.name for p in parts_dir(out).glob("block-*")) == ["block-00000000.parquet",
+                                                                      "block-00000002.parquet"]

@@ -75,6 +75,26 @@ class Processes:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def run_everywhere(self, work: Callable[[], int], what: str) -> int:
+        """``work()`` on every process, then all learn whether each succeeded.
+
+        A process that failed would otherwise leave the others waiting for ever at the next
+        barrier; here every one raises instead: its own error, or HerbensError naming ``what``.
+        """
+        error, result = None, 0
+        try:
+            result = work()
+        except Exception as exc:  # raised below, once every process knows
+            error = exc
+        if self.state is not None:
+            failed = torch.tensor([int(error is not None)], device=self.state.device)
+            torch.distributed.all_reduce(failed)
+            if error is None and int(failed.item()):
+                raise HerbensError(f"another process failed {what}; its error is in its output")
+        if error is not None:
+            raise error
+        return result
+
 
 # ----- input --------------------------------------------------------------------------------------
 class InputList:

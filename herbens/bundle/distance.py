@@ -57,6 +57,11 @@ def combined_distance(member_queries: list[np.ndarray], banks: list[np.ndarray],
     return np.mean([kth_distance(q, b, k) for q, b in zip(member_queries, banks)], axis=0)
 
 
+def bank_record(banks: list[np.ndarray] | None) -> dict | None:
+    """``bundle.json``'s description of the banks (None without)."""
+    return None if banks is None else {"k": K, "per_species": PER_SPECIES, "rows": [len(b) for b in banks]}
+
+
 def save_bank(folder: Path, vectors: np.ndarray) -> None:
     # Through atomic_write: enrolment stages bundles with hard links (never rewrite in place).
     with atomic_write(folder / BANK, "wb") as handle:

@@ -9,7 +9,6 @@ exactly as at prediction time (:mod:`herbens.bundle.scoring`). The layout is des
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from herbens.bundle import thresholds as th
 from herbens.bundle.prototype_export import export_prototypes
 from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, check_export_target,
                                  load_bundle, write_manifest)
+from herbens.bundle.onnx_card import check_onnx_extra, onnx_section
 from herbens.bundle.scoring import combine_members, needed_levels, params_record
 from herbens.bundle.sources import resolve_source
 from herbens.config import load_run_config, save_config
@@ -32,7 +32,6 @@ from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, exclusive_lock, read_json, write_json
 from herbens.stores.logits import read_logits
 
-ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # setup.cfg's onnx extra
 
 
 # ----------------------------------------------------------------------------------------
@@ -83,17 +82,25 @@ def row_image_ids(run_dirs: list[Path], split: str = "val") -> list[str]:
 
 
 def validation_rows_with_ood(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str, seed: int):
-    """:func:`validation_rows` with the chosen OOD score, and the members' OOD banks (None
-    unless ``knn``: then each row's OOD score is its negated distance to the banks)."""
-    if ood_score != "knn":
-        return (*validation_rows(run_dirs, params, taxonomy, ood_score), None)
-    if not distance.has_embeddings(run_dirs):
+    """:func:`validation_rows` with the chosen OOD score, the members' OOD banks and every
+    available score of the known validation rows.
+
+    Returns:
+        ``(rows, truth, labels, banks, val_ood)``: ``banks`` None when some run lacks train/val
+        embeddings (then no ``knn``); ``val_ood`` ``{score: [n]}`` for msp, energy (and knn):
+        export stores every score's threshold, for the far-unknown report beside the chosen one.
+    """
+    has_embeddings = distance.has_embeddings(run_dirs)
+    if ood_score == "knn" and not has_embeddings:
         raise HerbensError("--ood-score knn needs train and val embeddings of every member run "
                            "(herbens infer RUN --embeddings, or train with infer.embeddings=true)")
     rows, truth, labels = validation_rows(run_dirs, params, taxonomy, "msp")
-    banks = distance.training_banks(run_dirs, taxonomy, seed)
-    ids = row_image_ids(run_dirs, "val")
-    return replace(rows, ood=-distance.split_distance(run_dirs, banks, "val", ids, taxonomy)), truth, labels, banks
+    val_ood = {"msp": rows.ood, "energy": split_rows(run_dirs, params, "energy", "val")[0].ood}
+    banks = distance.training_banks(run_dirs, taxonomy, seed) if has_embeddings else None
+    if banks is not None:
+        ids = row_image_ids(run_dirs, "val")
+        val_ood["knn"] = -distance.split_distance(run_dirs, banks, "val", ids, taxonomy)
+    return replace(rows, ood=val_ood[ood_score]), truth, labels, banks, val_ood
 
 
 def validation_rows(run_dirs: list[Path], params, taxonomy: Taxonomy, ood_score: str):
@@ -179,14 +186,6 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_onnx_extra() -> None:
-    """Refuse ``--onnx`` before any work when its extra is not installed."""
-    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise HerbensError(f"--onnx needs {', '.join(missing)} (the onnx extra): pip install -e '.[onnx]' in a "
-                           "herbens clone, or pip install 'herbens[onnx]'")
-
-
 def _provenance(run_dir: Path) -> dict:
     """What produced a run (``provenance.json``; empty for runs of older versions)."""
     path = run_dir / "provenance.json"
@@ -254,8 +253,9 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     _check_request(out, overwrite, onnx, ood_score)
     run_dirs, params, record = resolve_source(source)
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
-    rows, truth, labels, banks = validation_rows_with_ood(run_dirs, params, taxonomy, ood_score, seed)
+    rows, truth, labels, banks, val_ood = validation_rows_with_ood(run_dirs, params, taxonomy, ood_score, seed)
     fitted = th.cross_fit(rows, truth, target_precision, ood_keep, folds, seed)
+    fitted["ood_thresholds"] = {kind: th.ood_threshold(values, ood_keep) for kind, values in val_ood.items()}
     log(th.format_report(fitted))
     val_scores = level_scores(labels, rows.top["species"], taxonomy)
     with exclusive_lock(out, on_wait=log), atomic_dir(out) as tmp:
@@ -276,8 +276,7 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
             "taxonomy_hash": taxonomy.hash,
             "ensemble": params_record(params),
             "thresholds": {**fitted, "thresholds": _json_thresholds(fitted["thresholds"]), "ood_score": ood_score},
-            "ood_bank": None if banks is None else {"k": distance.K, "per_species": distance.PER_SPECIES,
-                                                    "rows": [len(b) for b in banks]},
+            "ood_bank": distance.bank_record(banks),
             "val_scores": val_scores,
             "enrolment": enrolment,
             "provenance": {"source": str(source), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -325,30 +324,6 @@ def model_card(bundle: dict, taxonomy: Taxonomy) -> str:
         "institutions, imaging, regions) may be lower.",
         "- Rare species (few training images) are named less reliably than common ones.", ""]
     return "\n".join(lines)
-
-
-def onnx_section(members: list[dict]) -> list[str]:
-    """Model-card lines describing each member's ONNX graph (none when exported without)."""
-    graphs = [(m, m["onnx"]) for m in members if m.get("onnx")]
-    if not graphs:
-        return []
-    lines = ["## ONNX graphs", "",
-             "Each `members/<member>/model.onnx` is one member's network alone. Input `images`: float32 "
-             "`[batch, 3, H, W]`, RGB resized with the member's interpolation, centre-cropped by its crop_pct, "
-             "scaled to [0, 1] and normalised with its mean and std (`data_config.json`). Outputs: one logits "
-             "tensor per level, `[batch, classes]`, columns in the order of `taxonomy.json` (the trained rows "
-             "of `names.csv`).", "",
-             "| member | exporter | input | outputs | interpolation | crop_pct | mean | std |",
-             "|---|---|---|---|---|---|---|---|"]
-    for m, g in graphs:
-        lines.append(f"| {m['name']} | {g['exporter']} | 3x{m['input_size'][1]}x{m['input_size'][2]} | "
-                     f"{', '.join(g['outputs'])} | {g['interpolation']} | {g['crop_pct']} | "
-                     f"{', '.join(f'{v:.3f}' for v in g['mean'])} | {', '.join(f'{v:.3f}' for v in g['std'])} |")
-    lines += ["", "Not in the graphs: the test-time views and their averaging, the combination of members "
-              "(weights, temperatures, prior correction, genus/family terms), enrolled species' prototypes "
-              "and every threshold (back-off, OOD). `herbens predict` applies them; a graph alone gives one "
-              "member's raw logits.", ""]
-    return lines
 
 
 # ----------------------------------------------------------------------------------------

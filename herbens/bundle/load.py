@@ -187,7 +187,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
         thresholds, ood_score = thresholds_from_json(record["thresholds"]["thresholds"]), record["thresholds"]["ood_score"]
     except KeyError as exc:
         raise HerbensError(f"{root}: bundle.json or a member's {DATA_CONFIG} lacks the key {exc}") from None
-    banks = load_banks(root, record["members"]) if ood_score == "knn" else None
+    banks = load_banks(root, record["members"])
     if ood_score == "knn" and banks is None:
         raise HerbensError(f"bundle {root}: its OOD score is knn but no member has {BANK}")
     return Bundle(root, record, taxonomy, names, members, params, class_space_of(taxonomy),

@@ -213,8 +213,8 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
                              block=len(part), progress=False, max_pixels=max_pixels)
         return (records(bundle, pred) if pred.paths else []), dict(pred.failures)
 
-    blocks = predict_blocks(predict, inputs, work, block, procs, progress)
-    procs.barrier()
+    blocks = procs.run_everywhere(lambda: predict_blocks(predict, inputs, work, block, procs, progress),
+                                  "predicting its blocks (rerun the same command to resume)")
     if not procs.is_main:
         return 0
     return _merge(bundle, source, inputs, [shard_path(work, b) for b in range(blocks)], output, fmt, html, top_k,
