@@ -25,7 +25,7 @@ DEMO_DATA = {"species": 30, "seed": 0, "long_edge": 256, "min_images": 6, "max_i
              "test_per_species": 4, "difficulty": 0.7}
 
 
-def synthesize_once(root: Path, params: dict) -> None:
+def synthesize_once(root: Path, params: dict, progress: bool = True) -> None:
     """Build the demo herbarium unless ``root`` already holds one made with ``params``."""
     from herbens.data.synth import synthesize
 
@@ -34,7 +34,7 @@ def synthesize_once(root: Path, params: dict) -> None:
         print(f"using the synthetic herbarium in {root}")
         return
     print(f"synthesising a herbarium of {params['species']} species into {root} ...")
-    synthesize(root, **params)
+    synthesize(root, **params, progress=progress)
     write_json(stamp, params)
 
 
@@ -90,7 +90,8 @@ def _print_validation(summary: dict) -> None:
               f"out-of-fold {val['out_of_fold']['species_macro_f1']:.3f}{honest} (steps: table above)")
 
 
-def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = None, openset: bool = True) -> dict:
+def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = None, openset: bool = True,
+             progress: bool = True) -> dict:
     """Run the whole demo under ``workdir``; returns the scores table as a dict.
 
     With ``openset``, the first recipe is also trained without 10 % of the species and the
@@ -101,7 +102,7 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
 
     start = time.perf_counter()
     root = workdir / "data" / "demo"
-    synthesize_once(root, DEMO_DATA)
+    synthesize_once(root, DEMO_DATA, progress)
     run_dirs, times = [], {}
     for recipe in recipes:
         # infer.embeddings: the runs' train/val embeddings make the exported bundle enrol-ready.
@@ -110,13 +111,13 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
         print(f"\n== training {cfg['name']} ({cfg['model']['backbone']}, species loss "
               f"{loss_names(cfg['levels']['species'])}) ==")
         t0 = time.perf_counter()
-        run_dirs.append(fit(cfg, overwrite=True))
+        run_dirs.append(fit(cfg, overwrite=True, progress=progress))
         times[cfg["name"]] = time.perf_counter() - t0
 
     print("\n== ensembling ==")
     submission = workdir / "submissions" / "demo.csv"
     t0 = time.perf_counter()
-    fitted = ensemble_runs(run_dirs, submission)
+    fitted = ensemble_runs(run_dirs, submission, progress=progress)
     ensemble_time = time.perf_counter() - t0
 
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
@@ -134,7 +135,8 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
 
         print(f"\n== open set: {recipes[0]} trained without 10 % of the species ==")
         extra["openset"] = run_open_set(recipes[0], [f"data.root={root}"] + list(overrides or []),
-                                        workdir / "openset", share=0.1, seed=0)  # runs/ holds runs only
+                                        workdir / "openset", share=0.1, seed=0,  # runs/ holds runs only
+                                        progress=progress)
     print_table(rows)
     _print_validation(fitted)
     total = time.perf_counter() - start

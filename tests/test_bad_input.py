@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from herbens.bundle.inputs import collect_inputs
@@ -160,3 +162,67 @@ def test_worker_errors_read_like_main_process_errors(tmp_path):
     with pytest.raises(ImageTooLargeError, match=r"^image .*sheet.png is 40 x 60 = 2,400 pixels, over the limit"):
         next(iter(big))
 
+
+
+def _run_data(tmp_path, tiny_herbarium):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_herbarium, data)
+    return data
+
+
+def _train(data, tmp_path, *extra):
+    return main(["train", "demo_ce", f"data.root={data}", f"output_dir={tmp_path / 'runs'}", "data.num_workers=0",
+                 "train.epochs=1", "train.batch_size=8", "input.size=[48,32]", "data.val_fraction=0.25",
+                 "name=pre", *extra])
+
+
+def test_check_finds_a_missing_training_image(tiny_herbarium, tmp_path, capsys):
+    data = _run_data(tmp_path, tiny_herbarium)
+    image = _first_train_image(data)
+    image.unlink()
+    assert _train(data, tmp_path, "--check") == 2
+    err = capsys.readouterr().err
+    assert f"train image {image}: No such file or directory" in err and "found before training" in err
+
+
+def test_check_decodes_a_truncated_test_image(tiny_herbarium, tmp_path, capsys):
+    from herbens.data.metadata import load_test_metadata
+
+    data = _run_data(tmp_path, tiny_herbarium)
+    test = load_test_metadata(data / "test_metadata.json")
+    image = Path(test.attrs["images_dir"]) / test["file_name"].iloc[-1]
+    image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])
+    assert _train(data, tmp_path, "--check") == 2
+    err = capsys.readouterr().err
+    assert f"test image cannot decode image {image}" in err
+
+
+def test_sample_decodes_first_random_and_small_files():
+    from herbens.data.file_sample import SMALL_BYTES, _sampled
+
+    sizes = np.full(2000, 10 * SMALL_BYTES)
+    sizes[[5, 1500]] = 100  # small: always decoded
+    sizes[7] = -1  # missing: reported by the stat, not decoded
+    chosen = _sampled(sizes, seed=0, sample=50)
+    assert {0, 5, 1500} <= set(chosen) and 7 not in chosen and 50 <= len(chosen) <= 53
+    assert _sampled(sizes, seed=0, sample=50) == chosen  # seeded
+
+
+def test_skip_policy_trains_past_an_empty_test_file_it_will_not_read(tiny_herbarium, tmp_path):
+    from herbens.data.metadata import load_test_metadata
+
+    data = _run_data(tmp_path, tiny_herbarium)
+    test = load_test_metadata(data / "test_metadata.json")
+    (Path(test.attrs["images_dir"]) / test["file_name"].iloc[0]).write_bytes(b"")
+    assert _train(data, tmp_path, "data.bad_images=skip", "infer.splits=[val]") == 0
+    assert (tmp_path / "runs" / "pre" / "logits" / "val").is_dir()
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_herbarium, tmp_path, capsys):
+    data = _run_data(tmp_path, tiny_herbarium)
+    keep = tmp_path / "runs" / "pre"
+    keep.mkdir(parents=True)
+    (keep / "thesis.tex").write_text("years of work")
+    assert _train(data, tmp_path, "--overwrite") == 2
+    assert f"{keep} exists and is not a run (no config.yaml)" in capsys.readouterr().err
+    assert (keep / "thesis.tex").read_text() == "years of work"

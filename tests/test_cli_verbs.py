@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+from conftest import train_tiny
 
 from herbens.cli.main import main
 
@@ -64,3 +65,11 @@ def test_predict_and_teach_progress_and_closing_lines(run_copy, tiny_herbarium, 
     assert _progress_lines(err, "predict") == []
     assert _last_line(out).startswith("wrote teacher targets for ")
     assert str(teacher / "targets" / "train") in _last_line(out)
+
+
+def test_train_without_progress_draws_no_bar_and_names_the_run(tiny_herbarium, tmp_path, capsys):
+    assert train_tiny(tiny_herbarium, tmp_path, extra=["name=quiet", "train.epochs=1"], flags=["--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    for desc in ("epoch 1", "validate", "logits val", "logits test"):
+        assert _progress_lines(err, desc) == [], desc
+    assert _last_line(out) == f"run written to {tmp_path / 'quiet'}"

@@ -58,7 +58,7 @@ def _batches(taxonomy, device) -> list[dict]:
 
 
 class _Bar:
-    """Stands in for tqdm and keeps the progress-bar values shown."""
+    """Stands in for the progress bar (herbens.progress.progress_bar) and keeps the values shown."""
 
     shown: list[dict] = []
 
@@ -85,7 +85,7 @@ def test_epoch_means_bar_and_unreadable_equal_a_per_step_readback(taxonomy, monk
         return losses
 
     monkeypatch.setattr(engine, "train_step", recording_step)
-    monkeypatch.setattr(engine, "tqdm", _Bar)
+    monkeypatch.setattr(engine, "progress_bar", _Bar)
     _Bar.shown = []
     out = train_one_epoch(parts, _batches(taxonomy, "cpu"), TrainState(), STEPS, log_every=LOG_EVERY)
 

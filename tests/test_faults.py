@@ -504,7 +504,7 @@ def test_error_policy_stops_naming_the_file(dirty_herbarium, tmp_path, capsys):
              f"train.batch_size={batch_size_covering(n_train)}"]
     assert train_tiny(root, tmp_path, extra=extra) == 2
     err = capsys.readouterr().err  # may hold a progress bar before the message
-    assert "herbens: error: cannot decode image" in err, err[-2000:]
+    assert "herbens: error: train image" in err and "found before training" in err, err[-2000:]  # the preflight
     message = err[err.index("herbens: error:"):].splitlines()[0]
     assert any(path in message for path in bad), message
     assert not (tmp_path / "error" / "metrics.json").exists()

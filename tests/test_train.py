@@ -371,10 +371,10 @@ def test_a_logits_failure_after_training_says_how_to_finish(tiny_herbarium, tmp_
 
     real = herbens.training.fit.write_split_logits
 
-    def fail_on_test(accelerator, model, cfg, data, data_config, run_dir, split, views=None):
+    def fail_on_test(accelerator, model, cfg, data, data_config, run_dir, split, views=None, **options):
         if split == "test":
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(accelerator, model, cfg, data, data_config, run_dir, split, views)
+        return real(accelerator, model, cfg, data, data_config, run_dir, split, views, **options)
 
     monkeypatch.setattr(herbens.training.fit, "write_split_logits", fail_on_test)
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=r", "train.epochs=1"]) == 2

@@ -96,7 +96,8 @@ def format_open_set(report: dict, score: str) -> str:
 
 
 def run_open_set(recipe: str, overrides: list[str], workdir: Path, *, share: float = 0.1, seed: int = 0,
-                 ood_score: str = "msp", target: float = 0.95, keep: float = 0.95, log=print) -> dict:
+                 ood_score: str = "msp", target: float = 0.95, keep: float = 0.95, progress: bool = True,
+                 log=print) -> dict:
     """Hold species out, train, score; writes ``<run>/openset.json`` and returns the report."""
     from herbens.bundle.export import split_rows, validation_rows
     from herbens.bundle.scoring import single_run_params
@@ -113,7 +114,7 @@ def run_open_set(recipe: str, overrides: list[str], workdir: Path, *, share: flo
         f"training on {split['known_species']} species")
     cfg = load_config(recipe, list(overrides) + [f"data.root={data_dir}", "data.format=csv",
                                                  f"output_dir={workdir / 'runs'}"])
-    run_dir = fit(cfg, overwrite=True)
+    run_dir = fit(cfg, overwrite=True, progress=progress)
     taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
     params = single_run_params()
     known, truth, _ = validation_rows([run_dir], params, taxonomy, ood_score)

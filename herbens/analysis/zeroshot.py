@@ -16,7 +16,7 @@ from pathlib import Path
 from herbens.errors import HerbensError
 
 
-def zero_shot_scores(cfg: dict, run_dir: Path | None = None) -> dict:
+def zero_shot_scores(cfg: dict, run_dir: Path | None = None, progress: bool = True) -> dict:
     """Per-level macro-F1 of the text-initialised heads on the validation split.
 
     Args:
@@ -51,7 +51,7 @@ def zero_shot_scores(cfg: dict, run_dir: Path | None = None) -> dict:
     loader = predict_loader(data.val, data.images_dir, data.taxonomy,
                             build_tta_views(["center"], data_config), cfg, data_config=data_config)
     model, loader = accelerator.prepare(model, loader)
-    scores = validate(accelerator, model, loader, tuple(levels), data.taxonomy)
+    scores = validate(accelerator, model, loader, tuple(levels), data.taxonomy, progress)
     return {**scores, "val_images": int(len(data.val)), "template": cfg["text_heads"]["template"],
             "levels": levels}
 

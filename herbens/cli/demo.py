@@ -8,5 +8,5 @@ from herbens.demo import run_demo
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.workdir, args.recipes, args.overrides, args.openset)
+    run_demo(args.workdir, args.recipes, args.overrides, args.openset, args.progress)
     return 0

@@ -10,6 +10,7 @@ from herbens.analysis.openset import run_open_set
 
 def run(args: argparse.Namespace) -> int:
     report = run_open_set(args.recipe, args.overrides, args.workdir, share=args.holdout, seed=args.seed,
-                          ood_score=args.ood_score, target=args.target_precision, keep=args.ood_keep)
+                          ood_score=args.ood_score, target=args.target_precision, keep=args.ood_keep,
+                          progress=args.progress)
     print(f"wrote {Path(report['run']) / 'openset.json'}")
     return 0

@@ -15,6 +15,6 @@ def run(args: argparse.Namespace) -> int:
         print(plan.summary())
         print(f"preflight passed: {cfg['name']} is ready to train")
         return 0
-    run_dir = fit(cfg, resume=args.resume, overwrite=args.overwrite)
+    run_dir = fit(cfg, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
     print(f"run written to {run_dir}")
     return 0

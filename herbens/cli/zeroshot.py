@@ -11,7 +11,7 @@ from herbens.fileio import write_json
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_zeroshot_config(args.recipe, args.overrides)
-    scores = zero_shot_scores(cfg, Path(args.recipe) if Path(args.recipe).is_dir() else None)
+    scores = zero_shot_scores(cfg, Path(args.recipe) if Path(args.recipe).is_dir() else None, args.progress)
     for level in scores["levels"]:
         print(f"zero-shot {level} macro-F1 {scores[f'val_{level}_macro_f1']:.4f}  "
               f"({scores['val_images']} validation images)")

@@ -46,6 +46,7 @@ class TrainParts:
     mixup: object = None
     ema: object = None
     clip_grad: float | None = None
+    progress: bool = True  # progress bars of this process (shown on the main process only)
 
 
 def batch_targets(batch: dict, levels) -> dict:
@@ -151,7 +152,7 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
     images = 0
     start = time.perf_counter()
     bar = progress_bar(total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
-                       unit="batch", enabled=acc.is_main_process)
+                       unit="batch", enabled=parts.progress and acc.is_main_process)
     for batch in loader:
         scale = window_loss_scale(state.batch_in_epoch, total_batches, acc.gradient_accumulation_steps)
         totals.add(train_step(parts, batch, state, scale), batch)

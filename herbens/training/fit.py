@@ -61,9 +61,9 @@ def write_run_header(run_dir: Path, cfg: dict, data: RunData) -> None:
     save_split(run_dir / "split.csv", data.val["image_id"].tolist())
 
 
-def validate(accelerator, model, loader, levels, taxonomy: Taxonomy) -> dict:
+def validate(accelerator, model, loader, levels, taxonomy: Taxonomy, progress: bool = True) -> dict:
     """Per-level macro-F1 of each head's own prediction on the validation split."""
-    scores = predict(Engine.of_accelerator(accelerator), model, loader, levels, desc="validate")
+    scores = predict(Engine.of_accelerator(accelerator, progress=progress), model, loader, levels, desc="validate")
     out = {}
     for level in levels:
         true = taxonomy.level_indices(level, scores["labels"])
@@ -128,7 +128,7 @@ def check(cfg: dict, resume: bool = False, overwrite: bool = False) -> Plan:
     return plan
 
 
-def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
+def fit(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Train one run end to end and return its directory.
 
     The preflight (:mod:`herbens.training.preflight`) runs first; a run that fails before its
@@ -139,6 +139,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
         resume: continue from the run's latest checkpoint (same sample order, optimizer,
             schedule, EMA, loss state and step counter).
         overwrite: delete an existing run directory of the same name first.
+        progress: show progress (training, validation and inference bars; herbens.progress).
     """
     wall_start = time.perf_counter()
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
@@ -153,17 +154,18 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False) -> Path:
     compile_start = compile_seconds()  # torch.compile works lazily, within the first steps
     state = TrainState()
     try:
-        _train(cfg, setup, state, resume, run_dir)
+        _train(cfg, setup, state, resume, run_dir, progress)
     except BaseException:
         if accelerator.is_main_process and not resume and latest_checkpoint(run_dir) is None:
             clear_failed_start(run_dir)
             remove_created_folders(run_dir, created)
         raise
-    _finish(cfg, setup, state, run_dir, time.perf_counter() - wall_start, compile_start)
+    _finish(cfg, setup, state, run_dir, time.perf_counter() - wall_start, compile_start, progress)
     return run_dir
 
 
-def _train(cfg: dict, setup: TrainingSetup, state: TrainState, resume: bool, run_dir: Path) -> None:
+def _train(cfg: dict, setup: TrainingSetup, state: TrainState, resume: bool, run_dir: Path,
+           progress: bool = True) -> None:
     """The run's header (or, resuming, its recipe and checkpoint), then every epoch."""
     accelerator = setup.accelerator
     if accelerator.is_main_process:
@@ -180,20 +182,22 @@ def _train(cfg: dict, setup: TrainingSetup, state: TrainState, resume: bool, run
         setup.schedule.seek(state.step)
     accelerator.init_trackers(cfg["name"], config=_tracker_config(cfg))
     parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
-                       tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"])
+                       tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"],
+                       progress=progress)
     _train_epochs(cfg, parts, setup.loader, setup.sampler, setup.val_loader, state, run_dir, setup.data.taxonomy)
 
 
 def _finish(cfg: dict, setup: TrainingSetup, state: TrainState, run_dir: Path, wall: float,
-            compile_start: float) -> None:
+            compile_start: float, progress: bool = True) -> None:
     """Final weights, the logits (and embeddings) of the inference splits, then metrics.json."""
     accelerator, ema = setup.accelerator, setup.ema
     eval_model = ema.module if ema is not None else accelerator.unwrap_model(setup.model)
     _save_weights(accelerator, run_dir, setup.plain_model, ema)
-    _write_all_logits(accelerator, eval_model, cfg, setup, run_dir)
+    _write_all_logits(accelerator, eval_model, cfg, setup, run_dir, progress)
     if cfg["infer"]["embeddings"]:
         for split in embedding_splits(setup.data):
-            write_split_embeddings(accelerator, eval_model, cfg, setup.data, setup.data_config, run_dir, split)
+            write_split_embeddings(accelerator, eval_model, cfg, setup.data, setup.data_config, run_dir, split,
+                                   progress=progress)
     compile_time = compile_seconds() - compile_start
     if setup.compiled_modules:
         accelerator.print(f"model.compile={cfg['model']['compile']}: {setup.compiled_modules} module(s) compiled "
@@ -205,12 +209,14 @@ def _finish(cfg: dict, setup: TrainingSetup, state: TrainState, run_dir: Path, w
     accelerator.end_training()
 
 
-def _write_all_logits(accelerator, eval_model, cfg: dict, setup: TrainingSetup, run_dir: Path) -> None:
+def _write_all_logits(accelerator, eval_model, cfg: dict, setup: TrainingSetup, run_dir: Path,
+                      progress: bool = True) -> None:
     """The logits of every ``infer.splits``; a failure says how to finish without retraining."""
     splits = list(cfg["infer"]["splits"])
     for done, split in enumerate(splits):
         try:
-            write_split_logits(accelerator, eval_model, cfg, setup.data, setup.data_config, run_dir, split)
+            write_split_logits(accelerator, eval_model, cfg, setup.data, setup.data_config, run_dir, split,
+                               progress=progress)
         except Exception as exc:
             raise HerbensError(logits_failure_message(run_dir, splits[done:], exc)) from exc
 
@@ -244,7 +250,7 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
         stats = train_one_epoch(parts, epoch_loader, state, len(loader), on_step=on_step,
                                 log_every=int(cfg["train"]["log_every"]))
         eval_model = parts.ema.module if parts.ema is not None else parts.model
-        scores = validate(acc, eval_model, val_loader, parts.levels, taxonomy)
+        scores = validate(acc, eval_model, val_loader, parts.levels, taxonomy, parts.progress)
         _report_unreadable(acc, loader.dataset, stats.pop("unreadable"), unreadable, epoch)
         record = {"epoch": epoch + 1, "step": state.step,
                   "train_loss": stats.pop("loss"), "lr": current_lr(parts.optimizer)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import random
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from herbens.data.file_sample import check_split_files
 from herbens.data.loaders import predict_loader
 from herbens.data.views import Views
 from herbens.errors import HerbensError
@@ -91,16 +91,19 @@ def check_splits_present(cfg: dict, data) -> None:
                            "(data.val_fraction / data.val_min_images)")
 
 
-def check_files(frame, images_dir: Path, split: str) -> None:
-    """One stat per image: each file of the split exists and is not empty."""
-    for name in frame["file_name"].astype(str):
-        path = os.path.join(images_dir, name)
-        try:
-            size = os.stat(path).st_size
-        except OSError as exc:
-            raise HerbensError(f"{split} image {path}: {exc.strerror or exc}") from None
-        if size == 0:
-            raise HerbensError(f"{split} image {path}: empty file")
+def check_listed_files(cfg: dict, data) -> None:
+    """Stat every file of the splits the run reads and decode a sample of each
+    (:mod:`herbens.data.file_sample`): train always, val (validation every epoch), test only when
+    ``infer.splits`` names it. A split's problems stop the run under its bad-image policy
+    (``data.bad_images: error``, or ``infer.bad_images: fail`` for val/test), else warn."""
+    stop_eval = cfg["data"]["bad_images"] == "error" or cfg["infer"]["bad_images"] == "fail"
+    splits = [("train", data.train, data.images_dir, cfg["data"]["bad_images"] == "error"),
+              ("val", data.val, data.images_dir, stop_eval)]
+    if data.test is not None and "test" in cfg["infer"]["splits"]:
+        splits.append(("test", data.test, data.test_images_dir, stop_eval))
+    for split, frame, images_dir, stop in splits:
+        check_split_files(frame, images_dir, split, stop, cfg["data"]["max_image_pixels"],
+                          cfg["data"]["min_image_size"], seed=int(cfg["seed"]))
 
 
 def check_full_batch(batches: int, train_images: int, batch: int, key: str = "train.batch_size") -> None:
@@ -260,8 +263,7 @@ def run_preflight(cfg: dict, setup, run_dir: Path) -> Plan:
     splits = {"val": (data.val, data.images_dir, data.taxonomy)}
     if data.test is not None:
         splits["test"] = (data.test, data.test_images_dir, None)
-    for split, (frame, images_dir, _) in splits.items():
-        check_files(frame, images_dir, split)
+    check_listed_files(cfg, data)
     check_schedule(setup.optimizer, cfg["scheduler"], cfg["train"], setup.updates_per_epoch, setup.lr)
     classes = {level: data.taxonomy.num_classes(level) for level in levels}
     views = Views.of_recipe(cfg)

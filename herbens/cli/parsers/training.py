@@ -24,6 +24,7 @@ def add_demo(subparsers) -> None:
     p.add_argument("--no-openset", dest="openset", action="store_false",
                    help="skip the open-set evaluation (one more training run)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every recipe")
+    add_progress(p)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="only run the preflight (build everything, try every end-of-run step on a few "
                              "images, check files and disk space) and print what the run would do")
+    add_progress(parser)
 
 
 def add_train(subparsers) -> None:
@@ -98,6 +100,7 @@ def add_openset(subparsers) -> None:
     p.add_argument("--ood-score", choices=SOFTMAX_OOD_SCORES, default="msp")
     p.add_argument("--target-precision", type=float, default=0.95)
     p.add_argument("--ood-keep", type=float, default=0.95)
+    add_progress(p)
 
 
 def add_zeroshot(subparsers) -> None:
@@ -108,6 +111,7 @@ def add_zeroshot(subparsers) -> None:
     add_recipe(p, "recipe YAML file, shipped recipe name, or a run folder (its config.yaml and split)",
                "data.root=/data/h22 model.pretrained_file=bioclip.bin")
     p.add_argument("--json", help="also write the scores to this JSON file")
+    add_progress(p)
 
 
 PARSERS = {"train": add_train, "infer": add_infer, "recipes": add_recipes, "openset": add_openset,
