@@ -216,3 +216,13 @@ def test_skip_policy_trains_past_an_empty_test_file_it_will_not_read(tiny_herbar
     (Path(test.attrs["images_dir"]) / test["file_name"].iloc[0]).write_bytes(b"")
     assert _train(data, tmp_path, "data.bad_images=skip", "infer.splits=[val]") == 0
     assert (tmp_path / "runs" / "pre" / "logits" / "val").is_dir()
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_herbarium, tmp_path, capsys):
+    data = _run_data(tmp_path, tiny_herbarium)
+    keep = tmp_path / "runs" / "pre"
+    keep.mkdir(parents=True)
+    (keep / "thesis.tex").write_text("years of work")
+    assert _train(data, tmp_path, "--overwrite") == 2
+    assert f"{keep} exists and is not a run (no config.yaml)" in capsys.readouterr().err
+    assert (keep / "thesis.tex").read_text() == "years of work"

@@ -49,6 +49,9 @@ def start_mode(run_dir: Path, resume: bool, overwrite: bool) -> str:
             raise HerbensError(f"--resume: {run_dir} has no checkpoint to resume from")
         return "resume"
     if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite and not (run_dir / "config.yaml").is_file():
+            raise HerbensError(f"{run_dir} exists and is not a run (no config.yaml): --overwrite replaces only "
+                               "a run's folder, never other files; choose another name=... or output_dir=...")
         if overwrite:
             return "overwrite"
         raise HerbensError(f"run directory {run_dir} already exists: pass --resume to continue it, "
