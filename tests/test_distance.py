@@ -79,3 +79,32 @@ def test_knn_bundle_scores_images_by_distance_and_says_so(held_out, tmp_path):  
         if item["decision"] == "unknown" and item["ood_score"] < bundle.thresholds["ood"]:
             assert item["reason"].startswith("OOD distance ") and "above its threshold" in item["reason"]
     assert len(train) >= len(bank) and np.isfinite([it["ood_score"] for it in items]).all()
+
+
+def test_enrolment_adds_its_images_to_the_banks_and_unenrol_removes_them(held_out, tmp_path):  # noqa: F811
+    from herbens.bundle.enrolment import enrol_species, unenrol_species
+    from test_enrol import _files, _shots
+
+    run, _, held, _ = held_out
+    bundle_dir = export_bundle(run, tmp_path / "knn", ood_score="knn", log=lambda _: None)
+    before, (trained,) = _files(bundle_dir), load_bundle(bundle_dir).ood_banks
+    enrol_species(bundle_dir, _shots(held[:3], tmp_path / "shots"), "Novelia prima", family="Novaceae",
+                  log=lambda _: None)
+    enrolled = load_bundle(bundle_dir)
+    (bank,) = enrolled.ood_banks
+    assert len(bank) == len(trained) + 3 and np.array_equal(bank[:len(trained)], trained)
+    # The held-out species' other sheets are now nearer the bank than before (their own shots joined it).
+    out = tmp_path / "p.json"
+    listing = tmp_path / "l.txt"
+    listing.write_text("\n".join(held[3:]) + "\n")
+    main(["predict", str(bundle_dir), str(listing), "-o", str(out), "--format", "json", "--no-progress"])
+    after = [-it["ood_score"] for it in json.loads(out.read_text())["predictions"]]
+    test = read_embeddings(run, "test")
+    meta = pd.read_csv(run.parent.parent / "data" / "test_metadata.csv")
+    image_id = {f: str(i) for f, i in zip(meta["file_name"], meta["image_id"])}
+    rows = [test.image_ids.index(image_id[p]) for p in held[3:]]
+    queries = np.asarray(test.matrix[rows], np.float32)
+    np.testing.assert_allclose(after, distance.kth_distance(queries, bank), atol=5e-3)
+    assert (distance.kth_distance(queries, bank) <= distance.kth_distance(queries, trained) + 1e-9).all()
+    unenrol_species(bundle_dir, name="Novelia prima", log=lambda _: None)
+    assert _files(bundle_dir) == before

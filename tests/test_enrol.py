@@ -209,7 +209,8 @@ def test_ensemble_bundle_enrols_per_member(held_out, tmp_path):
     loaded = load_bundle(bundle)
     assert len(loaded.members) == 2
     assert sorted(p.name for p in (bundle / ENROLLED).iterdir()) == sorted(
-        ["species.json"] + [f"{m.name}.npy" for m in loaded.members])
+        ["species.json"] + [f"{m.name}{suffix}" for m in loaded.members
+                            for suffix in (".npy", ".ood_bank.npy", ".ood_bank_owners.npy")])  # OOD banks grow too
     assert [len(p.owners) - len(p.owners[p.owners < loaded.enrolment.num_known]) for p in loaded.enrolment.prototypes] == [1, 1]
     from herbens.bundle.predict import predict_paths
 
@@ -221,7 +222,7 @@ def test_ensemble_bundle_enrols_per_member(held_out, tmp_path):
 def test_energy_bundle_refuses_to_enrol(held_out, tmp_path):
     run, _, held, _ = held_out
     bundle = export_bundle(run, tmp_path / "energy", ood_score="energy", log=lambda _: None)
-    with pytest.raises(HerbensError, match="enrolment needs the msp OOD score"):
+    with pytest.raises(HerbensError, match="enrolment needs the msp or knn OOD score"):
         enrol_species(bundle, _shots(held[:1], tmp_path / "s"), "Carex nova", family="Cyperaceae", log=lambda _: None)
 
 

@@ -24,6 +24,8 @@ from herbens.fileio import atomic_write
 from herbens.stores.embeddings import embeddings_dir, read_embeddings
 
 BANK = "ood_bank.npy"
+BANK_OWNERS = "ood_bank_owners.npy"  # enrolled rows' category ids (unenrol removes them)
+ENROLLED_DIR = "enrolled"            # herbens.bundle.enrolment's folder
 K = 5                 # the k-th nearest training embedding (Sun et al. use k in the tens for 1k classes)
 PER_SPECIES = 64      # bank rows kept per species (all of a species with fewer)
 QUERY_BLOCK = 1024    # query rows per similarity block: memory [block, bank rows]
@@ -69,14 +71,48 @@ def save_bank(folder: Path, vectors: np.ndarray) -> None:
 
 
 def load_banks(root: Path, member_names: list[str]) -> list[np.ndarray] | None:
-    """Every member's bank, or None when the bundle has none (exported without embeddings)."""
+    """Every member's bank (its training rows, then enrolled species' rows), or None when the
+    bundle has none (exported without embeddings)."""
     paths = [root / "members" / name / BANK for name in member_names]
     if not any(p.is_file() for p in paths):
         return None
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise HerbensError(f"bundle {root}: {missing[0].relative_to(root)} is missing (every member needs its bank)")
-    return [np.load(p, allow_pickle=False) for p in paths]
+    return [np.concatenate([np.load(p, allow_pickle=False), _enrolled_rows(root, name)[0]])
+            for p, name in zip(paths, member_names)]
+
+
+def _enrolled_rows(root: Path, member: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows [m, D] float16, category_id per row)`` enrolment added to a member's bank."""
+    rows, owners = root / ENROLLED_DIR / f"{member}.{BANK}", root / ENROLLED_DIR / f"{member}.{BANK_OWNERS}"
+    if not rows.is_file():
+        dim = np.load(root / "members" / member / BANK, mmap_mode="r").shape[1]
+        return np.zeros((0, dim), np.float16), np.zeros(0, np.int64)
+    return np.load(rows, allow_pickle=False), np.load(owners, allow_pickle=False)
+
+
+def _save_enrolled(tmp: Path, member: str, rows: np.ndarray, owners: np.ndarray) -> None:
+    (tmp / ENROLLED_DIR).mkdir(exist_ok=True)
+    for name, array in ((f"{member}.{BANK}", rows.astype(np.float16)), (f"{member}.{BANK_OWNERS}", owners)):
+        with atomic_write(tmp / ENROLLED_DIR / name, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+
+def extend_banks(root: Path, tmp: Path, embeddings: dict[str, np.ndarray], category_id: int) -> None:
+    """Add an enrolled species' image embeddings (per member) to the staged bundle's banks."""
+    for member, vectors in embeddings.items():
+        rows, owners = _enrolled_rows(root, member)
+        _save_enrolled(tmp, member, np.concatenate([rows, np.asarray(vectors, np.float16)]),
+                       np.concatenate([owners, np.full(len(vectors), category_id, np.int64)]))
+
+
+def drop_from_banks(root: Path, tmp: Path, members: list[str], category_id: int) -> None:
+    """Remove an unenrolled species' rows from the staged bundle's banks."""
+    for member in members:
+        rows, owners = _enrolled_rows(root, member)
+        keep = owners != category_id
+        _save_enrolled(tmp, member, rows[keep], owners[keep])
 
 
 def training_banks(run_dirs: list[Path], taxonomy, seed: int, per_species: int = PER_SPECIES) -> list[np.ndarray]:

@@ -31,7 +31,8 @@ correct, the fusion that ``bench/fewshot_eval.py`` evaluates):
   (this module is not called).
 - The back-off thresholds are the export's (fitted without enrolled species) and apply to the
   fused probabilities; the energy OOD score has no meaning on fused log-probabilities, so
-  enrolment needs a bundle exported with ``--ood-score msp`` (the default).
+  enrolment needs a bundle exported with ``--ood-score msp`` (the default) or ``knn``. The
+  enrolled images' embeddings join the members' OOD banks (:mod:`herbens.bundle.distance`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Callable
 
 import numpy as np
 
+from herbens.bundle.distance import drop_from_banks, extend_banks
 from herbens.bundle.scoring import LevelProbabilities, sum_within
 from herbens.errors import HerbensError
 from herbens.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
@@ -259,9 +261,9 @@ def _new_identity(bundle, name: str, category_id: int | None) -> tuple[str, int]
     if not bundle.record.get("enrolment"):
         raise HerbensError(f"bundle {root}: exported without prototypes, it cannot enrol species (herbens infer "
                            "RUN --embeddings for every member run, then herbens export again)")
-    if bundle.ood_score != "msp":
-        raise HerbensError(f"bundle {root}: enrolment needs the msp OOD score (this bundle uses "
-                           f"{bundle.ood_score}, meaningless on fused probabilities); export with --ood-score msp")
+    if bundle.ood_score == "energy":
+        raise HerbensError(f"bundle {root}: enrolment needs the msp or knn OOD score (energy is "
+                           "meaningless on fused probabilities); export with --ood-score msp or knn")
     name = _checked_text(name, "--name")
     if not name:
         raise HerbensError("--name must not be empty")
@@ -306,17 +308,19 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
     genus, family = _taxon_of(bundle, species, _checked_text(genus or name.split()[0], "--genus"),
                               _checked_text(family, "--family") or None)
     paths, _ = collect_inputs(images)
-    vectors = {}
+    vectors, shots = {}, {}
     for member in bundle.members:
         out, errors = member_logits(member, paths, {}, batch_size, device, 0, lambda _: None, embeddings=True)
         if errors:
             first = min(errors)
             raise HerbensError(f"cannot enrol from {paths[first]}: {errors[first]}")
-        vectors[member.name] = species_prototype(out["embedding"])
+        vectors[member.name], shots[member.name] = species_prototype(out["embedding"]), out["embedding"]
     entry = {"category_id": int(category_id), "scientific_name": name, "authors": _checked_text(authors, "--authors"),
              "genus": genus, "family": family, "images": [Path(p).name for p in paths]}
     stored = {m.name: _load_npy(root / ENROLLED / f"{m.name}.npy") if species else None for m in bundle.members}
     with _staged(root) as tmp:
+        if bundle.ood_banks is not None:
+            extend_banks(root, tmp, shots, int(category_id))  # before _write_species writes the manifest
         _write_species(root, tmp, species, species + [entry],
                        {m: v if stored[m] is None else np.concatenate([stored[m], v]) for m, v in vectors.items()})
     log(f"enrolled {name} (category_id {category_id}, genus {genus}, family {family}) into {root} from "
@@ -352,6 +356,8 @@ def unenrol_species(bundle_path, *, name: str | None = None, category_id: int | 
     rest = species[:j] + species[j + 1:]
     vectors = {m.name: np.delete(_load_npy(root / ENROLLED / f"{m.name}.npy"), j, axis=0) for m in bundle.members}
     with _staged(root) as tmp:
+        if bundle.ood_banks is not None:
+            drop_from_banks(root, tmp, [m.name for m in bundle.members], int(species[j]["category_id"]))
         _write_species(root, tmp, species, rest, vectors)
     log(f"unenrolled {species[j]['scientific_name']} (category_id {species[j]['category_id']}) from {root}; "
         f"{len(rest)} enrolled species left")
