@@ -73,3 +73,19 @@ def test_train_without_progress_draws_no_bar_and_names_the_run(tiny_herbarium, t
     for desc in ("epoch 1", "validate", "logits val", "logits test"):
         assert _progress_lines(err, desc) == [], desc
     assert _last_line(out) == f"run written to {tmp_path / 'quiet'}"
+
+
+def test_dataset_verbs_end_with_what_they_wrote(tmp_path, capsys):
+    data = tmp_path / "mini"
+    assert main(["synth", str(data), "--species", "3", "--long-edge", "64", "--min-images", "2", "--max-images",
+                 "3", "--test-per-species", "1", "--workers", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert _last_line(out).startswith("wrote ") and str(data) in _last_line(out) and "synth: " not in err
+    assert main(["check", str(data), "--workers", "1", "--json", str(tmp_path / "check.json")]) == 0
+    out, err = capsys.readouterr()
+    assert _last_line(out) == f"wrote {tmp_path / 'check.json'}" and _progress_lines(err, "checking images")
+    small = tmp_path / "small"
+    assert main(["prepare", str(data), "--size", "32", "--out", str(small), "--workers", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert re.match(rf"wrote \d+ images into {re.escape(str(small))} ", _last_line(out)), out
+    assert "prepare: " not in err
