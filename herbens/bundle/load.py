@@ -146,7 +146,7 @@ class Bundle:
     space: ClassSpace
     thresholds: dict
     ood_score: str
-    enrolment: object = None      # herbens.bundle.enrolment.Enrolment when species are enrolled
+    enrolment: object = None      # herbens.bundle.enrolled.Enrolment when species are enrolled
     ood_banks: list | None = None  # per member training embeddings of the knn OOD score (herbens.bundle.distance)
 
     def level_names(self, level: str) -> list[str]:
@@ -168,7 +168,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     """
     from herbens.bundle.scoring import class_space_of, fitted_params
 
-    from herbens.bundle.enrolment import load_enrolment
+    from herbens.bundle.enrolled import load_enrolment
 
     root = Path(path)
     manifest = verify_manifest(root)
