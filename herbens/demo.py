@@ -17,7 +17,7 @@ import pandas as pd
 from herbens.config import load_config
 from herbens.config.catalogue import loss_names
 from herbens.data.taxonomy import Taxonomy
-from herbens.fileio import atomic_write, read_json, write_json
+from herbens.core.fileio import atomic_write, read_json, write_json
 from herbens.metrics import level_scores
 
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")

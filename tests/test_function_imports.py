@@ -59,5 +59,5 @@ def test_function_level_imports_are_optional_dependencies_only():
 def test_the_walker_finds_nested_and_relative_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("import os\n\ndef f():\n    def g():\n        from . import x\n"
-                      "    import herbens.errors\n")
-    assert function_level_imports(source) == [(5, "."), (6, "herbens.errors")]
+                      "    import herbens.core.errors\n")
+    assert function_level_imports(source) == [(5, "."), (6, "herbens.core.errors")]

@@ -22,7 +22,7 @@ from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble import pipeline
 from herbens.ensemble.outputs import file_sha256
 from herbens.ensemble.pipeline import ensemble_runs
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.logits import write_logits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.metrics import (accuracy_by_training_count, best_worst, correctness_anova,
                              head_tail_scores, level_scores, per_level_accuracy, top1_accuracy)
 

@@ -16,8 +16,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 from herbens.bundle import thresholds as th
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, write_json
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def zero_shot_scores(cfg: dict, run_dir: Path | None = None, progress: bool = True) -> dict:

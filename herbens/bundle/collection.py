@@ -29,10 +29,10 @@ import torch
 from accelerate import PartialState
 
 from herbens.bundle.inputs import LIST_SUFFIXES, PATH_COLUMNS, collect_inputs
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, read_json, write_json
-from herbens.progress import progress_bar
-from herbens.runtime import launched_on_cpus_only
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, read_json, write_json
+from herbens.core.progress import progress_bar
+from herbens.core.runtime import launched_on_cpus_only
 
 MANIFEST = "manifest.json"
 DEFAULT_BLOCK = 1024

@@ -20,9 +20,9 @@ import numpy as np
 
 from herbens.bundle.distance import drop_from_banks, extend_banks
 from herbens.bundle.scoring import LevelProbabilities, sum_within
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
-from herbens.numerics import log_softmax
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
+from herbens.core.numerics import log_softmax
 from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head, species_prototype
 
 PROTOTYPES = "prototypes.npy"

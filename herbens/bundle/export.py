@@ -28,8 +28,8 @@ from herbens.bundle.scoring import combine_members, needed_levels, params_record
 from herbens.bundle.sources import resolve_source
 from herbens.config import load_run_config, save_config
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, exclusive_lock, read_json, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_dir, atomic_write, exclusive_lock, read_json, write_json
 from herbens.stores.logits import read_logits
 
 

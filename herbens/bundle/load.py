@@ -29,8 +29,8 @@ from herbens.bundle.distance import BANK, load_banks
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.views import Views
 from herbens.ensemble.combine import ClassSpace, Params
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, read_json, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, read_json, write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_HASH = "manifest.sha256"

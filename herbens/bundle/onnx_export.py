@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 ATOL = 1e-3
 RTOL = 1e-3

@@ -11,8 +11,8 @@ import html
 import io
 from pathlib import Path
 
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write
 
 THUMB = 180  # long edge of the thumbnails in pixels
 

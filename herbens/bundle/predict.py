@@ -29,9 +29,9 @@ from herbens.bundle.page import write_page
 from herbens.bundle.naming import decision_fields, is_enrolled
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.data.loaders import paths_loader
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.infer.loop import Engine, predict_batches
-from herbens.progress import progress_bar
+from herbens.core.progress import progress_bar
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 DEFAULT_K = 64
 

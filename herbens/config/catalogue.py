@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from herbens.config import load_config, recipes_dir
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 # Class counts of the home benchmark (Kaggle Herbarium 2022 / NAFlora-1M), used only to size the
 # heads for this table; training always takes its counts from the data.

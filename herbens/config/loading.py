@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from herbens.config.components import lowercase, registry, suggestion, with_value
 from herbens.config.rules import check_rules
 from herbens.config.schema import Recipe, section_class
-from herbens.errors import HerbensError
-from herbens.fileio import read_text
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_text
 
 # The recipes shipped with the checkout, and the setting that points every reader elsewhere
 # (a suite run as another user from a private clone, a site's own recipe folder).
@@ -308,7 +308,7 @@ def load_run_config(run_dir: str | Path) -> dict:
 
 def save_config(cfg: dict, path: str | Path) -> None:
     """Write the resolved configuration (the run's ``config.yaml``) atomically."""
-    from herbens.fileio import atomic_write
+    from herbens.core.fileio import atomic_write
 
     with atomic_write(path) as handle:
         yaml.safe_dump(cfg, handle, sort_keys=False)

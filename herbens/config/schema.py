@@ -23,7 +23,7 @@ from herbens.config.components import node_error, resolve_losses, resolve_node, 
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MIN_IMAGE_SIDE
 from herbens.data.metadata import FORMATS
 from herbens.data.views import parse_view
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 RESUMABLE = {"resumable": True}
 

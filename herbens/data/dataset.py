@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 

@@ -13,8 +13,8 @@ from herbens.ensemble.combine import ClassSpace, Params
 from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.stores import AlignedSplit, Run
 from herbens.ensemble.submission import read_submission, write_submission
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write
 
 SCORE_LEVELS = ("species", "genus", "family")
 STEP_WIDTH = 64

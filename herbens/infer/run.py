@@ -10,8 +10,8 @@ import torch
 from herbens.data.run_data import load_run_data
 from herbens.data.transforms import model_data_config
 from herbens.data.views import Views
-from herbens.errors import HerbensError
-from herbens.fileio import one_writer
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import one_writer
 from herbens.infer.splits import embedding_splits, write_split_embeddings, write_split_logits
 from herbens.stores.embeddings import embeddings_dir
 from herbens.stores.logits import logits_dir
@@ -54,7 +54,7 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
     """
     from accelerate import Accelerator
 
-    from herbens.runtime import launched_on_cpus_only
+    from herbens.core.runtime import launched_on_cpus_only
 
     from herbens.config import load_run_config
 

@@ -21,8 +21,8 @@ import string
 import torch
 from torch import nn
 
-from herbens.errors import HerbensError
-from herbens.progress import progress_bar
+from herbens.core.errors import HerbensError
+from herbens.core.progress import progress_bar
 
 
 def load_open_clip(model_name: str, checkpoint: str | None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def compile_model(model: nn.Module, mode: bool | str, backbone: str) -> int:

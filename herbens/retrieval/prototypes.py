@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from herbens.errors import HerbensError
-from herbens.numerics import log_softmax, logsumexp
+from herbens.core.errors import HerbensError
+from herbens.core.numerics import log_softmax, logsumexp
 from herbens.stores.embeddings import l2_normalise
 
 NO_PROTOTYPE = -1.0  # cosine score of a species that has no prototype: the lowest possible

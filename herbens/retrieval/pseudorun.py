@@ -16,9 +16,9 @@ from typing import Callable
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, write_json
-from herbens.progress import progress_bar
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_dir, write_json
+from herbens.core.progress import progress_bar
 from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
 from herbens.stores.logits import open_logits_writer
 

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 BACKENDS = ("exact", "faiss")
 

@@ -12,8 +12,8 @@ import shutil
 import warnings
 from pathlib import Path
 
-from herbens.errors import HerbensError
-from herbens.fileio import read_json, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json, write_json
 
 POINTER = "latest.json"
 

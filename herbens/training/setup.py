@@ -12,14 +12,14 @@ from accelerate.utils import DistributedDataParallelKwargs
 from herbens.data.loaders import predict_loader, train_loader
 from herbens.data.run_data import RunData
 from herbens.data.transforms import build_train_transform, build_tta_views, model_data_config
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses import build_criterion
 from herbens.models.clip import init_text_heads, with_text_head_scales
 from herbens.models.compiling import compile_model
 from herbens.models.net import build_model
 from herbens.optim.optimizers import build_optimizer, scaled_lr
 from herbens.optim.schedules import build_training_schedule, epoch_updates
-from herbens.runtime import check_precision, launched_on_cpus_only
+from herbens.core.runtime import check_precision, launched_on_cpus_only
 from herbens.stores.targets import teacher_for_training
 
 

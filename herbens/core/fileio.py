@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def _tmp_sibling(path: Path, kind: str) -> Path:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def launched_on_cpus_only() -> bool:
