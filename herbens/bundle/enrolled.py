@@ -7,23 +7,16 @@ loader never imports the verbs that load bundles themselves."""
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from herbens.bundle.distance import drop_from_banks, extend_banks
 from herbens.bundle.scoring import LevelProbabilities, sum_within
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
+from herbens.core.fileio import atomic_write, read_json
 from herbens.core.numerics import log_softmax
-from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head, species_prototype
+from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head
 
 PROTOTYPES = "prototypes.npy"
 OWNERS = "prototype_owners.npy"

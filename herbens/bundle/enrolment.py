@@ -42,21 +42,27 @@ import io
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from herbens.bundle.distance import drop_from_banks, extend_banks
-from herbens.bundle.scoring import LevelProbabilities, sum_within
+from herbens.bundle.enrolled import (
+    ENROLLED,
+    NAME_COLUMNS,
+    SPECIES_FILE,
+    load_npy,
+    read_species,
+    save_npy,
+)
+from herbens.bundle.inputs import collect_inputs
+from herbens.bundle.load import load_bundle, write_manifest
+from herbens.bundle.predict import member_logits
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
-from herbens.core.numerics import log_softmax
-from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head, species_prototype
+from herbens.core.fileio import atomic_dir, atomic_write, one_writer, write_json
+from herbens.retrieval.prototypes import species_prototype
 
-from herbens.bundle.enrolled import (ENROLLED, NAME_COLUMNS, SPECIES_FILE, load_npy, read_species,
-                                     save_npy)
 
 # ----------------------------------------------------------------------------------------
 # Enrol and unenrol
@@ -97,7 +103,6 @@ def _staged(root: Path):
 
 def _write_species(root: Path, tmp: Path, old: list[dict], new: list[dict], vectors: dict[str, np.ndarray]) -> None:
     """Write the enrolled state ``new`` (prototype rows ``vectors`` per member) into the staged copy."""
-    from herbens.bundle.load import load_bundle, write_manifest
 
     names = _trained_names_text(root, old) + _names_rows(new)
     with atomic_write(tmp / "names.csv", newline="") as handle:
@@ -179,9 +184,6 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
         HerbensError: a bundle exported without prototypes, a name or id it already has, a new
             genus without family, an unreadable image.
     """
-    from herbens.bundle.load import load_bundle
-    from herbens.bundle.inputs import collect_inputs
-    from herbens.bundle.predict import member_logits
 
     bundle = load_bundle(bundle_path, device=device)
     root = bundle.path
@@ -219,7 +221,6 @@ def unenrol_species(bundle_path, *, name: str | None = None, category_id: int | 
         HerbensError: naming the species when it is not enrolled (a trained species cannot be
             removed), and listing the enrolled ones.
     """
-    from herbens.bundle.load import load_bundle
 
     if (name is None) == (category_id is None):
         raise HerbensError("unenrol: give exactly one of --name and --category-id")

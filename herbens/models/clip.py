@@ -35,7 +35,7 @@ def load_open_clip(model_name: str, checkpoint: str | None):
         checkpoint: the weights file for an architecture name (ignored for ``local-dir:``).
     """
     try:
-        import open_clip
+        import open_clip  # the clip extra: lazy so herbens imports without it
     except ImportError:
         raise HerbensError("text_heads needs open-clip-torch: pip install open-clip-torch") from None
     pretrained = None if model_name.startswith("local-dir:") else checkpoint
