@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from herbens.data.synth import synthesize  # noqa: E402
 from herbens.data.taxonomy import Taxonomy  # noqa: E402
-from herbens.errors import HerbensError  # noqa: E402
-from herbens.fileio import read_json, write_json  # noqa: E402
+from herbens.core.errors import HerbensError  # noqa: E402
+from herbens.core.fileio import read_json, write_json  # noqa: E402
 from herbens.retrieval.fit import fit_prototypes  # noqa: E402
 from herbens.retrieval.fewshot import evaluate_fewshot  # noqa: E402
 from herbens.stores.embeddings import read_embeddings  # noqa: E402

@@ -244,7 +244,7 @@ def warm_contender(build, batch: dict, args: argparse.Namespace, device: torch.d
 
 def bench_recipe(name: str, args: argparse.Namespace, accelerator, taxonomy: Taxonomy, start: float) -> dict:
     """Images/s of bare timm and of each herbens variant for one recipe (see the module docstring)."""
-    from herbens.errors import HerbensError
+    from herbens.core.errors import HerbensError
 
     device = accelerator.device
     cfg = bench_config(name, args)

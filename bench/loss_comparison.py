@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from herbens.config import load_config, save_config  # noqa: E402
 from herbens.data.taxonomy import Taxonomy  # noqa: E402
 from herbens.demo import DEMO_DATA, solution_labels, synthesize_once  # noqa: E402
-from herbens.fileio import atomic_write, write_json  # noqa: E402
+from herbens.core.fileio import atomic_write, write_json  # noqa: E402
 from herbens.metrics import head_tail_scores, head_tail_split, level_scores  # noqa: E402
 from herbens.stores.logits import read_logits  # noqa: E402
 

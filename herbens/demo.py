@@ -14,11 +14,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from herbens.analysis.evaluate import load_solution, submission_predictions
+from herbens.analysis.openset import run_open_set
+from herbens.analysis.report import write_report
+from herbens.bundle.export import export_bundle
+from herbens.bundle.predict import predict_command
 from herbens.config import load_config
 from herbens.config.catalogue import loss_names
+from herbens.core.fileio import atomic_write, read_json, write_json
+from herbens.data.metadata import load_test_metadata
+from herbens.data.synth import synthesize
 from herbens.data.taxonomy import Taxonomy
-from herbens.fileio import atomic_write, read_json, write_json
+from herbens.ensemble.pipeline import ensemble_runs
 from herbens.metrics import level_scores
+from herbens.stores.logits import read_logits
+from herbens.training.fit import fit
 
 DEMO_RECIPES = ("demo_balanced", "demo_arcface", "demo_seesaw")
 DEMO_DATA = {"species": 30, "seed": 0, "long_edge": 256, "min_images": 6, "max_images": 60,
@@ -27,7 +37,6 @@ DEMO_DATA = {"species": 30, "seed": 0, "long_edge": 256, "min_images": 6, "max_i
 
 def synthesize_once(root: Path, params: dict, progress: bool = True) -> None:
     """Build the demo herbarium unless ``root`` already holds one made with ``params``."""
-    from herbens.data.synth import synthesize
 
     stamp = root / "herbens_demo.json"
     if stamp.exists() and read_json(stamp) == params:
@@ -40,7 +49,6 @@ def synthesize_once(root: Path, params: dict, progress: bool = True) -> None:
 
 def solution_labels(root: Path, taxonomy: Taxonomy) -> pd.Series:
     """True species index per test image id, from the synthetic ``test_solution.csv``."""
-    from herbens.analysis.evaluate import load_solution
 
     solution = load_solution(root / "test_solution.csv")
     return pd.Series(taxonomy.index_of(solution["category_id"].to_numpy()), index=solution["Id"])
@@ -48,7 +56,6 @@ def solution_labels(root: Path, taxonomy: Taxonomy) -> pd.Series:
 
 def score_run(run_dir: Path, truth: pd.Series, taxonomy: Taxonomy) -> dict:
     """Test scores of one run's own argmax predictions."""
-    from herbens.stores.logits import read_logits
 
     test = read_logits(run_dir, "test")
     predicted = np.asarray(test.level("species")).argmax(axis=1)
@@ -57,7 +64,6 @@ def score_run(run_dir: Path, truth: pd.Series, taxonomy: Taxonomy) -> dict:
 
 def score_submission(csv: Path, root: Path, taxonomy: Taxonomy) -> dict:
     """Test scores of a submission CSV, after the checks Kaggle applies to it."""
-    from herbens.analysis.evaluate import load_solution, submission_predictions
 
     true, predicted = submission_predictions(csv, load_solution(root / "test_solution.csv"), taxonomy)
     return level_scores(true, predicted, taxonomy)
@@ -97,8 +103,6 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     With ``openset``, the first recipe is also trained without 10 % of the species and the
     open-set evaluation (AUROC, flag rates) is printed and returned under ``"openset"``.
     """
-    from herbens.ensemble.pipeline import ensemble_runs
-    from herbens.training.fit import fit
 
     start = time.perf_counter()
     root = workdir / "data" / "demo"
@@ -131,7 +135,6 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
     _bundle_and_predict(workdir, submission, root)
     extra = {}
     if openset:
-        from herbens.analysis.openset import run_open_set
 
         print(f"\n== open set: {recipes[0]} trained without 10 % of the species ==")
         extra["openset"] = run_open_set(recipes[0], [f"data.root={root}"] + list(overrides or []),
@@ -145,10 +148,6 @@ def run_demo(workdir: Path, recipes=DEMO_RECIPES, overrides: list[str] | None = 
 
 
 def _write_report(workdir: Path, run_dirs: list[Path], submission: Path, root: Path) -> None:
-    try:
-        from herbens.analysis.report import write_report
-    except ImportError:
-        return
     out = write_report(run_dirs + [submission], workdir / "reports" / "demo",
                        solution=root / "test_solution.csv", metadata=root / "train_metadata.json",
                        exclude_split=run_dirs[0] / "split.csv")
@@ -157,9 +156,6 @@ def _write_report(workdir: Path, run_dirs: list[Path], submission: Path, root: P
 
 def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int = 6) -> None:
     """Export the ensemble into ``bundles/demo`` and name a few test sheets from the bundle alone."""
-    from herbens.bundle.export import export_bundle
-    from herbens.data.metadata import load_test_metadata
-    from herbens.bundle.predict import predict_command
 
     print("\n== exporting the ensemble into a bundle and predicting from it ==")
     bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo", overwrite=True)

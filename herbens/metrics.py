@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from herbens.data.taxonomy import LEVELS, Taxonomy
 
@@ -235,7 +236,6 @@ def one_way_anova(values, groups) -> dict:
     if np.all(pooled == pooled[0]):
         out["note"] = "undefined: all values are identical"
         return out
-    from scipy import stats  # lazy: scipy.stats is slow to import and only needed here
 
     with warnings.catch_warnings():
         # Zero variance inside every group gives F = inf, which scipy warns about; keep it.

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from herbens.ensemble.submission import write_submission  # noqa: E402
-from herbens.errors import HerbensError  # noqa: E402
-from herbens.fileio import write_json  # noqa: E402
+from herbens.core.errors import HerbensError  # noqa: E402
+from herbens.core.fileio import write_json  # noqa: E402
 from herbens.stores.logits import write_logits  # noqa: E402
 from herbens.training.checkpoint import POINTER, checkpoint_dir  # noqa: E402
 

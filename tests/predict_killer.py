@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import herbens.bundle.collection as collection  # noqa: E402
 from herbens.cli.main import main  # noqa: E402
 
-from herbens.errors import HerbensError  # noqa: E402
+from herbens.core.errors import HerbensError  # noqa: E402
 
 MODE = sys.argv[1]
 real_write = collection.write_shard

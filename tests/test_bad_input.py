@@ -18,7 +18,7 @@ from herbens.bundle.inputs import collect_inputs
 from herbens.cli.main import main
 from herbens.config import load_config
 from herbens.data.prepare import prepare_dataset
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 @pytest.mark.parametrize("text, key, lines", [

@@ -19,7 +19,7 @@ from herbens.bundle.load import load_bundle
 from herbens.cli.main import main
 from herbens.data.metadata import load_test_metadata
 from herbens.ensemble.pipeline import ensemble_runs
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.logits import read_logits
 
 FP16_TOL = 2e-3  # the store keeps float16 logits; probabilities agree to about this

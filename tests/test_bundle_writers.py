@@ -24,8 +24,8 @@ from herbens.bundle.export import export_bundle
 from herbens.bundle.load import load_bundle
 from herbens.cli.main import main
 from herbens.data.metadata import load_test_metadata
-from herbens.errors import HerbensError
-from herbens.fileio import exclusive_lock
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import exclusive_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 

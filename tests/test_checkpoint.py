@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.training.checkpoint import (POINTER, DamagedCheckpointWarning, checkpoint_dir, latest_checkpoint,
                                          resume_checkpoint)
 

@@ -21,8 +21,8 @@ from herbens.data.dataset import HerbariumDataset
 from herbens.data.run_data import load_run_data
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.transforms import build_eval_transform, model_data_config
-from herbens.errors import HerbensError
-from herbens.fileio import read_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json
 from herbens.metrics import macro_f1
 from herbens.models.clip import class_prompts, init_text_heads, with_text_head_scales
 from herbens.models.net import build_model

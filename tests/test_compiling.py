@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.models.compiling import compile_model, compile_seconds, trunk_blocks
 from herbens.models.net import build_model
 from test_fused_swinv2 import BACKBONE as SWINV2, TINY as SWINV2_TINY

@@ -10,7 +10,7 @@ from herbens.config import (RECIPES_DIR_ENV, SHIPPED_RECIPES_DIR, apply_override
                             load_config, load_run_config, parse_override, recipes_dir, save_config)
 from herbens.config.basefile import render_base_yaml
 from herbens.config.catalogue import recipe_paths
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def write(path, data):

@@ -15,7 +15,7 @@ from herbens.data.dataset import (DEFAULT_MAX_IMAGE_PIXELS, BadImageWarning, Her
                                   ImageTooLargeError, load_rgb)
 from herbens.data.metadata import load_train_metadata
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 import kaggle_fixtures as kf
 

@@ -58,7 +58,7 @@ def _batches(taxonomy, device) -> list[dict]:
 
 
 class _Bar:
-    """Stands in for the progress bar (herbens.progress.progress_bar) and keeps the values shown."""
+    """Stands in for the progress bar (herbens.core.progress.progress_bar) and keeps the values shown."""
 
     shown: list[dict] = []
 

@@ -14,7 +14,7 @@ from herbens.bundle import distance
 from herbens.bundle.export import export_bundle
 from herbens.bundle.load import load_bundle
 from herbens.cli.main import main
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.embeddings import read_embeddings
 from test_enrol import held_out  # noqa: F401 - the module-scoped run with embeddings
 

@@ -12,7 +12,7 @@ import torch
 
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.infer.loop import combine_embedding_views
 from herbens.stores.embeddings import embeddings_dir, iter_chunks, open_embeddings_writer, read_embeddings, write_embeddings
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.infer.loop import combine_views
 
 

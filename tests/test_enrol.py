@@ -18,8 +18,8 @@ from herbens.bundle.export import export_bundle
 from herbens.bundle.load import load_bundle
 from herbens.cli.main import main
 from herbens.config import load_config
-from herbens.errors import HerbensError
-from herbens.fileio import lock_path
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import lock_path
 
 SHOTS = 3
 
@@ -234,7 +234,7 @@ def test_export_cross_fits_the_enrolment_temperatures_and_reports_both(held_out,
     import math
 
     from herbens.bundle.export import combined_chunks, resolve_source
-    from herbens.numerics import stratified_folds
+    from herbens.core.numerics import stratified_folds
 
     run = held_out[0]
     lines = []

@@ -16,9 +16,8 @@ from herbens.ensemble.crossfit import NestedFolds, evaluate_fits
 from herbens.ensemble.pipeline import ensemble_runs
 from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
 from herbens.ensemble.submission import read_submission
-from herbens.errors import HerbensError
-from herbens.metrics import macro_f1
-from herbens.numerics import stratified_folds
+from herbens.core.errors import HerbensError
+from herbens.core.numerics import stratified_folds
 from herbens.stores.logits import logits_dir, write_logits
 
 NO_FIT = dict(weights="equal", calibrate=False, tau="none", hierarchy="none")

@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 from herbens.analysis.evaluate import argmax_rows, evaluate_inputs, load_solution
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 # category_id -> (genus, family, training images)
 CATEGORIES = {10: ("Acer", "Sapindaceae", 3), 11: ("Acer", "Sapindaceae", 6),

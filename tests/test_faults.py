@@ -34,8 +34,8 @@ from herbens.data.dataset import BadImageWarning
 from herbens.data.run_data import load_run_data
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.submission import read_submission, write_submission
-from herbens.errors import HerbensError
-from herbens.fileio import _renameat2, atomic_dir, read_json, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import _renameat2, atomic_dir, read_json, write_json
 from herbens.stores.logits import logits_dir, read_logits, write_logits
 from herbens.training.checkpoint import POINTER, checkpoint_dir, latest_checkpoint
 
@@ -230,7 +230,7 @@ def test_directory_swap_is_one_step(tmp_path, monkeypatch):
     def crash(*_args):
         raise KeyboardInterrupt("killed between two renames")
 
-    monkeypatch.setattr("herbens.fileio.os.replace", crash)
+    monkeypatch.setattr("herbens.core.fileio.os.replace", crash)
     with atomic_dir(target) as tmp:
         (tmp / "value").write_text("new")
     assert (target / "value").read_text() == "new"

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES, train_tiny
 from herbens.config import load_config
-from herbens.errors import HerbensError
-from herbens.fileio import read_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json
 from herbens.models.net import build_model
 from herbens.optim.optimizers import build_optimizer
 from herbens.optim.schedules import ProbeThenFinetuneSchedule, build_schedule, build_training_schedule

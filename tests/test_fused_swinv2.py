@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.models.fused_swinv2 import FusedWindowAttention, fuse_window_attention, fused_attention_count
 from herbens.models.net import build_model
 from test_models import model_cfg

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from herbens.bundle.inputs import collect_inputs
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def test_headerless_csv_is_refused_naming_the_rule(tmp_path):

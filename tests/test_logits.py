@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.logits import logits_dir, open_logits_writer, read_logits, write_logits
 
 META = {"taxonomy_hash": "0123456789abcdef", "model": "test_model"}

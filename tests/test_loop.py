@@ -23,7 +23,7 @@ from herbens.data.metadata import load_test_metadata
 from herbens.data.run_data import load_run_data
 from herbens.data.transforms import model_data_config
 from herbens.data.views import Views
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.infer.run import infer_run, load_run_model
 from herbens.stores.logits import read_logits
 from herbens.training.preflight import check_prediction

@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 
 from herbens.config import base_recipe, load_config
 from herbens.config.rules import check_mixup_compatible
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses import LOSSES, build_criterion, build_level_loss
 from herbens.losses.class_balanced import class_balanced_weights
 from herbens.models.heads import SubCenterArcFaceHead

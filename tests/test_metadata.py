@@ -9,7 +9,7 @@ import pytest
 
 from herbens.data.metadata import (find_dataset, inspect_train_metadata, load_test_metadata,
                                    load_train_metadata)
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 import kaggle_fixtures as kf
 

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from herbens.config import base_recipe, load_config
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses import build_criterion
 from herbens.models.heads import CosineHead, LinearHead, SubCenterArcFaceHead, build_head
 from herbens.models.net import HierarchicalNet, build_model, create_trunk

@@ -1,11 +1,11 @@
-"""herbens.numerics against slow obvious references on tiny inputs."""
+"""herbens.core.numerics against slow obvious references on tiny inputs."""
 
 import math
 
 import numpy as np
 import pytest
 
-from herbens import numerics as nx
+from herbens.core import numerics as nx
 
 
 def _rows(seed=0, shape=(4, 5), scale=30.0):

@@ -20,9 +20,9 @@ import pytest
 from herbens.bundle.sources import resolve_source
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble import pipeline
-from herbens.ensemble.outputs import file_sha256
+from herbens.core.fileio import file_sha256
 from herbens.ensemble.pipeline import ensemble_runs
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.logits import write_logits
 
 ROOT = Path(__file__).resolve().parents[1]

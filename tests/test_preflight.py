@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_OVERRIDES, train_tiny
 from herbens.config import load_config
 from herbens.data.run_data import load_run_data
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 @pytest.fixture

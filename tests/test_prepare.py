@@ -18,7 +18,7 @@ from herbens.data.loaders import train_decode_size
 from herbens.data.metadata import find_dataset, load_test_metadata, load_train_metadata
 from herbens.data.prepare import default_output, prepare_dataset
 from herbens.data.transforms import eval_decode_size
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 SIZE = 40  # the tiny herbarium's sheets are 64 px high
 

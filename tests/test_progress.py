@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from herbens import progress
-from herbens.progress import progress_bar
+from herbens.core import progress
+from herbens.core.progress import progress_bar
 
 
 class _Terminal(io.StringIO):

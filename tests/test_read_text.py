@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from herbens.config.loading import read_yaml
-from herbens.errors import HerbensError
-from herbens.fileio import read_json, read_text
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json, read_text
 
 
 def test_text_json_and_yaml_share_one_reading_of_a_missing_or_non_utf8_file(tmp_path):

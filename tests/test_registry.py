@@ -1,4 +1,4 @@
-"""One registration mechanism (herbens.registry): a loss defined here, in the test module, is one
+"""One registration mechanism (herbens.core.registry): a loss defined here, in the test module, is one
 decorated class; a recipe can name it at once, its parameters come from its constructor, and
 what it needs is declared on it and checked when the recipe loads."""
 
@@ -17,9 +17,9 @@ import yaml
 
 from conftest import train_tiny
 from herbens.config import base_recipe, load_config
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses import LOSSES, LevelLoss, build_level_loss
-from herbens.registry import components, register, unregister
+from herbens.core.registry import components, register, unregister
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = {"toy_focal": 0}
@@ -131,7 +131,7 @@ def test_declared_needs_are_met_by_declared_abilities():
 def test_importing_this_module_registers_nothing():
     # Collecting it (importing it) must not change what other modules' tests see.
     code = ("import sys; sys.path.insert(0, 'tests'); import test_registry; "
-            "from herbens.registry import components; print(sorted(components('loss')))")
+            "from herbens.core.registry import components; print(sorted(components('loss')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     assert done.returncode == 0, done.stderr

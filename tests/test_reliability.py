@@ -23,7 +23,7 @@ from herbens.data.metadata import load_test_metadata
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.pipeline import ensemble_runs
 from herbens.ensemble.submission import prepare_outputs
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.infer.run import infer_run
 from herbens.infer.splits import prior_logits
 from herbens.stores.logits import LogitsRecordWarning, UnreadableRowsWarning, logits_dir, read_logits, write_logits

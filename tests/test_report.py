@@ -15,7 +15,7 @@ from herbens.analysis.figures import (plot_f1_vs_cost, plot_family_accuracy, plo
 from herbens.analysis.report import write_report
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.logits import write_logits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

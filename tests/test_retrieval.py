@@ -14,8 +14,8 @@ from conftest import train_tiny
 from herbens.cli.main import main
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.pipeline import ensemble_runs
-from herbens.errors import HerbensError
-from herbens.numerics import stratified_folds
+from herbens.core.errors import HerbensError
+from herbens.core.numerics import stratified_folds
 from herbens.retrieval.command import retrieval_run
 from herbens.retrieval.fit import fit_temperature
 from herbens.retrieval.knn import KnnClassifier, knn_logits

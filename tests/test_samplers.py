@@ -7,7 +7,7 @@ import pytest
 
 from herbens.config import base_recipe, load_config
 from herbens.data.samplers import PKBatchSampler, build_sampler
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 COUNTS = np.array([200, 50, 20, 8, 2, 1])
 LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(len(COUNTS)), COUNTS))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from herbens.data.splits import load_split, save_split, stratified_split
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def make_images(counts: dict[int, int]) -> pd.DataFrame:

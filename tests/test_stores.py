@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.description import LogitsDescription, view_names_of_rows
 from herbens.stores.embeddings import embeddings_dir, read_embeddings, write_embeddings
 from herbens.stores.kernel import ids_digest

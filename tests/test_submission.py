@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from herbens.ensemble.submission import read_submission, write_submission
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 IDS = ["0", "1", "2", "3"]
 VALID = [1, 5, 9, 15505]

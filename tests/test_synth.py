@@ -19,7 +19,7 @@ from PIL import Image
 from herbens.cli.main import main
 from herbens.data import synth
 from herbens.data.synth import write as synth_write
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 SMALL = dict(species=12, seed=3, long_edge=64, min_images=2, max_images=30, test_per_species=2,
              institutions=3, progress=False)

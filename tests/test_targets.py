@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses.distill import sparse_kl_div
 from herbens.stores.targets import open_targets_writer, read_targets, sparsify, targets_dir
 

@@ -10,7 +10,7 @@ import torch
 
 from herbens.data.metadata import load_train_metadata
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 import kaggle_fixtures as kf
 

@@ -80,7 +80,7 @@ def test_ood_scores():
 
 def _fold_thresholds(rows, truth, target, keep, folds, seed):
     """Slow reference: each fold's thresholds refitted on the rows outside it, by brute force."""
-    from herbens.numerics import stratified_folds
+    from herbens.core.numerics import stratified_folds
 
     fold = stratified_folds(truth["species"], folds, seed).fold
     fitted = []

@@ -7,7 +7,7 @@ from PIL import Image
 
 from herbens.data.transforms import (build_train_transform, build_tta_views, model_data_config, parse_view,
                                      view_row_names)
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 CONFIG = {"input_size": (3, 32, 24), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
           "crop_pct": 1.0, "interpolation": "bilinear"}

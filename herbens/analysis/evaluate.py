@@ -20,10 +20,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from herbens.core.errors import HerbensError
+from herbens.data.metadata import load_train_metadata
+from herbens.data.splits import load_split
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
-from herbens.metrics import (accuracy_by_training_count, best_worst, correctness_anova,
-                             head_tail_scores, level_scores, per_level_accuracy, top1_accuracy)
+from herbens.ensemble.submission import read_submission
+from herbens.metrics import (
+    accuracy_by_training_count,
+    best_worst,
+    correctness_anova,
+    head_tail_scores,
+    level_scores,
+    per_level_accuracy,
+    top1_accuracy,
+)
+from herbens.stores.logits import check_finite, read_logits
 
 #: Label columns accepted in a solution file, in order of preference (Kaggle solutions use
 #: ``Predicted`` or ``Expected``; herbens' synthetic data may use ``category_id``).
@@ -176,8 +187,6 @@ def taxonomy_from_metadata(path: str | Path, exclude_split: str | Path | None = 
         exclude_split: a run's ``split.csv``: its validation images are left out of the counts,
             which then count the training split (without it: every labelled image).
     """
-    from herbens.data.metadata import load_train_metadata
-    from herbens.data.splits import load_split
 
     meta = load_train_metadata(path)
     taxonomy = Taxonomy.from_metadata(meta)
@@ -197,7 +206,6 @@ def submission_predictions(csv: str | Path, solution: pd.DataFrame, taxonomy: Ta
     The submission goes through ``read_submission`` (header, duplicate/missing/unknown ids,
     category ids outside the taxonomy), the checks Kaggle applies before scoring.
     """
-    from herbens.ensemble.submission import read_submission
 
     true = taxonomy.index_of(_checked_solution_ids(solution, taxonomy, solution_path))
     sub = read_submission(csv, expected_ids=solution["Id"].tolist(),
@@ -230,7 +238,6 @@ def argmax_rows(matrix, chunk: int | None = None, *, where: str = "logits",
     each goes through the logits store's finiteness check (a NaN row has no argmax worth
     scoring): HerbensError naming ``where`` and the first bad row's id (from ``ids``).
     """
-    from herbens.stores.logits import check_finite
 
     if chunk is None:
         chunk = max(1, ARGMAX_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
@@ -253,7 +260,6 @@ def run_predictions(run_dir: str | Path, split: str = "val"
     unreadable at inference (a fallback, not a prediction), with a warning; their ids are the
     fourth value returned. A split without any labels is an error.
     """
-    from herbens.stores.logits import read_logits
 
     run_dir = Path(run_dir)
     taxonomy = Taxonomy.of_run(run_dir)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from herbens.analysis.openset import auroc
 from herbens.bundle import thresholds as th
 from herbens.bundle.predict import block_probabilities
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 FAR_KINDS = ("blank", "noise", "text", "colour_chart", "ruler")
 SIZE = (256, 384)  # width, height: a portrait sheet's shape

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from herbens.fileio import atomic_write
+from herbens.core.fileio import atomic_write
 
 # History keys stored as fractions and drawn as percentages.
 PERCENT_KEYS = {"val_species_macro_f1"}

@@ -16,8 +16,14 @@ import numpy as np
 from scipy.stats import rankdata
 
 from herbens.bundle import thresholds as th
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, write_json
+from herbens.bundle.export import split_rows, validation_rows
+from herbens.bundle.scoring import single_run_params
+from herbens.config import load_config
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, write_json
+from herbens.data.metadata import find_dataset, load_train_metadata
+from herbens.data.taxonomy import Taxonomy
+from herbens.training.fit import fit
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -41,7 +47,6 @@ def held_out_species(category_ids: np.ndarray, share: float, seed: int) -> np.nd
 def write_open_set_data(cfg: dict, out: Path, share: float, seed: int) -> dict:
     """The training metadata without the held-out species (CSV, absolute image paths), and
     their images as the test split. Returns a description of the split."""
-    from herbens.data.metadata import find_dataset, load_train_metadata
 
     train_file, _ = find_dataset(Path(cfg["data"]["root"]))
     meta = load_train_metadata(train_file, cfg["data"]["format"])
@@ -99,11 +104,6 @@ def run_open_set(recipe: str, overrides: list[str], workdir: Path, *, share: flo
                  ood_score: str = "msp", target: float = 0.95, keep: float = 0.95, progress: bool = True,
                  log=print) -> dict:
     """Hold species out, train, score; writes ``<run>/openset.json`` and returns the report."""
-    from herbens.bundle.export import split_rows, validation_rows
-    from herbens.bundle.scoring import single_run_params
-    from herbens.config import load_config
-    from herbens.data.taxonomy import Taxonomy
-    from herbens.training.fit import fit
 
     if not 0 < share < 1:
         raise HerbensError(f"--holdout must be between 0 and 1, got {share}")

@@ -6,7 +6,7 @@ bin, SE bars) for all scored inputs, training loss / learning rate / validation 
 epoch (``history.jsonl``), throughput and macro-F1 against device-hours (``metrics.json``).
 
 A run or submission that lacks what a figure needs is left out of that figure with a note;
-nothing missing makes the report fail. Every file is written atomically (``herbens.fileio``),
+nothing missing makes the report fail. Every file is written atomically (``herbens.core.fileio``),
 each on its own, so an existing output folder with other content is never replaced wholesale.
 """
 
@@ -26,8 +26,8 @@ from herbens.analysis.figures import (is_number, plot_f1_vs_cost, plot_family_ac
                                       plot_history, plot_throughput, plot_training_bins,
                                       save_figure)
 from herbens.analysis.tables import format_anova, format_bins, format_group_table, format_summary, pct
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, read_json, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, read_json, write_json
 from herbens.stores.logits import format_ids
 
 #: Per-epoch series drawn from history.jsonl: (key, y-axis label, title, file stem).

@@ -13,7 +13,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herbens.errors import HerbensError
+from herbens.config import (
+    apply_overrides,
+    load_config,
+    load_run_config,
+    validate_config,
+)
+from herbens.core.errors import HerbensError
+from herbens.data.loaders import predict_loader
+from herbens.data.run_data import load_run_data
+from herbens.data.transforms import build_tta_views, model_data_config
+from herbens.models.clip import init_text_heads
+from herbens.models.net import build_model
+from herbens.training.fit import validate
+from herbens.training.setup import build_accelerator
 
 
 def zero_shot_scores(cfg: dict, run_dir: Path | None = None, progress: bool = True) -> dict:
@@ -30,13 +43,6 @@ def zero_shot_scores(cfg: dict, run_dir: Path | None = None, progress: bool = Tr
     Raises:
         HerbensError: no ``text_heads.levels`` (the recipe's rules already require the checkpoint).
     """
-    from herbens.data.loaders import predict_loader
-    from herbens.data.run_data import load_run_data
-    from herbens.data.transforms import build_tta_views, model_data_config
-    from herbens.models.clip import init_text_heads
-    from herbens.models.net import build_model
-    from herbens.training.setup import build_accelerator
-    from herbens.training.fit import validate
 
     levels = list(cfg["text_heads"]["levels"])
     if not levels:
@@ -61,7 +67,6 @@ def load_zeroshot_config(source: str, overrides: list[str]) -> dict:
 
     Either goes through the recipe schema and its rules (:mod:`herbens.config`).
     """
-    from herbens.config import apply_overrides, load_config, load_run_config, validate_config
 
     if not Path(source).is_dir():
         return load_config(source, overrides)

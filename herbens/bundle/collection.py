@@ -29,10 +29,10 @@ import torch
 from accelerate import PartialState
 
 from herbens.bundle.inputs import LIST_SUFFIXES, PATH_COLUMNS, collect_inputs
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, read_json, write_json
-from herbens.progress import progress_bar
-from herbens.runtime import launched_on_cpus_only
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, file_sha256, read_json, write_json
+from herbens.core.progress import progress_bar
+from herbens.core.runtime import launched_on_cpus_only
 
 MANIFEST = "manifest.json"
 DEFAULT_BLOCK = 1024
@@ -108,14 +108,9 @@ class InputList:
 
     def digest(self) -> str:
         """sha256 of the list file's bytes, or of the listed paths."""
-        digest = hashlib.sha256()
         if self.streamed:
-            with open(self.source, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        else:
-            digest.update("\n".join(self.paths).encode("utf-8"))
-        return digest.hexdigest()
+            return file_sha256(self.source)
+        return hashlib.sha256("\n".join(self.paths).encode("utf-8")).hexdigest()
 
     def blocks(self, size: int) -> Iterator[list[str]]:
         """Consecutive blocks of ``size`` paths (the last one shorter)."""

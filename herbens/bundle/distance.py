@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write
 from herbens.stores.embeddings import embeddings_dir, read_embeddings
 
 BANK = "ood_bank.npy"

@@ -42,138 +42,26 @@ import io
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from herbens.bundle.distance import drop_from_banks, extend_banks
-from herbens.bundle.scoring import LevelProbabilities, sum_within
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, one_writer, read_json, write_json
-from herbens.numerics import log_softmax
-from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head, species_prototype
-
-PROTOTYPES = "prototypes.npy"
-OWNERS = "prototype_owners.npy"
-ENROLLED = "enrolled"
-SPECIES_FILE = "species.json"
-NAME_COLUMNS = ("category_id", "scientific_name", "authors", "genus", "family")
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    # Through atomic_write: enrolment stages a bundle with hard links, so a file is never
-    # rewritten in place (that would change the original bundle's file too).
-    with atomic_write(path, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise HerbensError(f"{path}: not a readable .npy file ({exc})") from None
-
-
-# ----------------------------------------------------------------------------------------
-# Load: the enrolled species and how they are scored
-# ----------------------------------------------------------------------------------------
-@dataclass
-class Enrolment:
-    """Enrolled species of a loaded bundle and what fusing them with the head needs.
-
-    Attributes:
-        species: ``enrolled/species.json`` entries, in column order (after the trained species).
-        prototypes: per member, known + enrolled :class:`~herbens.retrieval.prototypes.Prototypes`.
-        temperatures: per member, its prototype temperature.
-        head_temperature: divides the combined species scores before fusion.
-        genus_names, family_names: trained ones, then the enrolled species' new ones.
-        genus_of, family_of: genus/family column of every species column (known + enrolled).
-        num_known: trained species (columns of the head).
-    """
-
-    species: list[dict]
-    prototypes: list
-    temperatures: list[float]
-    head_temperature: float
-    genus_names: list[str]
-    family_names: list[str]
-    genus_of: np.ndarray
-    family_of: np.ndarray
-    num_known: int
-
-    def fuse(self, probs, embeddings: list[np.ndarray]):
-        """:class:`~herbens.bundle.scoring.LevelProbabilities` over known + enrolled species from
-        the combined head probabilities of ``n`` images and each member's embeddings ``[n, D]``."""
-
-        proto = np.mean([log_softmax(cosine_scores(e, p) / np.float32(t))
-                         for e, p, t in zip(embeddings, self.prototypes, self.temperatures)], axis=0)
-        fused = fuse_with_head(probs.scores / np.float32(self.head_temperature), proto, self.num_known)
-        species = np.exp(fused)
-        return LevelProbabilities(fused, species, sum_within(species, self.genus_of, len(self.genus_names)),
-                                  sum_within(species, self.family_of, len(self.family_names)))
-
-
-def read_species(root: Path) -> list[dict]:
-    """The enrolled species entries of a bundle folder (empty when none is enrolled)."""
-    path = root / ENROLLED / SPECIES_FILE
-    if not path.exists():
-        return []
-    record = read_json(path)
-    species = record.get("species") if isinstance(record, dict) else None
-    if not isinstance(species, list) or not species:
-        raise HerbensError(f"{path}: no 'species' list")
-    return species
-
-
-def _taxon_columns(taxonomy, species: list[dict]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """Genus and family names (trained, then new ones in enrolment order) and the column of each
-    species (trained and enrolled)."""
-    genera, families = list(taxonomy.genus_names), list(taxonomy.family_names)
-    for entry in species:
-        for names, value in ((genera, entry["genus"]), (families, entry["family"])):
-            if value not in names:
-                names.append(value)
-    genus_of = np.r_[taxonomy.species_to_genus, [genera.index(e["genus"]) for e in species]].astype(np.int64)
-    family_of = np.r_[taxonomy.species_to_family, [families.index(e["family"]) for e in species]].astype(np.int64)
-    return genera, families, genus_of, family_of
-
-
-def load_enrolment(root: Path, record: dict, taxonomy, member_names: list[str], manifest: dict) -> Enrolment | None:
-    """The bundle's enrolled species (None when it has none).
-
-    Raises:
-        HerbensError: an enrolled file the manifest does not cover, a bundle without the
-            export-time prototypes, or prototype shapes that do not match.
-    """
-    species = read_species(root)
-    if not species:
-        return None
-    folder = root / ENROLLED
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.relative_to(root).as_posix() not in manifest:
-            raise HerbensError(f"bundle {root}: file {path.relative_to(root).as_posix()} is not in the manifest")
-    setup = record.get("enrolment")
-    if not setup:
-        raise HerbensError(f"bundle {root}: has enrolled species but bundle.json has no enrolment record")
-    known = taxonomy.num_classes("species")
-    prototypes, temperatures = [], []
-    for name in member_names:
-        member = root / "members" / name
-        vectors, owners, enrolled = (_load_npy(member / PROTOTYPES), _load_npy(member / OWNERS),
-                                     _load_npy(folder / f"{name}.npy"))
-        if enrolled.ndim != 2 or len(enrolled) != len(species) or enrolled.shape[1] != vectors.shape[1]:
-            raise HerbensError(f"{folder / f'{name}.npy'}: shape {list(enrolled.shape)}, expected "
-                               f"[{len(species)}, {vectors.shape[1]}] (one prototype per enrolled species)")
-        protos = Prototypes(vectors.astype(np.float32), owners.astype(np.int64), known)
-        for j, row in enumerate(enrolled):
-            protos = protos.with_species(row[None].astype(np.float32), known + j)
-        prototypes.append(protos)
-        temperatures.append(float(setup["prototype_temperatures"][name]))
-    genera, families, genus_of, family_of = _taxon_columns(taxonomy, species)
-    return Enrolment(species, prototypes, temperatures, float(setup["head_temperature"]), genera, families,
-                     genus_of, family_of, known)
+from herbens.bundle.enrolled import (
+    ENROLLED,
+    NAME_COLUMNS,
+    SPECIES_FILE,
+    load_npy,
+    read_species,
+    save_npy,
+)
+from herbens.bundle.inputs import collect_inputs
+from herbens.bundle.load import load_bundle, write_manifest
+from herbens.bundle.predict import member_logits
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_dir, atomic_write, one_writer, write_json
+from herbens.retrieval.prototypes import species_prototype
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,7 +103,6 @@ def _staged(root: Path):
 
 def _write_species(root: Path, tmp: Path, old: list[dict], new: list[dict], vectors: dict[str, np.ndarray]) -> None:
     """Write the enrolled state ``new`` (prototype rows ``vectors`` per member) into the staged copy."""
-    from herbens.bundle.load import load_bundle, write_manifest
 
     names = _trained_names_text(root, old) + _names_rows(new)
     with atomic_write(tmp / "names.csv", newline="") as handle:
@@ -297,9 +184,6 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
         HerbensError: a bundle exported without prototypes, a name or id it already has, a new
             genus without family, an unreadable image.
     """
-    from herbens.bundle.load import load_bundle
-    from herbens.bundle.inputs import collect_inputs
-    from herbens.bundle.predict import member_logits
 
     bundle = load_bundle(bundle_path, device=device)
     root = bundle.path
@@ -317,7 +201,7 @@ def enrol_species(bundle_path, images, name: str, *, authors: str = "", genus: s
         vectors[member.name], shots[member.name] = species_prototype(out["embedding"]), out["embedding"]
     entry = {"category_id": int(category_id), "scientific_name": name, "authors": _checked_text(authors, "--authors"),
              "genus": genus, "family": family, "images": [Path(p).name for p in paths]}
-    stored = {m.name: _load_npy(root / ENROLLED / f"{m.name}.npy") if species else None for m in bundle.members}
+    stored = {m.name: load_npy(root / ENROLLED / f"{m.name}.npy") if species else None for m in bundle.members}
     with _staged(root) as tmp:
         if bundle.ood_banks is not None:
             extend_banks(root, tmp, shots, int(category_id))  # before _write_species writes the manifest
@@ -337,7 +221,6 @@ def unenrol_species(bundle_path, *, name: str | None = None, category_id: int | 
         HerbensError: naming the species when it is not enrolled (a trained species cannot be
             removed), and listing the enrolled ones.
     """
-    from herbens.bundle.load import load_bundle
 
     if (name is None) == (category_id is None):
         raise HerbensError("unenrol: give exactly one of --name and --category-id")
@@ -354,7 +237,7 @@ def unenrol_species(bundle_path, *, name: str | None = None, category_id: int | 
                            + f"; enrolled species: {enrolled}")
     j = found[0]
     rest = species[:j] + species[j + 1:]
-    vectors = {m.name: np.delete(_load_npy(root / ENROLLED / f"{m.name}.npy"), j, axis=0) for m in bundle.members}
+    vectors = {m.name: np.delete(load_npy(root / ENROLLED / f"{m.name}.npy"), j, axis=0) for m in bundle.members}
     with _staged(root) as tmp:
         if bundle.ood_banks is not None:
             drop_from_banks(root, tmp, [m.name for m in bundle.members], int(species[j]["category_id"]))

@@ -17,21 +17,48 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from safetensors import SafetensorError
+from safetensors.torch import save_model
 
 from herbens.bundle import distance
 from herbens.bundle import thresholds as th
-from herbens.bundle.prototype_export import export_prototypes
-from herbens.bundle.load import (DATA_CONFIG, FORMAT_VERSION, ONNX, RECIPE, WEIGHTS, check_export_target,
-                                 load_bundle, write_manifest)
+from herbens.bundle.load import (
+    DATA_CONFIG,
+    FORMAT_VERSION,
+    ONNX,
+    RECIPE,
+    WEIGHTS,
+    check_export_target,
+    load_bundle,
+    write_manifest,
+)
 from herbens.bundle.onnx_card import check_onnx_extra, onnx_section
+from herbens.bundle.onnx_export import export_onnx
+from herbens.bundle.prototype_export import export_prototypes
 from herbens.bundle.scoring import combine_members, needed_levels, params_record
 from herbens.bundle.sources import resolve_source
 from herbens.config import load_run_config, save_config
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import (
+    atomic_dir,
+    atomic_write,
+    exclusive_lock,
+    read_json,
+    write_json,
+)
+from herbens.data.metadata import find_dataset
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, atomic_write, exclusive_lock, read_json, write_json
+from herbens.data.transforms import model_data_config
+from herbens.ensemble.stores import (
+    align_split,
+    auto_chunk_rows,
+    class_space,
+    labelled,
+    load_runs,
+)
+from herbens.infer.run import load_run_model
+from herbens.metrics import level_scores
 from herbens.stores.logits import read_logits
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -41,7 +68,6 @@ def combined_chunks(run_dirs: list[Path], params, split: str = "val", *, labelle
     """Yield ``(LevelProbabilities, species labels or None)`` per chunk of a split's rows common
     to the members, combined as a bundle combines them; with ``labelled_only`` only labelled
     rows (an error when there are none)."""
-    from herbens.ensemble.stores import align_split, auto_chunk_rows, class_space, labelled, load_runs
 
     runs = load_runs(run_dirs, splits=(split,))
     missing = [run for run in runs if split not in run.splits]
@@ -75,7 +101,6 @@ def split_rows(run_dirs: list[Path], params, ood_score: str, split: str = "val",
 
 def row_image_ids(run_dirs: list[Path], split: str = "val") -> list[str]:
     """The image ids of :func:`combined_chunks`' labelled rows, in their order."""
-    from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
 
     runs = load_runs(run_dirs, splits=(split,))
     return labelled(align_split(runs, split, class_space(runs), exact=False, log=lambda _: None)).image_ids
@@ -119,8 +144,6 @@ def _json_thresholds(values: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, log: Callable) -> dict:
     """Write one member (EMA weights when the run has them); returns its provenance entry."""
-    from herbens.data.transforms import model_data_config
-    from herbens.infer.run import load_run_model
 
     cfg = load_run_config(run_dir)
     if Taxonomy.load(run_dir / "taxonomy.json") != taxonomy:
@@ -137,7 +160,6 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
         "views": views, "tta_space": tta_space,
         "precision": cfg["train"]["precision"], "levels": levels})
     if onnx:
-        from herbens.bundle.onnx_export import export_onnx
 
         exporter = export_onnx(model, levels, data_config, folder / ONNX)
         log(f"member {folder.name}: ONNX graph written ({exporter} exporter, checked against PyTorch)")
@@ -154,8 +176,6 @@ def export_member(run_dir: Path, folder: Path, taxonomy: Taxonomy, onnx: bool, l
 
 def _save_weights(model, path: Path) -> None:
     """The member's safetensors file; a full disk or a write error becomes one line naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_model
 
     try:
         save_model(model, str(path))
@@ -206,7 +226,6 @@ def names_table(taxonomy: Taxonomy, data_root: str | None, log: Callable) -> pd.
 
 
 def _authors(data_root: str | None, log: Callable) -> dict[int, str]:
-    from herbens.data.metadata import find_dataset
 
     try:
         train_file, _ = find_dataset(Path(data_root or ""))
@@ -247,7 +266,6 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     Returns:
         The bundle folder.
     """
-    from herbens.metrics import level_scores
 
     out = Path(out)
     _check_request(out, overwrite, onnx, ood_score)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}

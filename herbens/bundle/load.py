@@ -19,18 +19,23 @@ trunk is built with ``pretrained=False`` and the weights come from the safetenso
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
+from safetensors.torch import load_model
 
 from herbens.bundle.distance import BANK, load_banks
+from herbens.bundle.enrolled import load_enrolment
+from herbens.bundle.scoring import class_space_of, fitted_params
+from herbens.config import load_run_config
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, file_sha256, read_json, write_json
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.views import Views
 from herbens.ensemble.combine import ClassSpace, Params
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, read_json, write_json
+from herbens.models.net import build_model
 
 MANIFEST = "manifest.json"
 MANIFEST_HASH = "manifest.sha256"
@@ -41,24 +46,15 @@ RECIPE = "config.yaml"
 ONNX = "model.onnx"
 
 
-def file_hash(path: Path) -> str:
-    """sha256 hex digest of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(root: Path) -> None:
     """Write ``manifest.json``: the sha256 of every other file of the bundle, sorted by path
     (export and enrolment both call it, so the same files give the same bytes), then
     ``manifest.sha256``: the manifest's own hash, which :func:`verify_manifest` requires."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, MANIFEST_HASH))
     write_json(root / MANIFEST, {"format_version": FORMAT_VERSION,
-                                 "files": {p.relative_to(root).as_posix(): file_hash(p) for p in files}})
+                                 "files": {p.relative_to(root).as_posix(): file_sha256(p) for p in files}})
     with atomic_write(root / MANIFEST_HASH) as handle:
-        handle.write(f"{file_hash(root / MANIFEST)}  {MANIFEST}\n")
+        handle.write(f"{file_sha256(root / MANIFEST)}  {MANIFEST}\n")
 
 
 def verify_manifest(root: Path) -> dict[str, str]:
@@ -79,7 +75,7 @@ def verify_manifest(root: Path) -> dict[str, str]:
         path = root / name
         if not path.is_file():
             raise HerbensError(f"bundle {root}: file {name} is missing")
-        if file_hash(path) != expected:
+        if file_sha256(path) != expected:
             raise HerbensError(f"bundle {root}: file {name} was altered (sha256 differs from the manifest)")
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     unlisted = sorted(present - set(files) - {MANIFEST, MANIFEST_HASH})
@@ -108,7 +104,7 @@ def _check_manifest_hash(root: Path) -> None:
         raise HerbensError(f"bundle {root}: {MANIFEST_HASH} is missing, so {MANIFEST} cannot be trusted "
                            "(export the bundle again)")
     recorded = hash_file.read_text(encoding="utf-8", errors="replace").split()
-    if not recorded or recorded[0] != file_hash(root / MANIFEST):
+    if not recorded or recorded[0] != file_sha256(root / MANIFEST):
         raise HerbensError(f"bundle {root}: file {MANIFEST} was altered (sha256 differs from {MANIFEST_HASH})")
 
 
@@ -146,7 +142,7 @@ class Bundle:
     space: ClassSpace
     thresholds: dict
     ood_score: str
-    enrolment: object = None      # herbens.bundle.enrolment.Enrolment when species are enrolled
+    enrolment: object = None      # herbens.bundle.enrolled.Enrolment when species are enrolled
     ood_banks: list | None = None  # per member training embeddings of the knn OOD score (herbens.bundle.distance)
 
     def level_names(self, level: str) -> list[str]:
@@ -166,9 +162,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     Raises:
         HerbensError: naming the missing or altered file, or a malformed record.
     """
-    from herbens.bundle.scoring import class_space_of, fitted_params
 
-    from herbens.bundle.enrolment import load_enrolment
 
     root = Path(path)
     manifest = verify_manifest(root)
@@ -195,12 +189,8 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
 
 
 def _load_member(folder: Path, name: str, taxonomy: Taxonomy, device: str) -> Member:
-    import torch
-    from safetensors.torch import load_model
 
-    from herbens.models.net import build_model
 
-    from herbens.config import load_run_config
 
     cfg = load_run_config(folder)
     # No download, no local pretrained file: every weight comes from the bundle.

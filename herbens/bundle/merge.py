@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from herbens.fileio import atomic_write
+from herbens.core.fileio import atomic_write
 
 OUTPUT_FORMATS = ("csv", "json", "parquet")
 DEFAULT_PAGE_CAP = 1000

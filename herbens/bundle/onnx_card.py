@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # setup.cfg's onnx extra
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 ATOL = 1e-3
 RTOL = 1e-3
@@ -85,7 +85,7 @@ def _export(wrapper, sample, levels, path: Path, exporter: str) -> None:
 
 def run_onnx(path: Path, images: np.ndarray) -> list[np.ndarray]:
     """Outputs of the graph (one per level) for float32 images ``[n, 3, H, W]``."""
-    import onnxruntime
+    import onnxruntime  # the onnx extra: lazy so bundles load without it
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"images": images.astype(np.float32)})

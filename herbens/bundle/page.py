@@ -11,8 +11,9 @@ import html
 import io
 from pathlib import Path
 
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write
+from herbens.data.dataset import load_rgb
 
 THUMB = 180  # long edge of the thumbnails in pixels
 
@@ -48,7 +49,6 @@ function applyFilters(){
 
 def thumbnail_uri(path: str) -> str:
     """A small JPEG of the image as a data URI (empty when it cannot be read again)."""
-    from herbens.data.dataset import load_rgb
 
     try:
         image = load_rgb(path, decode_size=(THUMB, THUMB))

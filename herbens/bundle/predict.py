@@ -19,19 +19,40 @@ import numpy as np
 import torch
 
 from herbens.bundle import thresholds as th
+from herbens.bundle.collection import (
+    DEFAULT_BLOCK,
+    FORMAT_VERSION,
+    InputList,
+    Processes,
+    bundle_digest,
+    check_parts,
+    open_parts,
+    parts_dir,
+    predict_blocks,
+    remove_parts,
+    shard_path,
+)
 from herbens.bundle.distance import combined_distance
-from herbens.bundle.collection import (DEFAULT_BLOCK, FORMAT_VERSION, InputList, Processes, bundle_digest, check_parts, open_parts,
-                                       parts_dir, predict_blocks, remove_parts, shard_path)
 from herbens.bundle.load import load_bundle
-from herbens.bundle.merge import (DEFAULT_PAGE_CAP, OUTPUT_FORMATS, PageSample, count_predicted, finite,
-                                  output_writer, report_failures, shard_items)
-from herbens.bundle.page import write_page
+from herbens.bundle.merge import (
+    DEFAULT_PAGE_CAP,
+    OUTPUT_FORMATS,
+    PageSample,
+    count_predicted,
+    finite,
+    output_writer,
+    report_failures,
+    shard_items,
+)
 from herbens.bundle.naming import decision_fields, is_enrolled
+from herbens.bundle.page import write_page
+from herbens.bundle.scoring import combine_members, needed_levels
+from herbens.core.errors import HerbensError
+from herbens.core.progress import progress_bar
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from herbens.data.loaders import paths_loader
-from herbens.errors import HerbensError
+from herbens.ensemble.combine import top_k_columns
 from herbens.infer.loop import Engine, predict_batches
-from herbens.progress import progress_bar
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,7 +112,6 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     ``probabilities`` their :class:`herbens.bundle.scoring.LevelProbabilities` and ``errors``
     ``{row: message}`` for the others. Memory holds one block per member.
     """
-    from herbens.bundle.scoring import combine_members, needed_levels
 
     levels = needed_levels(bundle.params)
     classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
@@ -135,7 +155,6 @@ def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int =
                   workers: int = 0, block: int = 1024, progress: bool = True,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
     """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
-    from herbens.ensemble.combine import top_k_columns
 
     check_predict_options(top_k, batch_size, workers, block, max_pixels)
     kept, tops, probs, rows, failures = [], [], [], [], {}

@@ -10,8 +10,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from herbens.bundle.enrolment import OWNERS, PROTOTYPES, save_npy
-from herbens.errors import HerbensError
+from herbens.bundle.enrolled import OWNERS, PROTOTYPES, save_npy
+from herbens.core.errors import HerbensError
 from herbens.retrieval.fewshot import HEAD_TEMPERATURES
 from herbens.retrieval.fit import describe_fit, fit_prototypes, fit_temperature
 from herbens.retrieval.prototypes import temperature_row_losses

@@ -15,8 +15,8 @@ import numpy as np
 
 from herbens.data.taxonomy import Taxonomy
 from herbens.ensemble.combine import Chunk, ClassSpace, Params, species_scores
-from herbens.errors import HerbensError
-from herbens.numerics import log_softmax
+from herbens.core.errors import HerbensError
+from herbens.core.numerics import log_softmax
 
 
 def fitted_params(record: dict, num_members: int) -> Params:

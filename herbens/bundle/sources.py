@@ -7,8 +7,8 @@ from pathlib import Path
 
 from herbens.bundle.scoring import fitted_params, single_run_params
 from herbens.ensemble.outputs import check_companions, output_paths
-from herbens.errors import HerbensError
-from herbens.fileio import read_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json
 
 
 def resolve_source(source: str | Path) -> tuple[list[Path], object, dict | None]:

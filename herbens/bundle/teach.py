@@ -21,16 +21,21 @@ from typing import Callable
 
 import numpy as np
 
+from herbens.bundle.export import export_bundle
+from herbens.bundle.load import load_bundle
+from herbens.bundle.predict import block_probabilities
+from herbens.bundle.sources import resolve_source
+from herbens.config import load_run_config
+from herbens.core.errors import HerbensError
+from herbens.data.run_data import load_run_data
 from herbens.data.taxonomy import LEVELS
-from herbens.errors import HerbensError
+from herbens.stores.targets import open_targets_writer
 
 DEFAULT_K = 64
 
 
 def member_training_images(run_dirs: list[Path]):
     """The training frame and images folder shared by the member runs (same taxonomy and split)."""
-    from herbens.config import load_run_config
-    from herbens.data.run_data import load_run_data
 
     first = run_dirs[0]
     for run in run_dirs[1:]:
@@ -57,11 +62,6 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
         HerbensError: on a source the exporter refuses, members that disagree on their training
             images, or training images no member can read (listed, nothing written).
     """
-    from herbens.bundle.export import export_bundle
-    from herbens.bundle.sources import resolve_source
-    from herbens.bundle.load import load_bundle
-    from herbens.bundle.predict import block_probabilities
-    from herbens.stores.targets import open_targets_writer
 
     if k < 1:
         raise HerbensError(f"--k must be at least 1, got {k}")

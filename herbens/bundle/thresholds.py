@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS
-from herbens.errors import HerbensError
-from herbens import numerics
-from herbens.numerics import CrossFitted, logsumexp, stratified_folds
+from herbens.core.errors import HerbensError
+from herbens.core import numerics
+from herbens.core.numerics import CrossFitted, logsumexp, stratified_folds
 
 OOD_SCORES = ("msp", "energy", "knn")
 # knn (herbens.bundle.distance) is not a function of the scores: callers summarise with msp and
@@ -152,7 +152,7 @@ def level_report(rows: RowSummary, truth: dict[str, np.ndarray], thresholds: dic
 def cross_fitted(rows: RowSummary, truth: dict[str, np.ndarray], target: float, ood_keep: float,
                  folds: int, seed: int) -> CrossFitted:
     """Thresholds fitted on every row and on each stratified fold's complement
-    (:func:`herbens.numerics.cross_fit`), with per-row :func:`row_outcomes`."""
+    (:func:`herbens.core.numerics.cross_fit`), with per-row :func:`row_outcomes`."""
     def fit(index):
         return fit_thresholds(rows.take(index), {lv: t[index] for lv, t in truth.items()}, target, ood_keep)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from herbens.data.check import check_dataset, format_report
-from herbens.fileio import write_json
+from herbens.core.fileio import write_json
 
 
 def run(args: argparse.Namespace) -> int:

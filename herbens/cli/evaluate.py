@@ -6,8 +6,8 @@ import argparse
 
 from herbens.analysis.evaluate import evaluate_inputs
 from herbens.analysis.tables import format_detail, format_summary
-from herbens.errors import HerbensError
-from herbens.fileio import write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import write_json
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from herbens.bundle.export import export_bundle
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import sys
 
 from herbens import __version__
 from herbens.cli.parsers import PARSERS
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def handler_module(verb: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.retrieval.command import retrieval_run
 
 

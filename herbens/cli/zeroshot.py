@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from herbens.analysis.zeroshot import load_zeroshot_config, zero_shot_scores
-from herbens.fileio import write_json
+from herbens.core.fileio import write_json
 
 
 def run(args: argparse.Namespace) -> int:

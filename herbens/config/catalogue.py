@@ -21,7 +21,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from herbens.config import load_config, recipes_dir
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
+from herbens.models.fused_swinv2 import fused_attention_count
+from herbens.models.net import build_model
 
 # Class counts of the home benchmark (Kaggle Herbarium 2022 / NAFlora-1M), used only to size the
 # heads for this table; training always takes its counts from the data.
@@ -110,7 +112,6 @@ def build_meta_model(cfg: dict, taxonomy) -> torch.nn.Module:
         cfg: a resolved recipe; its model is built with ``pretrained`` off.
         taxonomy: anything with ``num_classes(level)`` (a Taxonomy or :class:`ClassCounts`).
     """
-    from herbens.models.net import build_model
 
     with torch.device("meta"), _SkipMetaInit():
         return build_model(offline_config(cfg), taxonomy)
@@ -218,7 +219,6 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         fused_attention (the model runs fused SwinV2 attention), compile (model.compile),
         description``; ``gflops`` and ``outputs`` are None when not computed.
     """
-    from herbens.models.fused_swinv2 import fused_attention_count
 
     cfg = load_config(path)
     model = build_meta_model(cfg, ClassCounts(classes))

@@ -23,8 +23,8 @@ from pydantic_core import PydanticCustomError
 import herbens.data.samplers  # noqa: F401 (registers the samplers)
 import herbens.losses  # noqa: F401 (registers the losses)
 import herbens.models.net  # noqa: F401 (registers the heads and necks)
-from herbens.errors import HerbensError
-from herbens.registry import components
+from herbens.core.errors import HerbensError
+from herbens.core.registry import components
 
 # Constructor arguments the trainer supplies (sizes, labels, rank), not the recipe.
 _SUPPLIED = {
@@ -36,7 +36,7 @@ _SUPPLIED = {
 
 
 def registry(kind: str):
-    """Name -> class of the registered components of ``kind`` (:func:`herbens.registry.register`);
+    """Name -> class of the registered components of ``kind`` (:func:`herbens.core.registry.register`);
     the built-in ones are registered by the imports above."""
     return components(kind)
 

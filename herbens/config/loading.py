@@ -17,11 +17,17 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from herbens.config.components import lowercase, registry, suggestion, with_value
+from herbens.config.components import (
+    lowercase,
+    params_model,
+    registry,
+    suggestion,
+    with_value,
+)
 from herbens.config.rules import check_rules
 from herbens.config.schema import Recipe, section_class
-from herbens.errors import HerbensError
-from herbens.fileio import read_text
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, read_text
 
 # The recipes shipped with the checkout, and the setting that points every reader elsewhere
 # (a suite run as another user from a private clone, a site's own recipe folder).
@@ -287,7 +293,6 @@ def upgrade_old_config(cfg: dict) -> dict:
     sampler = cfg.get("sampler")
     if isinstance(sampler, dict) and sampler.get("name") in registry("sampler"):
         # The old block carried every sampler's keys; keep those of the named one.
-        from herbens.config.components import params_model
 
         accepted = params_model("sampler", sampler["name"]).model_fields
         cfg["sampler"] = {k: v for k, v in sampler.items() if k == "name" or k in accepted}
@@ -308,7 +313,6 @@ def load_run_config(run_dir: str | Path) -> dict:
 
 def save_config(cfg: dict, path: str | Path) -> None:
     """Write the resolved configuration (the run's ``config.yaml``) atomically."""
-    from herbens.fileio import atomic_write
 
     with atomic_write(path) as handle:
         yaml.safe_dump(cfg, handle, sort_keys=False)

@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from herbens.config.schema import Recipe, section_class
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses.base import mixup_error
 from herbens.models.clip import template_error
-from herbens.registry import components
+from herbens.core.registry import components
 
 
 def check_rules(cfg: dict, source: str) -> None:
     """Raise HerbensError for keys that are fine alone but not together.
 
-    What a component needs is declared on its class (:mod:`herbens.registry`) and checked here
+    What a component needs is declared on its class (:mod:`herbens.core.registry`) and checked here
     only: a loss's ``requires_head``, ``needs_class_batches`` and ``supports_soft_targets``,
     a sampler's ``class_batches``, a head's ``is_margin_head`` (trained by the loss that
     requires it).

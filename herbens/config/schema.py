@@ -17,13 +17,22 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
+from accelerate.utils import LoggerType
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from timm.optim import list_optimizers
 
-from herbens.config.components import node_error, resolve_losses, resolve_node, suggestion
+from herbens.config.components import (
+    node_error,
+    resolve_losses,
+    resolve_node,
+    suggestion,
+)
+from herbens.core.errors import HerbensError
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MIN_IMAGE_SIDE
 from herbens.data.metadata import FORMATS
 from herbens.data.views import parse_view
-from herbens.errors import HerbensError
+from herbens.models.net import backbone_error
+from herbens.optim.schedules import SCHEDULERS
 
 RESUMABLE = {"resumable": True}
 
@@ -125,7 +134,6 @@ class Model(Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        from herbens.models.net import backbone_error
 
         error = backbone_error(name)
         if error:
@@ -227,7 +235,6 @@ class Optimizer(Section):
     @field_validator("name")
     @classmethod
     def _known_optimizer(cls, name: str) -> str:
-        from timm.optim import list_optimizers
 
         known = list_optimizers()
         if name.lower() not in known:
@@ -236,7 +243,6 @@ class Optimizer(Section):
 
 
 def _schedulers():
-    from herbens.optim.schedules import SCHEDULERS
 
     return SCHEDULERS
 
@@ -296,7 +302,6 @@ class Train(Section):
     def _known_trackers(cls, names: list) -> list:
         # Accelerate's list of names imports no tracker package; whether each named one is
         # installed is checked when the run starts (herbens.training.setup.tracker_names).
-        from accelerate.utils import LoggerType
 
         known = [name for name in LoggerType.list() if name != "all"]
         for i, name in enumerate(names):

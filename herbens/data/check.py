@@ -21,8 +21,8 @@ import pandas as pd
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, describe_decode_error, load_rgb
 from herbens.data.metadata import (ISSUE_MESSAGES, find_dataset, inspect_test_metadata,
                                    inspect_train_metadata)
-from herbens.errors import HerbensError
-from herbens.progress import progress_bar
+from herbens.core.errors import HerbensError
+from herbens.core.progress import progress_bar
 
 # Problem kinds in report order, with the heading printed for each.
 PROBLEMS = {
@@ -51,7 +51,7 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True,
         root: dataset directory (see :func:`herbens.data.metadata.find_dataset`) or a training
             metadata file.
         workers: processes used to read, hash and decode the image files (1: in-process).
-        progress: show progress (a bar on a terminal, plain lines in a log: herbens.progress).
+        progress: show progress (a bar on a terminal, plain lines in a log: herbens.core.progress).
         max_pixels: images declaring more pixels are reported as oversized (and not decoded);
             use the recipe's ``data.max_image_pixels``.
 

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -199,7 +199,6 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     icc = img.info.get("icc_profile")
     if icc:
         try:
-            from PIL import ImageCms
 
             return ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
                                              ImageCms.createProfile("sRGB"), outputMode="RGB")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from herbens.data.dataset import BadImageWarning, load_rgb
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 SAMPLE = 300  # random files decoded per split, beyond the first and the small ones
 SMALL_BYTES = 4096  # files under this are decoded whatever the sample: truncated downloads are small

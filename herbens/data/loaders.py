@@ -24,7 +24,7 @@ from herbens.data.samplers import build_sampler
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.transforms import build_tta_views, eval_decode_size
 from herbens.data.views import Views
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int):

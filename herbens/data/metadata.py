@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.data.records import (int_column, json_records, optional_int_column, read_csv_text,
                                   record_frame, require_keys)
-from herbens.fileio import read_json
+from herbens.core.fileio import read_json
 
 FORMATS = ("auto", "kaggle2022", "kaggle2021", "csv")
 

@@ -28,9 +28,9 @@ from PIL import Image
 
 from herbens.data.dataset import allow_large_images, load_rgb
 from herbens.data.metadata import find_dataset, load_test_metadata, load_train_metadata
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
-from herbens.progress import progress_bar
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write
+from herbens.core.progress import progress_bar
 
 JPEG_QUALITY = 90
 _ORIENTATION_TAG = 0x0112
@@ -58,7 +58,7 @@ def prepare_dataset(root: str | os.PathLike, size: int, out: str | os.PathLike |
         out: output directory; default :func:`default_output`.
         workers: processes (default: all CPUs); 1 runs in this process.
         quality: JPEG quality of resized images.
-        progress: show progress (herbens.progress).
+        progress: show progress (herbens.core.progress).
 
     Returns:
         ``{"out", "images", "seconds", <outcome>: count}`` for every outcome in ``OUTCOMES``.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def read_csv_text(path: Path, required: list[str]) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import pandas as pd
 from herbens.data.metadata import find_dataset, load_test_metadata, load_train_metadata
 from herbens.data.splits import load_split, stratified_split
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 @dataclass

@@ -18,8 +18,8 @@ import math
 import numpy as np
 from torch.utils.data import Sampler
 
-from herbens.errors import HerbensError
-from herbens.registry import components, register
+from herbens.core.errors import HerbensError
+from herbens.core.registry import components, register
 
 
 class EpochSampler(Sampler[int]):

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write
 
 SPLIT_COLUMN = "image_id"
 

@@ -16,8 +16,8 @@ import sys
 
 import numpy as np
 
-from herbens.errors import HerbensError
-from herbens.fileio import read_json, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json, write_json
 
 if TYPE_CHECKING:
     from herbens.data.metadata import TrainMetadata

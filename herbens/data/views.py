@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 VIEW_KINDS = ("center", "hflip", "vflip", "full", "letterbox", "fivecrop", "tencrop", "rrcN")
 TTA_SPACES = ("logit", "prob")

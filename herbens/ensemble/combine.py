@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.errors import HerbensError
-from herbens import numerics
-from herbens.numerics import log_softmax, softmax
+from herbens.core.errors import HerbensError
+from herbens.core import numerics
+from herbens.core.numerics import log_softmax, softmax
 
 _TINY = np.float32(np.finfo(np.float32).tiny)
 

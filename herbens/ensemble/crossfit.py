@@ -1,4 +1,4 @@
-"""Cross-fitting on validation: passes that score every fold's fit at once (folds: :mod:`herbens.numerics`).
+"""Cross-fitting on validation: passes that score every fold's fit at once (folds: :mod:`herbens.core.numerics`).
 
 Every fitted value is fitted ``K + 1`` times: fit ``j < K`` on the rows outside fold ``j``
 (its out-of-fold rows are fold ``j``), fit ``K`` on all rows (what is finally applied). A row's
@@ -22,7 +22,7 @@ import numpy as np
 from herbens.ensemble.combine import Params, needs_of, predict_chunk
 from herbens.ensemble.stores import AlignedSplit
 from herbens.metrics import level_scores, macro_f1
-from herbens.numerics import Folds, stratified_folds
+from herbens.core.numerics import Folds, stratified_folds
 
 
 @dataclass

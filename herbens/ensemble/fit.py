@@ -19,7 +19,7 @@ from scipy.optimize import minimize
 from herbens.ensemble.combine import Params, hierarchy_terms, needs_of, species_scores
 from herbens.ensemble.crossfit import NestedFolds, choose, collect, fit_predictions
 from herbens.ensemble.stores import AlignedSplit
-from herbens.numerics import softmax
+from herbens.core.numerics import softmax
 
 # Temperatures: a log-spaced lattice over TEMPERATURE_BOUNDS; the coarse pass uses every
 # FINE_PER_COARSE-th point, the fine pass the points around each fit's coarse winner.

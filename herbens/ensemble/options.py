@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 @dataclass

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, file_sha256
 from herbens.ensemble.combine import ClassSpace, Params
 from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.stores import AlignedSplit, Run
 from herbens.ensemble.submission import read_submission, write_submission
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write
 
 SCORE_LEVELS = ("species", "genus", "family")
 STEP_WIDTH = 64
@@ -48,15 +48,6 @@ def write_outputs(output: Path, test: AlignedSplit, space: ClassSpace, pred: np.
     return paths
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def companion_hashes(paths: dict[str, Path]) -> dict[str, dict]:
     """``{kind: {"name", "sha256"}}`` of the CSVs a sidecar vouches for (names relative to it)."""
     return {kind: {"name": path.name, "sha256": file_sha256(path)}
@@ -79,7 +70,6 @@ def check_companions(record: dict, record_file: Path) -> None:
 
 
 def _write_topk(path: Path, ids: list[str], categories: np.ndarray, scores: np.ndarray) -> None:
-    import pandas as pd
 
     k = categories.shape[1]
     frame = pd.DataFrame({"Id": ids})

@@ -34,10 +34,10 @@ from herbens.ensemble.steps import Steps
 from herbens.ensemble.stores import (AlignedSplit, Run, align_split, auto_chunk_rows, class_space, labelled,
                                      load_runs)
 from herbens.ensemble.submission import prepare_outputs
-from herbens.errors import HerbensError
-from herbens.fileio import write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import write_json
 from herbens.stores.logits import logits_dir
-from herbens.progress import progress_bar
+from herbens.core.progress import progress_bar
 
 # Shrinkage of fitted weights towards equal, in log space: the out-of-fold score picks the
 # factor; on a tie the stronger shrinkage wins.

@@ -20,7 +20,7 @@ import numpy as np
 
 from herbens.data.taxonomy import LEVELS, Taxonomy
 from herbens.ensemble.combine import Chunk, ClassSpace
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.logits import LogitsSplit, check_finite, logits_dir, read_logits, release_pages
 
 # Default chunk: about 16 MB of float32 per run and level (270 rows at 15,501 classes). Small

@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, remove_stale_temporaries
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, remove_stale_temporaries
 
 HEADER = ["Id", "Predicted"]
 _INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")

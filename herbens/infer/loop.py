@@ -19,8 +19,8 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from herbens.errors import HerbensError
-from herbens.progress import progress_bar
+from herbens.core.errors import HerbensError
+from herbens.core.progress import progress_bar
 
 
 @dataclass(frozen=True)

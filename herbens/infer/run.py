@@ -6,20 +6,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
+from herbens.config import load_run_config
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import one_writer
+from herbens.core.runtime import launched_on_cpus_only
 from herbens.data.run_data import load_run_data
 from herbens.data.transforms import model_data_config
 from herbens.data.views import Views
-from herbens.errors import HerbensError
-from herbens.fileio import one_writer
-from herbens.infer.splits import embedding_splits, write_split_embeddings, write_split_logits
+from herbens.infer.splits import (
+    embedding_splits,
+    write_split_embeddings,
+    write_split_logits,
+)
+from herbens.models.net import build_model
 from herbens.stores.embeddings import embeddings_dir
 from herbens.stores.logits import logits_dir
 
 
 def load_run_model(run_dir: Path, cfg: dict, taxonomy, use_ema: bool = True):
     """Rebuild a run's model and load its final (EMA, when present) weights."""
-    from herbens.models.net import build_model
 
     weights = run_dir / "model_ema.pt"
     if not (use_ema and weights.exists()):
@@ -52,11 +59,8 @@ def infer_run(run_dir: str | Path, splits: list[str], views: list[str] | None = 
     Returns:
         ``(store folder, rows)`` of every store written, in order.
     """
-    from accelerate import Accelerator
 
-    from herbens.runtime import launched_on_cpus_only
 
-    from herbens.config import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

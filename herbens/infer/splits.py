@@ -17,9 +17,9 @@ from herbens.data.dataset import BadImageWarning
 from herbens.data.loaders import predict_loader
 from herbens.data.run_data import RunData
 from herbens.data.views import Views
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.infer.loop import Engine, predict_batches
-from herbens.numerics import log_prior
+from herbens.core.numerics import log_prior
 from herbens.stores.embeddings import open_embeddings_writer
 from herbens.stores.logits import UNREADABLE_FALLBACKS, format_ids, open_logits_writer
 

@@ -19,7 +19,7 @@ from herbens.losses.logit_adjusted import LogitAdjustedLoss  # isort: skip
 from herbens.losses.arcface import SubCenterArcFaceMarginLoss  # isort: skip
 from herbens.losses.ams import AMSLoss  # isort: skip
 from herbens.losses.hierarchical import HierarchicalLoss, WeightedLosses
-from herbens.registry import components
+from herbens.core.registry import components
 
 # Every registered loss (``@register("loss")``): the built-in ones imported above, and any other
 # module's that registered one (a new loss is one new file).

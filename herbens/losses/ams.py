@@ -35,10 +35,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses.base import LevelLoss
-from herbens.registry import register
-from herbens.runtime import autocast_off
+from herbens.core.registry import register
+from herbens.core.runtime import autocast_off
 
 
 def ams_metric_loss(embedding: torch.Tensor, labels: torch.Tensor, temperature: float,

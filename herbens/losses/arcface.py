@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses.base import LevelLoss
-from herbens.registry import register
+from herbens.core.registry import register
 
 
 @register("loss")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 class LevelLoss(nn.Module):
@@ -17,7 +17,7 @@ class LevelLoss(nn.Module):
     ``needs_class_batches`` (several images of a class per batch: a sampler with
     ``class_batches``) and ``requires_head`` (the head the level must have, for a loss that reads
     that head's output). A loss registers itself with ``@register("loss")``
-    (:mod:`herbens.registry`); :func:`herbens.config.rules.check_rules` checks these needs.
+    (:mod:`herbens.core.registry`); :func:`herbens.config.rules.check_rules` checks these needs.
 
     Args:
         level: the level whose logits ``outputs[level]`` this loss reads.

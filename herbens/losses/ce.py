@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from herbens.losses.base import LevelLoss
-from herbens.registry import register
+from herbens.core.registry import register
 
 
 @register("loss")

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses.base import LevelLoss, clamped_counts
-from herbens.registry import register
+from herbens.core.registry import register
 
 
 def class_balanced_weights(counts, beta: float) -> np.ndarray:

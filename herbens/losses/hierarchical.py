@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses.base import LevelLoss
 from herbens.losses.distill import sparse_kl_div
 

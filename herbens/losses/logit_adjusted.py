@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from herbens.losses.base import LevelLoss, clamped_counts
-from herbens.numerics import log_prior
-from herbens.registry import register
+from herbens.core.numerics import log_prior
+from herbens.core.registry import register
 
 
 @register("loss")

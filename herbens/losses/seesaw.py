@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.losses.base import LevelLoss
-from herbens.registry import register
+from herbens.core.registry import register
 
 
 @register("loss")

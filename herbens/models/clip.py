@@ -21,8 +21,8 @@ import string
 import torch
 from torch import nn
 
-from herbens.errors import HerbensError
-from herbens.progress import progress_bar
+from herbens.core.errors import HerbensError
+from herbens.core.progress import progress_bar
 
 
 def load_open_clip(model_name: str, checkpoint: str | None):
@@ -35,7 +35,7 @@ def load_open_clip(model_name: str, checkpoint: str | None):
         checkpoint: the weights file for an architecture name (ignored for ``local-dir:``).
     """
     try:
-        import open_clip
+        import open_clip  # the clip extra: lazy so herbens imports without it
     except ImportError:
         raise HerbensError("text_heads needs open-clip-torch: pip install open-clip-torch") from None
     pretrained = None if model_name.startswith("local-dir:") else checkpoint

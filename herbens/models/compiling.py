@@ -13,8 +13,9 @@ pooling and the heads stay eager.
 from __future__ import annotations
 
 from torch import nn
+from torch._dynamo.utils import calculate_time_spent
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def compile_model(model: nn.Module, mode: bool | str, backbone: str) -> int:
@@ -78,6 +79,5 @@ def compile_seconds() -> float:
     before and after training; it is Dynamo's own timer, the figure ``torch._dynamo.utils``
     prints in its time report.
     """
-    from torch._dynamo.utils import calculate_time_spent
 
     return float(calculate_time_spent().get("total_wall_time", 0.0))

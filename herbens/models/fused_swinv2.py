@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.swin_transformer_v2 import WindowAttention
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 # timm clamps the learned logit scale at log(1 / 0.01) before exponentiating it.
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 from torch import nn
 
-from herbens.errors import HerbensError
-from herbens.registry import components, register
-from herbens.runtime import autocast_off
+from herbens.core.errors import HerbensError
+from herbens.core.registry import components, register
+from herbens.core.runtime import autocast_off
 
 
 @register("head", "linear")

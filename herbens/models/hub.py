@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from timm.models import get_pretrained_cfg
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 HUB_HOST = "huggingface.co"
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")

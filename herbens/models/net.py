@@ -23,11 +23,11 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.models.fused_swinv2 import fuse_window_attention
 from herbens.models.heads import build_head
 from herbens.models.hub import check_weights_reachable
-from herbens.registry import components, register
+from herbens.core.registry import components, register
 
 @register("neck", "none")
 class IdentityNeck(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 # timm optimizer names that take momentum and nesterov keywords.

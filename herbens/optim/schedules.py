@@ -9,7 +9,7 @@ import warnings
 import torch
 from timm.scheduler import create_scheduler_v2
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 # The schedules build_schedule knows (the recipe schema checks scheduler.name against them).

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.metrics import level_scores
 from herbens.retrieval.fit import describe_fit, fit_knn, fit_prototypes
 from herbens.retrieval.pseudorun import write_pseudo_run

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.metrics import macro_f1
 from herbens.retrieval.prototypes import (Prototypes, cosine_scores, fuse_with_head, species_prototype,
                                           temperature_row_losses)

@@ -1,7 +1,7 @@
 """Fitting a retrieval scorer on labelled validation embeddings, cross-fitted.
 
 The prototype temperature, and kNN's ``k`` and temperature, are chosen from a grid by log-loss
-on the validation rows. Each choice is cross-fitted (:func:`herbens.numerics.cross_fit`): made on
+on the validation rows. Each choice is cross-fitted (:func:`herbens.core.numerics.cross_fit`): made on
 every row (the value applied to test) and on each stratified fold's complement. The log-loss and
 the top species are reported in sample (the full choice on the rows it was made on: optimistic)
 and out of fold (each row under the choice made without its fold). The validation logits a
@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from herbens.data.taxonomy import Taxonomy
-from herbens.numerics import CrossFitted, Folds, cross_fit, mean_or_none, stratified_folds
+from herbens.core.numerics import CrossFitted, Folds, cross_fit, mean_or_none, stratified_folds
 from herbens.retrieval.knn import K_CANDIDATES, T_CANDIDATES, KnnClassifier, knn_logits, knn_row_losses
 from herbens.retrieval.prototypes import (PrototypeClassifier, class_prototypes, cosine_scores,
                                           temperature_row_losses)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.retrieval.search import topk
 
 ALPHA = 1e-3

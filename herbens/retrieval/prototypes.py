@@ -12,9 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
+from scipy.cluster.vq import kmeans2
 
-from herbens.errors import HerbensError
-from herbens.numerics import log_softmax, logsumexp
+from herbens.core.errors import HerbensError
+from herbens.core.numerics import log_softmax, logsumexp
+from herbens.retrieval.search import _index_chunks
 from herbens.stores.embeddings import l2_normalise
 
 NO_PROTOTYPE = -1.0  # cosine score of a species that has no prototype: the lowest possible
@@ -75,7 +78,6 @@ def species_prototype(embeddings: np.ndarray, sub_centers: int = 1, seed: int = 
     m = min(int(sub_centers), len(x))
     if m <= 1:
         return l2_normalise(x.mean(axis=0, keepdims=True))
-    from scipy.cluster.vq import kmeans2
 
     centres, assigned = kmeans2(x.astype(np.float64), m, minit="++", seed=np.random.default_rng(seed))
     used = np.unique(assigned)
@@ -94,7 +96,6 @@ def class_prototypes(index, labels: np.ndarray, num_classes: int, sub_centers: i
         seed: k-means seed (species ``c`` uses ``seed + c``).
         chunk_rows: rows per streamed chunk (mean path).
     """
-    from herbens.retrieval.search import _index_chunks
 
     labels = np.asarray(labels, dtype=np.int64)
     if sub_centers < 1:
@@ -112,7 +113,6 @@ def class_prototypes(index, labels: np.ndarray, num_classes: int, sub_centers: i
 
 
 def _mean_prototypes(chunks, labels: np.ndarray, num_classes: int) -> Prototypes:
-    from scipy import sparse
 
     sums = None
     for start, block in chunks:

@@ -14,18 +14,18 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy import sparse
 
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_dir, write_json
+from herbens.core.progress import progress_bar
 from herbens.data.taxonomy import LEVELS, Taxonomy
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, write_json
-from herbens.progress import progress_bar
 from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
 from herbens.stores.logits import open_logits_writer
 
 
 def derived_logits(species: np.ndarray, taxonomy: Taxonomy) -> dict[str, np.ndarray]:
     """Per-level scores from species scores ``[q, C]``: genus/family = log-sum-exp over members."""
-    from scipy import sparse
 
     out = {"species": species}
     for level in LEVELS[1:]:

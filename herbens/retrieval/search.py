@@ -18,14 +18,14 @@ from typing import Iterable
 
 import numpy as np
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
+from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
 
 BACKENDS = ("exact", "faiss")
 
 
 def _index_chunks(index, chunk_rows: int) -> Iterable[tuple[int, np.ndarray]]:
     """``(start, float32 block)`` over an index given as an array or an EmbeddingsSplit."""
-    from herbens.stores.embeddings import EmbeddingsSplit, iter_chunks
 
     if isinstance(index, EmbeddingsSplit):
         for start, _, block in iter_chunks(index, chunk_rows):
@@ -102,7 +102,7 @@ def faiss_topk(queries: np.ndarray, index, k: int, *, query_rows: int = 8192,
                index_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Same result as :func:`exact_topk`, through faiss ``IndexFlatIP`` (exact inner product)."""
     try:
-        import faiss
+        import faiss  # the faiss extra: lazy, the exact numpy search needs nothing
     except ImportError:
         raise HerbensError("the faiss backend needs faiss-cpu: pip install 'herbens[faiss]' "
                            "(or use the exact backend)") from None

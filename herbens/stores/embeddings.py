@@ -26,7 +26,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.description import EmbeddingsDescription
 from herbens.stores.kernel import open_store, release_pages
 from herbens.stores.writer import BlockWriter, check_labels, new_description, publish_store

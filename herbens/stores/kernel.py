@@ -27,8 +27,8 @@ from typing import Mapping, Sequence, Type, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
-from herbens.errors import HerbensError
-from herbens.fileio import read_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json
 from herbens.stores.description import FORMAT_VERSION, StoreDescription
 
 D = TypeVar("D", bound=StoreDescription)

@@ -33,7 +33,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.description import FLOAT16, UNREADABLE_FALLBACKS, LogitsDescription, UnreadableRecord
 # check_finite, format_ids and release_pages are part of this module's interface for its consumers.
 from herbens.stores.kernel import check_finite, format_ids, open_store, release_pages  # noqa: F401

@@ -26,7 +26,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from herbens.data.taxonomy import LEVELS
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.stores.description import TARGET_ARRAYS, TargetsDescription
 from herbens.stores.kernel import open_store
 from herbens.stores.writer import BlockWriter, new_description, publish_store

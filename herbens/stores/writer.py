@@ -14,8 +14,8 @@ from typing import Iterator, Mapping, Sequence, Type, TypeVar
 
 import numpy as np
 
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_dir, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_dir, write_json
 from herbens.stores.description import FORMAT_VERSION, StoreDescription
 from herbens.stores.kernel import duplicates, ids_digest, validated
 

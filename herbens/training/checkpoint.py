@@ -12,25 +12,16 @@ import shutil
 import warnings
 from pathlib import Path
 
-from herbens.errors import HerbensError
-from herbens.fileio import read_json, write_json
+from safetensors import SafetensorError
+
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import read_json, write_json
 
 POINTER = "latest.json"
 
 
-def _write_errors() -> tuple[type[BaseException], ...]:
-    # torch.save reports a failed write as RuntimeError, safetensors as SafetensorError.
-    errors: list[type[BaseException]] = [OSError, RuntimeError]
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        pass
-    else:
-        errors.append(SafetensorError)
-    return tuple(errors)
-
-
-_WRITE_ERRORS = _write_errors()
+# torch.save reports a failed write as RuntimeError, safetensors as SafetensorError.
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

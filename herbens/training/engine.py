@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from herbens.progress import progress_bar
+from herbens.core.progress import progress_bar
 
 
 @dataclass

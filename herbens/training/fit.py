@@ -25,8 +25,8 @@ from herbens.data.dataset import BadImageWarning
 from herbens.data.run_data import RunData, load_run_data
 from herbens.data.splits import save_split
 from herbens.data.taxonomy import Taxonomy
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, write_json
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, write_json
 from herbens.infer.loop import Engine, predict
 from herbens.infer.splits import embedding_splits, logits_failure_message, write_split_embeddings, write_split_logits
 from herbens.metrics import level_scores, macro_f1
@@ -139,7 +139,7 @@ def fit(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bool
         resume: continue from the run's latest checkpoint (same sample order, optimizer,
             schedule, EMA, loss state and step counter).
         overwrite: delete an existing run directory of the same name first.
-        progress: show progress (training, validation and inference bars; herbens.progress).
+        progress: show progress (training, validation and inference bars; herbens.core.progress).
     """
     wall_start = time.perf_counter()
     run_dir = Path(cfg["output_dir"]) / cfg["name"]

@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 from herbens.data.file_sample import check_split_files
 from herbens.data.loaders import predict_loader
 from herbens.data.views import Views
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.infer.loop import Engine, predict_batches
 from herbens.optim.optimizers import SGD_FAMILY, build_optimizer
 from herbens.optim.schedules import build_training_schedule

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 from herbens.training.checkpoint import latest_checkpoint
 
 

@@ -7,26 +7,35 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    LoggerType,
+    ProjectConfiguration,
+)
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
 
+from herbens.core.errors import HerbensError
+from herbens.core.runtime import check_precision, launched_on_cpus_only
 from herbens.data.loaders import predict_loader, train_loader
 from herbens.data.run_data import RunData
-from herbens.data.transforms import build_train_transform, build_tta_views, model_data_config
-from herbens.errors import HerbensError
+from herbens.data.transforms import (
+    build_train_transform,
+    build_tta_views,
+    model_data_config,
+)
 from herbens.losses import build_criterion
 from herbens.models.clip import init_text_heads, with_text_head_scales
 from herbens.models.compiling import compile_model
 from herbens.models.net import build_model
 from herbens.optim.optimizers import build_optimizer, scaled_lr
 from herbens.optim.schedules import build_training_schedule, epoch_updates
-from herbens.runtime import check_precision, launched_on_cpus_only
 from herbens.stores.targets import teacher_for_training
 
 
 def tracker_names(cfg: dict) -> list[str]:
     """``train.trackers`` (names checked by the schema at load), each one installed here."""
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import LoggerType
 
     names = list(cfg["train"]["trackers"])
     for name in names:
@@ -38,7 +47,6 @@ def tracker_names(cfg: dict) -> list[str]:
 def build_accelerator(cfg: dict, run_dir: Path | None = None) -> Accelerator:
     """Accelerator for the recipe's precision, accumulation and trackers (logging into
     ``run_dir/trackers``; ``run_dir`` defaults to ``output_dir/name``)."""
-    from accelerate.utils import ProjectConfiguration
 
     run_dir = Path(run_dir or Path(cfg["output_dir"]) / str(cfg["name"]))
     trackers = tracker_names(cfg)
@@ -59,7 +67,6 @@ def build_mixup(cfg: dict, num_classes: int):
     aug = cfg["augment"]
     if not (aug["mixup"] or aug["cutmix"]):
         return None
-    from timm.data import Mixup
 
     # The losses smooth soft targets themselves (every level alike), so Mixup must not.
     return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], label_smoothing=0.0,
@@ -69,7 +76,6 @@ def build_mixup(cfg: dict, num_classes: int):
 def build_ema(cfg: dict, model):
     if not cfg["train"]["ema"]:
         return None
-    from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=float(cfg["train"]["ema_decay"]))
 

@@ -13,9 +13,9 @@ import numpy as np
 
 from herbens.data.synth.plan import LICENSES, Plan, make_plan
 from herbens.data.synth.sheet import render_sheet
-from herbens.errors import HerbensError
-from herbens.fileio import atomic_write, write_json
-from herbens.progress import progress_bar
+from herbens.core.errors import HerbensError
+from herbens.core.fileio import atomic_write, write_json
+from herbens.core.progress import progress_bar
 
 JPEG_QUALITY = 90
 
@@ -137,7 +137,7 @@ def synthesize(out_dir, species: int = 40, seed: int = 0, long_edge: int = 1000,
         max_images: training images of the most common species (a power law in between).
         test_per_species: test images per species.
         institutions: number of contributing herbaria (paper, colour cast, layout).
-        progress: show progress (herbens.progress).
+        progress: show progress (herbens.core.progress).
         difficulty: scale of intra-class variation and noise (0 = none, 1 = default).
         workers: drawing processes; default ``os.cpu_count()``. The output does not depend on it.
 

@@ -10,8 +10,9 @@ import contextlib
 import os
 
 import torch
+from accelerate import PartialState
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def launched_on_cpus_only() -> bool:
@@ -31,7 +32,6 @@ def check_precision(precision: str, cpu: bool) -> None:
     Asked of Accelerate's process state before the Accelerator exists, whose mixed precision
     cannot change once set in a process.
     """
-    from accelerate import PartialState
 
     if precision == "fp16" and PartialState(cpu=cpu).device.type == "cpu":
         raise HerbensError("train.precision=fp16 needs a GPU: this process runs on the CPU, where Accelerate "

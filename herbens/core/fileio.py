@@ -13,6 +13,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 
 def _tmp_sibling(path: Path, kind: str) -> Path:
@@ -269,3 +270,12 @@ def one_writer(change: Callable) -> Callable:
         with exclusive_lock(target, on_wait=kwargs.get("log", print)):
             return change(target, *args, **kwargs)
     return locked
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -21,7 +21,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from herbens.errors import HerbensError
+from herbens.core.errors import HerbensError
 
 KINDS = ("head", "loss", "neck", "sampler")
 
