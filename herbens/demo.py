@@ -158,7 +158,9 @@ def _bundle_and_predict(workdir: Path, submission: Path, root: Path, sheets: int
     """Export the ensemble into ``bundles/demo`` and name a few test sheets from the bundle alone."""
 
     print("\n== exporting the ensemble into a bundle and predicting from it ==")
-    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo", overwrite=True)
+    # knn: the runs' embeddings let it flag sheets that are not specimens (softmax scores do not).
+    bundle = export_bundle(submission.with_suffix(".json"), workdir / "bundles" / "demo", ood_score="knn",
+                           overwrite=True)
     test = load_test_metadata(root / "test_metadata.json").head(sheets)
     listing = workdir / "bundles" / "demo_sheets.txt"
     with atomic_write(listing) as handle:

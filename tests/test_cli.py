@@ -51,6 +51,7 @@ def test_every_verb_has_a_handler_module():
 
 def test_parser_literals_agree_with_the_library():
     from herbens.bundle.collection import DEFAULT_BLOCK
+    from herbens.bundle.export import AUTO_OOD
     from herbens.bundle.merge import DEFAULT_PAGE_CAP, OUTPUT_FORMATS
     from herbens.bundle.teach import DEFAULT_K
     from herbens.bundle.thresholds import OOD_SCORES, SOFTMAX_OOD_SCORES
@@ -66,6 +67,7 @@ def test_parser_literals_agree_with_the_library():
     assert training.DEMO_RECIPES == DEMO_RECIPES
     assert training.INFER_BAD_IMAGES == INFER_BAD_IMAGES
     assert bundle.OOD_SCORES == OOD_SCORES and training.SOFTMAX_OOD_SCORES == SOFTMAX_OOD_SCORES
+    assert bundle.AUTO_OOD == AUTO_OOD
     assert bundle.TEACHER_K == DEFAULT_K
     assert bundle.OUTPUT_FORMATS == OUTPUT_FORMATS and bundle.PAGE_CAP == DEFAULT_PAGE_CAP
     assert bundle.BLOCK == DEFAULT_BLOCK

@@ -175,3 +175,16 @@ def test_a_species_enrolled_from_two_sheets_is_not_flagged_by_a_knn_bundle(held_
     sheets, far = items[:-2], items[-2:]
     assert len(sheets) == len(held) - 2 and all(it["ood_score"] >= threshold for it in sheets)
     assert all(it["ood_score"] < threshold and it["reason"].startswith("OOD distance ") for it in far)
+
+
+def test_export_defaults_to_knn_when_every_run_has_embeddings(held_out, tiny_run, tmp_path):  # noqa: F811
+    lines = []
+    knn = export_bundle(held_out[0], tmp_path / "auto", log=lines.append)
+    assert json.loads((knn / "bundle.json").read_text())["thresholds"]["ood_score"] == "knn"
+    assert not [line for line in lines if "OOD score msp" in line]
+    msp = export_bundle(tiny_run, tmp_path / "plain", log=lines.append)  # trained without embeddings
+    assert json.loads((msp / "bundle.json").read_text())["thresholds"]["ood_score"] == "msp"
+    (note,) = [line for line in lines if "OOD score msp" in line]
+    assert str(tiny_run) in note and "--embeddings" in note
+    with pytest.raises(HerbensError, match="unknown OOD score"):
+        export_bundle(tiny_run, tmp_path / "bad", ood_score="mahalanobis", log=lines.append)

@@ -60,6 +60,8 @@ from herbens.infer.run import load_run_model
 from herbens.metrics import level_scores
 from herbens.stores.logits import read_logits
 
+AUTO_OOD = "auto"  # the default OOD score: knn when every member run has embeddings, else msp
+
 
 # ----------------------------------------------------------------------------------------
 # Validation rows: scores, thresholds
@@ -242,15 +244,28 @@ def _authors(data_root: str | None, log: Callable) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------
 def _check_request(out: Path, overwrite: bool, onnx: bool, ood_score: str) -> None:
     """What can be refused before any work: the OOD score, the output folder, the onnx extra."""
-    if ood_score not in th.OOD_SCORES:
-        raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {', '.join(th.OOD_SCORES)}")
+    if ood_score not in (AUTO_OOD, *th.OOD_SCORES):
+        raise HerbensError(f"unknown OOD score {ood_score!r}; expected one of {AUTO_OOD}, {', '.join(th.OOD_SCORES)}")
     check_export_target(out, overwrite)
     if onnx:
         check_onnx_extra()
 
 
+def choose_ood_score(requested: str, run_dirs: list[Path], log: Callable) -> str:
+    """``auto``: knn when every member run has train and val embeddings (it alone flags sheets
+    that are not specimens), else msp, with a line saying why."""
+    if requested != AUTO_OOD:
+        return requested
+    lacking = [run for run in run_dirs if not distance.has_embeddings([run])]
+    if not lacking:
+        return "knn"
+    log(f"note: OOD score msp, not knn: run '{lacking[0]}' has no train/val embeddings "
+        "(herbens infer RUN --embeddings, or train with infer.embeddings=true)")
+    return "msp"
+
+
 def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, target_precision: float = 0.95,
-                  ood_score: str = "msp", ood_keep: float = 0.95, folds: int = 2, seed: int = 0,
+                  ood_score: str = AUTO_OOD, ood_keep: float = 0.95, folds: int = 2, seed: int = 0,
                   overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """Export a run or an ensemble into a self-contained bundle folder.
 
@@ -260,7 +275,8 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
             Any other existing folder is refused: export never destroys what it did not write.
         onnx: also write one ONNX graph per member, checked against PyTorch with onnxruntime.
         target_precision: precision each back-off level's threshold must reach on validation.
-        ood_score: ``msp`` or ``energy``; ``ood_keep``: share of known validation images kept.
+        ood_score: ``msp``, ``energy``, ``knn`` or ``auto`` (knn when every run has embeddings,
+            else msp); ``ood_keep``: share of known validation images kept.
         folds: cross-fitting folds for the out-of-sample threshold report.
 
     Returns:
@@ -270,6 +286,7 @@ def export_bundle(source: str | Path, out: str | Path, *, onnx: bool = False, ta
     out = Path(out)
     _check_request(out, overwrite, onnx, ood_score)
     run_dirs, params, record = resolve_source(source)
+    ood_score = choose_ood_score(ood_score, run_dirs, log)
     taxonomy = Taxonomy.load(run_dirs[0] / "taxonomy.json")
     rows, truth, labels, banks, val_ood = validation_rows_with_ood(run_dirs, params, taxonomy, ood_score, seed)
     fitted = th.cross_fit(rows, truth, target_precision, ood_keep, folds, seed)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from herbens.cli.options import add_batch_size, add_device, add_max_image_pixels, add_progress, add_workers
 
-# herbens.bundle.thresholds.OOD_SCORES, herbens.bundle.teach.DEFAULT_K, herbens.bundle.merge.OUTPUT_FORMATS
+# herbens.bundle.thresholds.OOD_SCORES and herbens.bundle.export.AUTO_OOD, herbens.bundle.teach.DEFAULT_K,
+# herbens.bundle.merge.OUTPUT_FORMATS
 # and DEFAULT_PAGE_CAP, herbens.bundle.collection.DEFAULT_BLOCK
 OOD_SCORES = ("msp", "energy", "knn")
+AUTO_OOD = "auto"
 TEACHER_K = 64
 OUTPUT_FORMATS = ("csv", "json", "parquet")
 PAGE_CAP = 1000
@@ -25,9 +27,10 @@ def add_export(subparsers) -> None:
     p.add_argument("--onnx", action="store_true", help="also write one ONNX graph per member (checked)")
     p.add_argument("--target-precision", type=float, default=0.95,
                    help="precision each back-off level must reach on validation (default: %(default)s)")
-    p.add_argument("--ood-score", choices=OOD_SCORES, default="msp",
-                   help="open-set score: max softmax probability, energy, or knn (distance to the k-th "
-                        "nearest training embedding; needs the runs' embeddings) (default: %(default)s)")
+    p.add_argument("--ood-score", choices=(AUTO_OOD, *OOD_SCORES), default=AUTO_OOD,
+                   help="open-set score: max softmax probability, energy, or knn (distance to the nearest "
+                        "species' k-th nearest training embedding; needs the runs' embeddings); auto: knn "
+                        "when every run has embeddings, else msp (default: %(default)s)")
     p.add_argument("--ood-keep", type=float, default=0.95,
                    help="share of known validation images the OOD threshold keeps (default: %(default)s)")
     p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the report (default: 2)")
