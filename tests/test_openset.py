@@ -42,3 +42,27 @@ def test_open_set_trains_without_held_out_species(tiny_herbarium, tmp_path, caps
     out = capsys.readouterr().out
     assert "AUROC" in out and "held-out species flagged" in out
     assert (tmp_path / "runs" / "demo_ce" / "openset.json").exists()
+
+
+@pytest.mark.slow
+def test_openset_command_reports_far_unknowns_beside_near_ones(tiny_herbarium, tmp_path, capsys):
+    import json
+
+    from herbens.analysis.far import FAR_KINDS, package_samples
+    from herbens.cli.main import main
+
+    overrides = [f"data.root={tiny_herbarium}", *TINY_OVERRIDES, "infer.embeddings=true"]
+    assert main(["openset", "demo_ce", *overrides, "--holdout", "0.34", "--workdir", str(tmp_path),
+                 "--no-progress"]) == 0
+    run = tmp_path / "runs" / "demo_ce"
+    report = json.loads((run / "openset.json").read_text())
+    far = report["far"]
+    assert 0 <= report["auroc"] <= 1  # the near report is still there
+    assert far["known_images"] == len(read_logits(run, "val").image_ids)
+    assert far["far_images"] == 10 * len(FAR_KINDS) + len(package_samples())
+    assert set(far["scores"]) == {"msp", "energy", "knn"} and far["decision_score"] == "knn"
+    for entry in far["scores"].values():
+        assert 0 <= entry["auroc"] <= 1 and entry["threshold"] is not None
+        assert 0 <= entry["far_flagged"] <= 1 and 0 <= entry["known_flagged"] <= 1
+    out = capsys.readouterr().out
+    assert "held-out species flagged" in out and "far unknowns" in out and "knn" in out

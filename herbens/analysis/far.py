@@ -16,12 +16,17 @@ import string
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
 
 from herbens.analysis.openset import auroc
 from herbens.bundle import thresholds as th
+from herbens.bundle.export import export_bundle
+from herbens.bundle.load import load_bundle
 from herbens.bundle.predict import block_probabilities
 from herbens.core.errors import HerbensError
+from herbens.core.fileio import write_json
+from herbens.stores.logits import read_logits
 
 FAR_KINDS = ("blank", "noise", "text", "colour_chart", "ruler")
 SIZE = (256, 384)  # width, height: a portrait sheet's shape
@@ -141,6 +146,24 @@ def far_report(bundle, known: list[str], far: list[tuple[str, str]], **predict) 
             entry["far_flagged_by_kind"] = {k: float((values[kinds == k] < threshold).mean())
                                             for k in report["far_kinds"]}
         report["scores"][score] = entry
+    return report
+
+
+def open_set_far(report: dict, workdir: Path, per_kind: int = 10, seed: int = 0, log=print) -> dict:
+    """``herbens openset``'s far unknowns beside its near ones: the open-set run exported as a
+    bundle (``workdir/far/bundle``, OOD thresholds fitted on its known validation images) scores
+    its known validation sheets and the far set (``workdir/far/images`` and the package samples).
+    The known share is in sample (the thresholds' own images). Adds ``far`` to the report and
+    to ``<run>/openset.json``."""
+    run_dir = Path(report["run"])
+    bundle = load_bundle(export_bundle(run_dir, workdir / "far" / "bundle", overwrite=True, log=lambda _: None))
+    meta = pd.read_csv(workdir / "data" / "train_metadata.csv", dtype={"image_id": str})
+    path_of = dict(zip(meta["image_id"], meta["file_name"]))
+    known = [path_of[i] for i in read_logits(run_dir, "val").image_ids]
+    far = write_far_images(workdir / "far" / "images", per_kind, seed) + package_samples()
+    report = {**report, "far": far_report(bundle, known, far)}
+    write_json(run_dir / "openset.json", report)
+    log(format_far(report["far"]))
     return report
 
 

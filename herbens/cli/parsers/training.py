@@ -91,7 +91,9 @@ def add_openset(subparsers) -> None:
         "openset", help="hold species out, train, and measure how often they are flagged unknown",
         description="Train a recipe on all but a random share of species (through the normal "
                     "training code) and report AUROC of the OOD score and the flag rates of "
-                    "held-out-species and known-species images.")
+                    "held-out-species and known-species images; then, per OOD score of the run "
+                    "exported as a bundle (knn when it has embeddings), the same for generated "
+                    "far unknowns (blank, noise, text, colour chart, ruler, package samples).")
     add_recipe(p, "recipe name or YAML file", "data.root=...")
     p.add_argument("--holdout", type=float, default=0.1, help="share of species held out (default: %(default)s)")
     add_seed(p, "seeds the held-out species and the folds")
