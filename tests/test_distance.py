@@ -24,16 +24,57 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_kth_distance_matches_a_sorted_loop():
+def _reference(queries, vectors, species, k):
+    """The slow obvious score: per species its k_c-th largest cosine, the closest species."""
+    out = []
+    for q in queries:
+        per_species = []
+        for c in sorted(set(species.tolist())):
+            sims = sorted((float(q @ v) for v, s in zip(vectors, species) if s == c), reverse=True)
+            per_species.append(1 - sims[min(k, len(sims)) - 1])
+        out.append(min(per_species))
+    return out
+
+
+def test_species_distance_matches_a_loop_over_species():
     rng = np.random.default_rng(0)
-    queries, bank = _unit(rng, 7, 5), _unit(rng, 11, 5)
-    for k in (1, 3, 11, 50):
-        expected = [1 - sorted((q @ b for b in bank), reverse=True)[min(k, 11) - 1] for q in queries]
-        np.testing.assert_allclose(distance.kth_distance(queries, bank, k), expected, atol=1e-6)
-    both = distance.combined_distance([queries, queries], [bank, bank[:4]], k=2)
-    np.testing.assert_allclose(both, (distance.kth_distance(queries, bank, 2) + distance.kth_distance(queries, bank[:4], 2)) / 2)
+    queries, vectors = _unit(rng, 7, 5), _unit(rng, 11, 5)
+    species = np.array([30, 4, 4, 30, 9, 30, 4, 30, 30, 30, 4])  # 6, 4 and 1 rows, unsorted
+    bank = distance.Bank(vectors, species)
+    for k in (1, 3, 5, 50):
+        expected = _reference(queries, vectors, species, k)
+        np.testing.assert_allclose(distance.species_distance(queries, bank, k), expected, atol=1e-6)
+        # Blocks of one or two query rows give the same numbers.
+        np.testing.assert_allclose(distance.species_distance(queries, bank, k, block_cells=20), expected, atol=1e-6)
+    both = distance.combined_distance([queries, queries], [bank, distance.Bank(vectors[:4], species[:4])], k=2)
+    np.testing.assert_allclose(both, (np.array(_reference(queries, vectors, species, 2))
+                                      + _reference(queries, vectors[:4], species[:4], 2)) / 2, atol=1e-6)
     with pytest.raises(HerbensError, match="empty"):
-        distance.kth_distance(queries, bank[:0])
+        distance.species_distance(queries, distance.Bank(vectors[:0], species[:0]))
+
+
+def test_a_species_of_two_rows_is_near_its_own_images_and_far_images_stay_far():
+    """The score is class-conditional: a species enrolled from 2 images is judged by those 2,
+    where the 5th nearest row over all species would be another species' far row."""
+    rng = np.random.default_rng(1)
+    centres = _unit(rng, 4, 16)
+    def around(centre, n, spread=0.05):
+        x = centre + spread * rng.normal(size=(n, 16))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    trained = np.concatenate([around(c, 20) for c in centres[:3]])
+    enrolled = around(centres[3], 2)
+    bank = distance.Bank(np.concatenate([trained, enrolled]), np.repeat([10, 11, 12, 99], [20, 20, 20, 2]))
+    known = np.concatenate([around(c, 10) for c in centres[:3]])
+    # A threshold between the within-species scale (spread 0.05: 1 - cos ~ 0.03) and random
+    # directions (1 - cos ~ 1): every known sheet is kept.
+    threshold = 0.1
+    assert (distance.species_distance(known, bank) <= threshold).all()
+    new_sheets, far = around(centres[3], 5), _unit(rng, 5, 16)
+    assert (distance.species_distance(new_sheets, bank) <= threshold).all()
+    assert (distance.species_distance(far, bank) > threshold).all()
+    # The 5th nearest over all rows (the old score) flagged the enrolled species' sheets.
+    pooled = distance.Bank(bank.vectors, np.zeros(len(bank), np.int64))
+    assert (distance.species_distance(new_sheets, pooled) > threshold).all()
 
 
 def test_stratified_sample_caps_every_species_and_keeps_small_ones():
@@ -73,7 +114,7 @@ def test_knn_bundle_scores_images_by_distance_and_says_so(held_out, tmp_path):  
     image_id = {f: str(i) for f, i in zip(meta["file_name"], meta["image_id"])}
     for item in items[2:]:
         row = test.image_ids.index(image_id[item["path"]])
-        reference = distance.kth_distance(np.asarray(test.matrix[[row]], np.float32), bank)[0]
+        reference = distance.species_distance(np.asarray(test.matrix[[row]], np.float32), bank)[0]
         assert -item["ood_score"] == pytest.approx(reference, abs=5e-3)  # float16 storage and rounding
     for item in items:
         if item["decision"] == "unknown" and item["ood_score"] < bundle.thresholds["ood"]:
@@ -92,7 +133,8 @@ def test_enrolment_adds_its_images_to_the_banks_and_unenrol_removes_them(held_ou
                   log=lambda _: None)
     enrolled = load_bundle(bundle_dir)
     (bank,) = enrolled.ood_banks
-    assert len(bank) == len(trained) + 3 and np.array_equal(bank[:len(trained)], trained)
+    assert len(bank) == len(trained) + 3 and np.array_equal(bank.vectors[:len(trained)], trained.vectors)
+    assert set(bank.species[len(trained):].tolist()) == set(enrolled.names["category_id"].tolist()[-1:])
     # The held-out species' other sheets are now nearer the bank than before (their own shots joined it).
     out = tmp_path / "p.json"
     listing = tmp_path / "l.txt"
@@ -104,7 +146,32 @@ def test_enrolment_adds_its_images_to_the_banks_and_unenrol_removes_them(held_ou
     image_id = {f: str(i) for f, i in zip(meta["file_name"], meta["image_id"])}
     rows = [test.image_ids.index(image_id[p]) for p in held[3:]]
     queries = np.asarray(test.matrix[rows], np.float32)
-    np.testing.assert_allclose(after, distance.kth_distance(queries, bank), atol=5e-3)
-    assert (distance.kth_distance(queries, bank) <= distance.kth_distance(queries, trained) + 1e-9).all()
+    np.testing.assert_allclose(after, distance.species_distance(queries, bank), atol=5e-3)
+    assert (distance.species_distance(queries, bank) <= distance.species_distance(queries, trained) + 1e-9).all()
     unenrol_species(bundle_dir, name="Novelia prima", log=lambda _: None)
     assert _files(bundle_dir) == before
+
+
+def test_a_species_enrolled_from_two_sheets_is_not_flagged_by_a_knn_bundle(held_out, tmp_path):  # noqa: F811
+    """Its other sheets are measured against its own 2 rows (k_c = 2), blank and noise pages
+    against every species: the sheets are kept, the far pages flagged."""
+    from herbens.bundle.enrolment import enrol_species
+    from test_enrol import _shots
+
+    run, _, held, _ = held_out
+    bundle_dir = export_bundle(run, tmp_path / "knn", ood_score="knn", log=lambda _: None)
+    enrol_species(bundle_dir, _shots(held[:2], tmp_path / "shots"), "Novelia prima", family="Novaceae",
+                  log=lambda _: None)
+    folder = tmp_path / "far"
+    folder.mkdir()
+    Image.new("RGB", (64, 96), (255, 255, 255)).save(folder / "blank.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 64, 3), dtype=np.uint8)).save(folder / "noise.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*held[2:], str(folder / "blank.png"), str(folder / "noise.png")]) + "\n")
+    out = tmp_path / "p.json"
+    main(["predict", str(bundle_dir), str(listing), "-o", str(out), "--format", "json", "--no-progress"])
+    items = json.loads(out.read_text())["predictions"]
+    threshold = load_bundle(bundle_dir).thresholds["ood"]
+    sheets, far = items[:-2], items[-2:]
+    assert len(sheets) == len(held) - 2 and all(it["ood_score"] >= threshold for it in sheets)
+    assert all(it["ood_score"] < threshold and it["reason"].startswith("OOD distance ") for it in far)
