@@ -159,3 +159,32 @@ def test_families_never_both_best_and_worst_and_no_interval_on_few_images():
     assert all(r["se"] is None for r in ev["per_family"])
     many = evaluate_predictions(np.repeat(np.arange(12), 4), np.repeat(np.arange(12), 4), taxonomy(), k=3)
     assert all(r["se"] == 0.0 for r in many["per_family"])  # 12 images each: an interval is shown
+
+
+def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    first = make_run(tmp_path / "runs", "first", hist=history(2))
+    out = tmp_path / "out"
+    write_report([first], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    second = make_run(tmp_path / "runs", "second", hist=history(3), seed=1)
+
+    def broken(*args, **kwargs):  # the page fails after the new figures are drawn
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("herbens.analysis.report.render_html", broken)
+    with pytest.raises(HerbensError, match="No space left"):
+        write_report([second], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_report_never_replaces_a_folder_that_is_not_one(tmp_path):
+    run = make_run(tmp_path / "runs", "run", hist=history(2))
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "weights.safetensors").write_bytes(b"trained")
+    with pytest.raises(HerbensError, match="not a herbens report"):
+        write_report([run], folder)
+    assert [p.name for p in folder.iterdir()] == ["weights.safetensors"]
+    index = write_report([run], tmp_path / "again")
+    assert write_report([run], index.parent) == index  # an earlier report is replaced

@@ -27,7 +27,7 @@ from herbens.analysis.figures import (is_number, plot_f1_vs_cost, plot_family_ac
                                       save_figure)
 from herbens.analysis.tables import format_anova, format_bins, format_group_table, format_summary, pct
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_write, read_json, write_json
+from herbens.core.fileio import atomic_dir, atomic_write, read_json, write_json
 from herbens.stores.logits import format_ids
 
 #: Per-epoch series drawn from history.jsonl: (key, y-axis label, title, file stem).
@@ -51,6 +51,9 @@ class Entry:
     metrics: dict | None = None  # metrics.json of a run
     history: list[dict] | None = None  # history.jsonl of a run
     unreadable: list[str] = field(default_factory=list)  # ids of fallback rows, left out of the scores
+
+
+REPORT_RECORD = "report.json"
 
 
 @dataclass
@@ -326,7 +329,7 @@ def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, spli
 
     Args:
         inputs: run directories and/or submission CSVs.
-        out_dir: output folder (created; existing files other than the report's are kept).
+        out_dir: output folder: new, empty or an earlier report, which is replaced as a whole.
         solution, metadata: solution CSV and train metadata, needed to score submissions.
         split: logits split used to score runs.
         k: families in the best/worst figures and tables.
@@ -337,19 +340,30 @@ def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, spli
         Path of ``index.html``.
     """
     out_dir = Path(out_dir)
+    check_report_target(out_dir)
     entries, notes = collect_entries(list(inputs), solution, metadata, split, k, exclude_split)
     if not entries:
         raise HerbensError("report: none of the inputs is a run directory or a submission CSV")
-    figures = Figures(out_dir, notes=notes)
-    draw_figures(entries, figures)
     index = out_dir / "index.html"
-    title = f"herbens report: {out_dir.resolve().name}"
-    with atomic_write(index) as handle:
-        handle.write(render_html(title, entries, figures))
-    write_json(out_dir / "report.json", {
-        "inputs": [{"name": e.name, "path": str(e.path), "kind": e.kind, "split": e.split,
-                    "evaluation": e.evaluation, "metrics": e.metrics, "unreadable": e.unreadable} for e in entries],
-        "figures": [name for name, _ in figures.written], "notes": figures.notes})
-    with atomic_write(out_dir / "summary.txt") as handle:
-        handle.write(summary_text(entries, figures, index) + "\n")
+    # The figures, page, record and summary are one output: staged together and swapped in at
+    # once, so a failed or killed run leaves the previous report whole, never a mix of two.
+    with atomic_dir(out_dir) as staging:
+        figures = Figures(staging, notes=notes)
+        draw_figures(entries, figures)
+        with atomic_write(staging / "index.html") as handle:
+            handle.write(render_html(f"herbens report: {out_dir.resolve().name}", entries, figures))
+        write_json(staging / REPORT_RECORD, {
+            "inputs": [{"name": e.name, "path": str(e.path), "kind": e.kind, "split": e.split,
+                        "evaluation": e.evaluation, "metrics": e.metrics, "unreadable": e.unreadable}
+                       for e in entries],
+            "figures": [name for name, _ in figures.written], "notes": figures.notes})
+        with atomic_write(staging / "summary.txt") as handle:
+            handle.write(summary_text(entries, figures, index) + "\n")
     return index
+
+
+def check_report_target(out_dir: Path) -> None:
+    """A report replaces only an earlier report (a folder with ``report.json``) or an empty folder."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / REPORT_RECORD).is_file():
+        raise HerbensError(f"report: {out_dir} holds files but no {REPORT_RECORD}, so it is not a "
+                           "herbens report and is not replaced; choose another -o")
