@@ -22,6 +22,7 @@ import pytest
 from conftest import train_tiny
 from herbens.bundle.export import export_bundle
 from herbens.bundle.load import load_bundle
+from herbens.bundle.predict import predict_command
 from herbens.cli.main import main
 from herbens.data.metadata import load_test_metadata
 from herbens.core.errors import HerbensError
@@ -172,3 +173,9 @@ def test_predict_refuses_an_image_too_small_to_be_a_specimen(bundled, tmp_path, 
     err = capsys.readouterr().err
     assert f"failed {folder / 'dot.png'}: image {folder / 'dot.png'} is 1 x 1 pixels: too small to be a specimen" in err
     assert out.read_text().count("\n") == 2  # the header and the real sheet
+    # --min-image-size sets the minimum: 0 turns it off, a negative one is refused before any work
+    again = tmp_path / "q.csv"
+    assert main(["predict", str(bundle), str(folder), "-o", str(again), "--no-progress", "--min-image-size", "0"]) == 0
+    assert again.read_text().count("\n") == 3
+    with pytest.raises(HerbensError, match=r"min_side \(--min-image-size\) must be an integer of at least 0"):
+        predict_command(bundle, folder, tmp_path / "r.csv", min_side=-1, progress=False)

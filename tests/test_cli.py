@@ -55,7 +55,7 @@ def test_parser_literals_agree_with_the_library():
     from herbens.bundle.merge import DEFAULT_PAGE_CAP, OUTPUT_FORMATS
     from herbens.bundle.teach import DEFAULT_K
     from herbens.bundle.thresholds import OOD_SCORES, SOFTMAX_OOD_SCORES
-    from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+    from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MIN_IMAGE_SIDE
     from herbens.data.prepare import JPEG_QUALITY
     from herbens.demo import DEMO_RECIPES
     from herbens.infer.splits import INFER_BAD_IMAGES
@@ -63,6 +63,7 @@ def test_parser_literals_agree_with_the_library():
     from herbens.retrieval.search import BACKENDS
 
     assert options.DEFAULT_MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
+    assert options.DEFAULT_MIN_IMAGE_SIDE == DEFAULT_MIN_IMAGE_SIDE
     assert data.JPEG_QUALITY == JPEG_QUALITY
     assert training.DEMO_RECIPES == DEMO_RECIPES
     assert training.INFER_BAD_IMAGES == INFER_BAD_IMAGES

@@ -49,7 +49,7 @@ from herbens.bundle.page import write_page
 from herbens.bundle.scoring import combine_members, needed_levels
 from herbens.core.errors import HerbensError
 from herbens.core.progress import progress_bar
-from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MIN_IMAGE_SIDE
 from herbens.data.loaders import paths_loader
 from herbens.ensemble.combine import top_k_columns
 from herbens.infer.loop import Engine, predict_batches
@@ -60,7 +60,7 @@ from herbens.infer.loop import Engine, predict_batches
 # ----------------------------------------------------------------------------------------
 def member_logits(member, paths: list[str], classes: dict[str, int], batch_size: int, device: str,
                   workers: int, progress: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                  embeddings: bool = False) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+                  embeddings: bool = False, min_side: int = DEFAULT_MIN_IMAGE_SIDE) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     """Per-level logits ``[n, C]`` of one member (rows of failed images stay NaN) and the errors
     by row; with ``embeddings`` also ``"embedding"``: unit ``[n, D]`` (views combined as the
     embeddings store combines them).
@@ -70,7 +70,7 @@ def member_logits(member, paths: list[str], classes: dict[str, int], batch_size:
     """
     # Pinned host memory lets the copy to a GPU overlap the next batch's decoding.
     loader = paths_loader(paths, member.tta, member.data_config, batch_size, workers, max_pixels,
-                          pin_memory=torch.device(device).type == "cuda")
+                          pin_memory=torch.device(device).type == "cuda", min_side=min_side)
     out = {lv: np.full((len(paths), n), np.nan, dtype=np.float32) for lv, n in classes.items()}
     errors: dict[int, str] = {}
     for index, record in predict_batches(Engine.local(device, member.precision), member.model, loader,
@@ -105,7 +105,8 @@ class Predictions:
 
 
 def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, device: str = "cpu", workers: int = 0,
-                        block: int = 1024, progress: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                        block: int = 1024, progress: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                        min_side: int = DEFAULT_MIN_IMAGE_SIDE):
     """Yield ``(start, good, probabilities, errors)`` per block of ``block`` paths.
 
     ``good`` are the block's rows (0-based within the block) every member could read,
@@ -123,7 +124,7 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
         logits, errors = [], {}
         for member in bundle.members:
             out, failed = member_logits(member, part, classes, batch_size, device, workers, bar.update, max_pixels,
-                                        embeddings=embeddings)
+                                        embeddings=embeddings, min_side=min_side)
             logits.append(out)
             for i, message in failed.items():
                 errors.setdefault(i, message)
@@ -140,12 +141,14 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
     bar.close()
 
 
-def check_predict_options(top_k: int, batch_size: int, workers: int, block: int, max_pixels: int | None) -> None:
+def check_predict_options(top_k: int, batch_size: int, workers: int, block: int, max_pixels: int | None,
+                          min_side: int = DEFAULT_MIN_IMAGE_SIDE) -> None:
     """Refuse numeric options torch would reject deep inside the loader (or silently misuse)."""
     least = {"top_k (--top-k)": (top_k, 1), "batch_size (--batch-size)": (batch_size, 1),
              "workers (--workers)": (workers, 0), "block": (block, 1)}
     if max_pixels is not None:
         least["max_pixels (--max-image-pixels)"] = (max_pixels, 1)
+    least["min_side (--min-image-size)"] = (min_side, 0)
     for name, (value, lowest) in least.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise HerbensError(f"predict: {name} must be an integer of at least {lowest}, got {value!r}")
@@ -153,14 +156,14 @@ def check_predict_options(top_k: int, batch_size: int, workers: int, block: int,
 
 def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   workers: int = 0, block: int = 1024, progress: bool = True,
-                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Predictions:
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE) -> Predictions:
     """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
 
-    check_predict_options(top_k, batch_size, workers, block, max_pixels)
+    check_predict_options(top_k, batch_size, workers, block, max_pixels, min_side)
     kept, tops, probs, rows, failures = [], [], [], [], {}
     for start, good, level_probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
                                                                workers=workers, block=block, progress=progress,
-                                                               max_pixels=max_pixels):
+                                                               max_pixels=max_pixels, min_side=min_side):
         failures.update({start + i: message for i, message in errors.items()})
         if level_probs is None:
             continue
@@ -200,16 +203,18 @@ def records(bundle, pred: Predictions) -> list[dict]:
 
 def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path | None = None, top_k: int = 5,
                     batch_size: int = 32, device: str | None = None, workers: int = 0, progress: bool = True,
-                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, block: int = DEFAULT_BLOCK,
+                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE,
+                    block: int = DEFAULT_BLOCK,
                     page_cap: int = DEFAULT_PAGE_CAP, log: Callable[[str], None] = print) -> int:
     """Everything ``herbens predict`` does; returns the exit status (1 when some image failed).
 
     Streams the input in blocks of ``block`` paths into resumable shards beside ``output`` and
     merges them at the end (:mod:`herbens.bundle.collection`); under torchrun or ``accelerate
     launch`` every process predicts its own blocks and the first one merges. ``device`` None:
-    the accelerator when present. ``page_cap``: most cards on the HTML page.
+    the accelerator when present. ``page_cap``: most cards on the HTML page. ``min_side``: images
+    with a shorter side are refused as too small to be specimen images (0: no minimum).
     """
-    check_predict_options(top_k, batch_size, workers, block, max_pixels)
+    check_predict_options(top_k, batch_size, workers, block, max_pixels, min_side)
     if fmt not in OUTPUT_FORMATS:
         raise HerbensError(f"predict: format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     if isinstance(page_cap, bool) or not isinstance(page_cap, int) or page_cap < 1:
@@ -221,7 +226,8 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
     inputs, output = InputList(source), Path(output)
     work = parts_dir(output)
     made_from = {"format": FORMAT_VERSION, "bundle": bundle_digest(bundle), "input": inputs.digest(),
-                 "block": block, "top_k": top_k, "max_pixels": max_pixels}
+                 "block": block, "top_k": top_k, "max_pixels": max_pixels,
+                 "min_side": min_side}
     check_parts(work, made_from)  # every process refuses alike, before any waits for the others
     if procs.is_main:
         open_parts(work, made_from)
@@ -229,7 +235,7 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
 
     def predict(part: list[str]) -> tuple[list[dict], dict[str, str]]:
         pred = predict_paths(bundle, part, top_k=top_k, batch_size=batch_size, device=procs.device, workers=workers,
-                             block=len(part), progress=False, max_pixels=max_pixels)
+                             block=len(part), progress=False, max_pixels=max_pixels, min_side=min_side)
         return (records(bundle, pred) if pred.paths else []), dict(pred.failures)
 
     blocks = procs.run_everywhere(lambda: predict_blocks(predict, inputs, work, block, procs, progress),

@@ -11,6 +11,8 @@ import argparse
 
 # herbens.data.dataset.DEFAULT_MAX_IMAGE_PIXELS (PIL's own decompression-bomb limit)
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# herbens.data.dataset.DEFAULT_MIN_IMAGE_SIDE (data.min_image_size's default)
+DEFAULT_MIN_IMAGE_SIDE = 16
 
 
 def add_progress(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,12 @@ def add_recipe(parser: argparse.ArgumentParser, help: str = "recipe YAML file or
 def add_max_image_pixels(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                         help=f"{help} (default: %(default)s)")
+
+
+def add_min_image_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-image-size", type=int, default=DEFAULT_MIN_IMAGE_SIDE, metavar="PX",
+                        help="refuse images with a side under PX pixels as too small to be a specimen image, "
+                             "listed with the unreadable ones; 0: no minimum (default: %(default)s)")
 
 
 def add_json_out(parser: argparse.ArgumentParser, help: str) -> None:

@@ -15,5 +15,5 @@ def run(args: argparse.Namespace) -> int:
         html = Path(args.output).with_suffix(".html") if args.html is True else Path(args.html)
     return predict_command(args.bundle, args.input, args.output, fmt=args.fmt, html=html, top_k=args.top_k,
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
-                           max_pixels=args.max_image_pixels, block=args.block, page_cap=args.page_cap,
+                           max_pixels=args.max_image_pixels, min_side=args.min_image_size, block=args.block, page_cap=args.page_cap,
                            progress=args.progress)

@@ -202,11 +202,12 @@ class ReportingPaths(torch.utils.data.Dataset):
     the others are still predicted (:func:`collate_reporting`).
     """
 
-    def __init__(self, paths: list[str], views: Views, data_config: dict, max_pixels: int | None):
+    def __init__(self, paths: list[str], views: Views, data_config: dict, max_pixels: int | None,
+                 min_side: int | None = DEFAULT_MIN_IMAGE_SIDE):
         self.inner = HerbariumDataset(pd.DataFrame({"file_name": paths}), "", None, transform=None,
                                       decode_size=eval_decode_size(data_config, views),
                                       views=[fn for _, fn in build_tta_views(views, data_config)],
-                                      max_pixels=max_pixels)
+                                      max_pixels=max_pixels, min_side=min_side)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -230,7 +231,8 @@ def collate_reporting(items: list[dict]) -> dict:
 
 
 def paths_loader(paths: list[str], views: Views, data_config: dict, batch_size: int, workers: int = 0,
-                 max_pixels: int | None = None, pin_memory: bool = False) -> DataLoader:
+                 max_pixels: int | None = None, pin_memory: bool = False,
+                 min_side: int | None = DEFAULT_MIN_IMAGE_SIDE) -> DataLoader:
     """Ordered loader over image paths (:class:`ReportingPaths`, :func:`collate_reporting`)."""
-    return DataLoader(ReportingPaths(paths, views, data_config, max_pixels), batch_size=batch_size, shuffle=False,
+    return DataLoader(ReportingPaths(paths, views, data_config, max_pixels, min_side), batch_size=batch_size, shuffle=False,
                       num_workers=workers, collate_fn=collate_reporting, pin_memory=pin_memory)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from herbens.cli.options import add_batch_size, add_device, add_max_image_pixels, add_progress, add_workers
+from herbens.cli.options import (add_batch_size, add_device, add_max_image_pixels, add_min_image_size, add_progress,
+                                 add_workers)
 
 # herbens.bundle.thresholds.OOD_SCORES and herbens.bundle.export.AUTO_OOD, herbens.bundle.teach.DEFAULT_K,
 # herbens.bundle.merge.OUTPUT_FORMATS
@@ -55,6 +56,7 @@ def add_predict(subparsers) -> None:
     add_batch_size(p)
     add_workers(p)
     add_max_image_pixels(p, "refuse images with more pixels, from their header (decompression bombs)")
+    add_min_image_size(p)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present, else cpu; "
                                                    "under torchrun / accelerate launch each process's own)")
     p.add_argument("--block", type=int, default=BLOCK,
