@@ -22,13 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
 
-from herbens.bundle.inputs import LIST_SUFFIXES, PATH_COLUMNS, collect_inputs
+from herbens.bundle.inputs import LIST_SUFFIXES, collect_inputs, iter_listed_paths
+from herbens.bundle.load import MANIFEST as BUNDLE_MANIFEST
 from herbens.core.errors import HerbensError
 from herbens.core.fileio import atomic_write, file_sha256, read_json, write_json
 from herbens.core.progress import progress_bar
@@ -114,7 +114,7 @@ class InputList:
 
     def blocks(self, size: int) -> Iterator[list[str]]:
         """Consecutive blocks of ``size`` paths (the last one shorter)."""
-        entries = self._streamed_paths() if self.streamed else iter(self.paths)
+        entries = iter_listed_paths(self.source) if self.streamed else iter(self.paths)
         part, any_path = [], False
         for path in entries:
             part.append(path)
@@ -127,42 +127,11 @@ class InputList:
         if not any_path:
             raise HerbensError(f"{self.source}: the list names no image")
 
-    def _streamed_paths(self) -> Iterator[str]:
-        base = self.source.parent
-        for entry in (self._csv_entries() if self.source.suffix.lower() == ".csv" else self._text_entries()):
-            entry = entry.strip()
-            if entry and not entry.startswith("#"):
-                yield entry if os.path.isabs(entry) else str(base / entry)
-
-    def _text_entries(self) -> Iterator[str]:
-        with open(self.source, encoding="utf-8") as handle:
-            try:
-                yield from handle
-            except UnicodeDecodeError as exc:
-                raise HerbensError(f"{self.source}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
-                                   "save the list as UTF-8") from None
-
-    def _csv_entries(self) -> Iterator[str]:
-        try:
-            chunks = pd.read_csv(self.source, dtype=str, keep_default_na=False, chunksize=65536)
-            for chunk in chunks:
-                column = next((c for c in chunk.columns if c.strip().lower() in PATH_COLUMNS), None)
-                if column is None:
-                    raise HerbensError(f"{self.source}: a .csv list needs a header row naming its path column "
-                                       f"({', '.join(PATH_COLUMNS)}); its first row is "
-                                       f"{', '.join(map(str, chunk.columns))!r}. Add a header line such as 'path', "
-                                       "or list the paths one a line in a .txt")
-                yield from chunk[column].tolist()
-        except pd.errors.EmptyDataError:
-            return
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise HerbensError(f"{self.source}: not a readable CSV ({exc})") from None
-
 
 # ----- manifest -----------------------------------------------------------------------------------
 def bundle_digest(bundle) -> str:
     """sha256 of the bundle's manifest (which holds the hash of every file, enrolments included)."""
-    return hashlib.sha256((Path(bundle.path) / "manifest.json").read_bytes()).hexdigest()
+    return file_sha256(Path(bundle.path) / BUNDLE_MANIFEST)
 
 
 def check_parts(work: Path, made_from: dict) -> None:

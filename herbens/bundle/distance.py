@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from herbens.bundle.enrolled import ENROLLED
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_write
+from herbens.core.fileio import load_npy, save_npy
 from herbens.stores.embeddings import embeddings_dir, read_embeddings
 
 BANK = "ood_bank.npy"
 BANK_LABELS = "ood_bank_labels.npy"  # the category id of every training bank row
 BANK_OWNERS = "ood_bank_owners.npy"  # enrolled rows' category ids (unenrol removes them)
-ENROLLED_DIR = "enrolled"            # herbens.bundle.enrolment's folder
 K = 5                 # the k-th nearest training embedding (Sun et al. use k in the tens for 1k classes)
 PER_SPECIES = 64      # bank rows kept per species (all of a species with fewer)
 BLOCK_CELLS = 1 << 22  # query rows x bank rows per similarity block (a float64 block: 32 MiB)
@@ -90,10 +90,8 @@ def bank_record(banks: list[Bank] | None) -> dict | None:
 
 
 def save_bank(folder: Path, bank: Bank) -> None:
-    # Through atomic_write: enrolment stages bundles with hard links (never rewrite in place).
-    for name, array in ((BANK, np.asarray(bank.vectors, dtype=np.float16)), (BANK_LABELS, bank.species)):
-        with atomic_write(folder / name, "wb") as handle:
-            np.save(handle, np.asarray(array), allow_pickle=False)
+    save_npy(folder / BANK, np.asarray(bank.vectors, dtype=np.float16))
+    save_npy(folder / BANK_LABELS, bank.species)
 
 
 def load_banks(root: Path, member_names: list[str]) -> list[Bank] | None:
@@ -114,24 +112,23 @@ def _member_bank(root: Path, member: str) -> Bank:
         raise HerbensError(f"bundle {root}: members/{member}/{BANK_LABELS} is missing (a bundle exported before "
                            "per-species OOD banks: export it again)")
     rows, owners = _enrolled_rows(root, member)
-    return Bank(np.concatenate([np.load(folder / BANK, allow_pickle=False), rows]),
-                np.concatenate([np.load(folder / BANK_LABELS, allow_pickle=False).astype(np.int64), owners]))
+    return Bank(np.concatenate([load_npy(folder / BANK), rows]),
+                np.concatenate([load_npy(folder / BANK_LABELS).astype(np.int64), owners]))
 
 
 def _enrolled_rows(root: Path, member: str) -> tuple[np.ndarray, np.ndarray]:
     """``(rows [m, D] float16, category_id per row)`` enrolment added to a member's bank."""
-    rows, owners = root / ENROLLED_DIR / f"{member}.{BANK}", root / ENROLLED_DIR / f"{member}.{BANK_OWNERS}"
+    rows, owners = root / ENROLLED / f"{member}.{BANK}", root / ENROLLED / f"{member}.{BANK_OWNERS}"
     if not rows.is_file():
         dim = np.load(root / "members" / member / BANK, mmap_mode="r").shape[1]
         return np.zeros((0, dim), np.float16), np.zeros(0, np.int64)
-    return np.load(rows, allow_pickle=False), np.load(owners, allow_pickle=False)
+    return load_npy(rows), load_npy(owners)
 
 
 def _save_enrolled(tmp: Path, member: str, rows: np.ndarray, owners: np.ndarray) -> None:
-    (tmp / ENROLLED_DIR).mkdir(exist_ok=True)
-    for name, array in ((f"{member}.{BANK}", rows.astype(np.float16)), (f"{member}.{BANK_OWNERS}", owners)):
-        with atomic_write(tmp / ENROLLED_DIR / name, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
+    (tmp / ENROLLED).mkdir(exist_ok=True)
+    save_npy(tmp / ENROLLED / f"{member}.{BANK}", rows.astype(np.float16))
+    save_npy(tmp / ENROLLED / f"{member}.{BANK_OWNERS}", owners)
 
 
 def extend_banks(root: Path, tmp: Path, embeddings: dict[str, np.ndarray], category_id: int) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from herbens.bundle.scoring import LevelProbabilities, sum_within
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_write, read_json
+from herbens.core.fileio import load_npy, read_json
 from herbens.core.numerics import log_softmax
 from herbens.retrieval.prototypes import Prototypes, cosine_scores, fuse_with_head
 
@@ -23,21 +23,6 @@ OWNERS = "prototype_owners.npy"
 ENROLLED = "enrolled"
 SPECIES_FILE = "species.json"
 NAME_COLUMNS = ("category_id", "scientific_name", "authors", "genus", "family")
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    # Through atomic_write: enrolment stages a bundle with hard links, so a file is never
-    # rewritten in place (that would change the original bundle's file too).
-    with atomic_write(path, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-
-
-def load_npy(path: Path) -> np.ndarray:
-    """A bundle's .npy file, or a HerbensError naming it."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise HerbensError(f"{path}: not a readable .npy file ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -48,19 +48,12 @@ from typing import Callable
 import numpy as np
 
 from herbens.bundle.distance import drop_from_banks, extend_banks
-from herbens.bundle.enrolled import (
-    ENROLLED,
-    NAME_COLUMNS,
-    SPECIES_FILE,
-    load_npy,
-    read_species,
-    save_npy,
-)
+from herbens.bundle.enrolled import ENROLLED, NAME_COLUMNS, SPECIES_FILE, read_species
 from herbens.bundle.inputs import collect_inputs
 from herbens.bundle.load import load_bundle, write_manifest
 from herbens.bundle.predict import member_logits
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_dir, atomic_write, one_writer, write_json
+from herbens.core.fileio import atomic_dir, atomic_write, load_npy, one_writer, save_npy, write_json
 from herbens.retrieval.prototypes import species_prototype
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -49,32 +50,43 @@ def collect_inputs(source: str | Path) -> tuple[list[str], list[tuple[str, str]]
 
 
 def _listed_paths(listing: Path) -> list[str]:
+    """Every path of a list file (:func:`iter_listed_paths`)."""
+    return list(iter_listed_paths(listing))
+
+
+def iter_listed_paths(listing: Path) -> Iterator[str]:
     """Paths from a CSV (its header names the path column) or a text file (one a line, ``#``
-    comments); relative paths are relative to the list's folder."""
-    if listing.suffix.lower() == ".csv":
-        entries = _csv_paths(listing)
-    else:
+    comments), streamed: a list of millions of paths is never held whole. Relative paths are
+    relative to the list's folder."""
+    entries = _csv_entries(listing) if listing.suffix.lower() == ".csv" else _text_entries(listing)
+    for entry in entries:
+        entry = entry.strip()
+        if entry and not entry.startswith("#"):
+            yield entry if os.path.isabs(entry) else str(listing.parent / entry)
+
+
+def _text_entries(listing: Path) -> Iterator[str]:
+    with open(listing, encoding="utf-8") as handle:
         try:
-            entries = listing.read_text(encoding="utf-8").splitlines()
+            yield from handle
         except UnicodeDecodeError as exc:
             raise HerbensError(f"{listing}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
                                "save the list as UTF-8") from None
-    entries = [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
-    return [e if os.path.isabs(e) else str(listing.parent / e) for e in entries]
 
 
-def _csv_paths(listing: Path) -> list[str]:
-    """The path column of a CSV list. Its header must name it: without one the first path
-    would be read as the header and silently dropped, so that is an error, not a guess."""
+def _csv_entries(listing: Path, chunk_rows: int = 65536) -> Iterator[str]:
+    """The path column of a CSV list, in chunks. Its header must name it: without one the first
+    path would be read as the header and silently dropped, so that is an error, not a guess."""
     try:
-        frame = pd.read_csv(listing, dtype=str, keep_default_na=False)
+        for chunk in pd.read_csv(listing, dtype=str, keep_default_na=False, chunksize=chunk_rows):
+            column = next((c for c in chunk.columns if c.strip().lower() in PATH_COLUMNS), None)
+            if column is None:
+                raise HerbensError(f"{listing}: a .csv list needs a header row naming its path column "
+                                   f"({', '.join(PATH_COLUMNS)}); its first row is "
+                                   f"{', '.join(map(str, chunk.columns))!r}. Add a header line such as 'path', "
+                                   "or list the paths one a line in a .txt")
+            yield from chunk[column].tolist()
     except pd.errors.EmptyDataError:
-        return []
+        return
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise HerbensError(f"{listing}: not a readable CSV ({exc})") from None
-    column = next((c for c in frame.columns if c.strip().lower() in PATH_COLUMNS), None)
-    if column is None:
-        raise HerbensError(f"{listing}: a .csv list needs a header row naming its path column "
-                           f"({', '.join(PATH_COLUMNS)}); its first row is {', '.join(map(str, frame.columns))!r}. "
-                           "Add a header line such as 'path', or list the paths one a line in a .txt")
-    return frame[column].tolist()

@@ -10,8 +10,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from herbens.bundle.enrolled import OWNERS, PROTOTYPES, save_npy
+from herbens.bundle.enrolled import OWNERS, PROTOTYPES
 from herbens.core.errors import HerbensError
+from herbens.core.fileio import save_npy
 from herbens.retrieval.fewshot import HEAD_TEMPERATURES
 from herbens.retrieval.fit import describe_fit, fit_prototypes, fit_temperature
 from herbens.retrieval.prototypes import temperature_row_losses

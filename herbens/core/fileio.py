@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
+import numpy as np
+
 from herbens.core.errors import HerbensError
 
 
@@ -279,3 +281,19 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_npy(path: str | os.PathLike, array) -> None:
+    """Write a ``.npy`` file atomically (never in place: bundles are staged with hard links, so
+    rewriting a file in place would change the original bundle's copy too)."""
+    with atomic_write(path, "wb") as handle:
+        np.save(handle, np.asarray(array), allow_pickle=False)
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    """A ``.npy`` file (no pickles), or a HerbensError naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise HerbensError(f"{path}: not a readable .npy file ({exc})") from None
+

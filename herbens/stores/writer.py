@@ -15,7 +15,7 @@ from typing import Iterator, Mapping, Sequence, Type, TypeVar
 import numpy as np
 
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_dir, write_json
+from herbens.core.fileio import atomic_dir, save_npy, write_json
 from herbens.stores.description import FORMAT_VERSION, StoreDescription
 from herbens.stores.kernel import duplicates, ids_digest, validated
 
@@ -155,14 +155,6 @@ def _check_fits_float16(block: np.ndarray, key: str, start: int, where: str) -> 
                            f"float16 (NaN, inf or |value| > {_FP16_MAX:g})")
 
 
-def _fsync(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def publish_store(path: Path, where: str, ids: Sequence[str], description: StoreDescription,
                   labels: np.ndarray | None = None, writer_class: type = BlockWriter,
@@ -187,7 +179,6 @@ def publish_store(path: Path, where: str, ids: Sequence[str], description: Store
         final = writer.described(description)
         write_json(tmp / "image_ids.json", list(ids))
         if labels is not None:
-            np.save(tmp / "labels.npy", labels)
-            _fsync(tmp / "labels.npy")
+            save_npy(tmp / "labels.npy", labels)
         # meta.json last: its presence marks a complete directory even to a careless reader.
         write_json(tmp / "meta.json", final.as_meta())
