@@ -186,5 +186,10 @@ def test_a_report_never_replaces_a_folder_that_is_not_one(tmp_path):
     with pytest.raises(HerbensError, match="not a herbens report"):
         write_report([run], folder)
     assert [p.name for p in folder.iterdir()] == ["weights.safetensors"]
+    notes = tmp_path / "notes.txt"  # a plain file at -o is not replaced either
+    notes.write_text("mine")
+    with pytest.raises(HerbensError, match="not a herbens report"):
+        write_report([run], notes)
+    assert notes.read_text() == "mine"
     index = write_report([run], tmp_path / "again")
     assert write_report([run], index.parent) == index  # an earlier report is replaced

@@ -27,7 +27,7 @@ from herbens.analysis.figures import (is_number, plot_f1_vs_cost, plot_family_ac
                                       save_figure)
 from herbens.analysis.tables import format_anova, format_bins, format_group_table, format_summary, pct
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_dir, atomic_write, read_json, write_json
+from herbens.core.fileio import atomic_dir, atomic_write, read_json, replaceable, write_json
 from herbens.stores.logits import format_ids
 
 #: Per-epoch series drawn from history.jsonl: (key, y-axis label, title, file stem).
@@ -364,6 +364,6 @@ def write_report(inputs: list[Path], out_dir, solution=None, metadata=None, spli
 
 def check_report_target(out_dir: Path) -> None:
     """A report replaces only an earlier report (a folder with ``report.json``) or an empty folder."""
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / REPORT_RECORD).is_file():
-        raise HerbensError(f"report: {out_dir} holds files but no {REPORT_RECORD}, so it is not a "
+    if not replaceable(out_dir, REPORT_RECORD):
+        raise HerbensError(f"report: {out_dir} is a file or holds files but no {REPORT_RECORD}, so it is not a "
                            "herbens report and is not replaced; choose another -o")

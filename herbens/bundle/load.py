@@ -31,7 +31,7 @@ from herbens.bundle.enrolled import load_enrolment
 from herbens.bundle.scoring import class_space_of, fitted_params
 from herbens.config import load_run_config
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_write, file_sha256, read_json, write_json
+from herbens.core.fileio import atomic_write, file_sha256, read_json, replaceable, write_json
 from herbens.data.taxonomy import Taxonomy
 from herbens.data.views import Views
 from herbens.ensemble.combine import ClassSpace, Params
@@ -89,12 +89,10 @@ def verify_manifest(root: Path) -> dict[str, str]:
 def check_export_target(out: Path, overwrite: bool) -> None:
     """Refuse an output folder export did not write (a run, a dataset...), and a bundle unless
     ``overwrite``."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not (out / MANIFEST).is_file():
+    if not replaceable(out, MANIFEST):
         raise HerbensError(f"{out} exists and is not a herbens bundle (no {MANIFEST}): export does not "
                            "replace it; choose another -o")
-    if not overwrite:
+    if (out / MANIFEST).is_file() and not overwrite:
         raise HerbensError(f"{out} already holds a bundle; pass --overwrite to replace it")
 
 

@@ -297,3 +297,12 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise HerbensError(f"{path}: not a readable .npy file ({exc})") from None
 
+
+def replaceable(folder: str | os.PathLike, marker: str) -> bool:
+    """Whether an output may replace ``folder``: it is absent, an empty folder, or a folder that
+    holds ``marker`` (the file every output of that kind writes). Never a plain file, nor a
+    folder of other files: a verb replaces only what a verb of its kind wrote."""
+    folder = Path(folder)
+    if not folder.exists():
+        return True
+    return folder.is_dir() and (not any(folder.iterdir()) or (folder / marker).is_file())
