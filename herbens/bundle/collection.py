@@ -67,6 +67,16 @@ class Processes:
             self.rank, self.world = 0, 1
             self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Each process tears its process group down before the interpreter exits, as training's
+        # end_training does: left to the exit handlers, gloo's threads can abort the process
+        # ("terminate called without an active exception") while another rank still merges.
+        if self.state is not None:
+            self.state.destroy_process_group()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -219,31 +219,31 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
         raise HerbensError(f"predict: format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     if isinstance(page_cap, bool) or not isinstance(page_cap, int) or page_cap < 1:
         raise HerbensError(f"predict: page_cap (--page-cap) must be an integer of at least 1, got {page_cap!r}")
-    procs = Processes(device)
-    if procs.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HerbensError("--device cuda: no CUDA device is available")
-    bundle = load_bundle(bundle_path, device=procs.device)
-    inputs, output = InputList(source), Path(output)
-    work = parts_dir(output)
-    made_from = {"format": FORMAT_VERSION, "bundle": bundle_digest(bundle), "input": inputs.digest(),
-                 "block": block, "top_k": top_k, "max_pixels": max_pixels,
-                 "min_side": min_side}
-    check_parts(work, made_from)  # every process refuses alike, before any waits for the others
-    if procs.is_main:
-        open_parts(work, made_from)
-    procs.barrier()
+    with Processes(device) as procs:
+        if procs.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HerbensError("--device cuda: no CUDA device is available")
+        bundle = load_bundle(bundle_path, device=procs.device)
+        inputs, output = InputList(source), Path(output)
+        work = parts_dir(output)
+        made_from = {"format": FORMAT_VERSION, "bundle": bundle_digest(bundle), "input": inputs.digest(),
+                     "block": block, "top_k": top_k, "max_pixels": max_pixels,
+                     "min_side": min_side}
+        check_parts(work, made_from)  # every process refuses alike, before any waits for the others
+        if procs.is_main:
+            open_parts(work, made_from)
+        procs.barrier()
 
-    def predict(part: list[str]) -> tuple[list[dict], dict[str, str]]:
-        pred = predict_paths(bundle, part, top_k=top_k, batch_size=batch_size, device=procs.device, workers=workers,
-                             block=len(part), progress=False, max_pixels=max_pixels, min_side=min_side)
-        return (records(bundle, pred) if pred.paths else []), dict(pred.failures)
+        def predict(part: list[str]) -> tuple[list[dict], dict[str, str]]:
+            pred = predict_paths(bundle, part, top_k=top_k, batch_size=batch_size, device=procs.device, workers=workers,
+                                 block=len(part), progress=False, max_pixels=max_pixels, min_side=min_side)
+            return (records(bundle, pred) if pred.paths else []), dict(pred.failures)
 
-    blocks = procs.run_everywhere(lambda: predict_blocks(predict, inputs, work, block, procs, progress),
-                                  "predicting its blocks (rerun the same command to resume)")
-    if not procs.is_main:
-        return 0
-    return _merge(bundle, source, inputs, [shard_path(work, b) for b in range(blocks)], output, fmt, html, top_k,
-                  page_cap, log)
+        blocks = procs.run_everywhere(lambda: predict_blocks(predict, inputs, work, block, procs, progress),
+                                      "predicting its blocks (rerun the same command to resume)")
+        if not procs.is_main:
+            return 0
+        return _merge(bundle, source, inputs, [shard_path(work, b) for b in range(blocks)], output, fmt, html, top_k,
+                      page_cap, log)
 
 
 def _merge(bundle, source, inputs: InputList, shards: list[Path], output: Path, fmt: str, html: Path | None,
