@@ -15,7 +15,7 @@ from herbens.ensemble.combine import Chunk, ClassSpace, predict_chunk
 from herbens.ensemble.options import EnsembleOptions
 from herbens.ensemble.pipeline import fit_ensemble
 from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
-from herbens.ensemble.steps import keeps
+from herbens.ensemble.keep_rule import KEEP_ALPHA, _Pair, keep_test
 from herbens.metrics import macro_f1
 from test_ensemble import make_taxonomy, noisy_logits, write_run
 
@@ -61,12 +61,50 @@ def _seeds():
     return [(config, seed) for config in CONFIGS for seed in range(SEEDS_PER_CONFIG)]
 
 
-def test_keep_rule_refuses_zero_gain_folds_and_chance():
-    assert not keeps([0, 0, 0, 0, 0.0343])  # t = 1 exactly: one fold carried it before
-    assert not keeps([0, 0, 0.05, 0.05, 0.05])  # two folds gained nothing
-    assert not keeps([0.01, 0.02, -0.01, 0.03, 0.01])  # a fold lost, t 1.7
-    assert keeps([0.02, 0.03, 0.01, 0.04, 0.02])
-    assert keeps([0.02] * 5)  # every fold the same gain: t infinite
+def test_flipped_gains_match_macro_f1_recomputed_for_every_flip():
+    """The keep rule counts only the rows and classes a step touches; the slow reference
+    recomputes herbens.metrics.macro_f1 over every row for every flip."""
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        n, classes = int(rng.integers(5, 60)), int(rng.integers(2, 15))
+        y, current = rng.integers(0, classes, n), rng.integers(0, classes + 2, n)  # some never-true classes
+        alternative = current.copy()
+        moved = rng.random(n) < rng.random()
+        alternative[moved] = rng.integers(0, classes + 3, moved.sum())
+        pair = _Pair(y, current, alternative)
+        flips = rng.random((7, n)) < 0.5
+        reference = [macro_f1(y, np.where(f, current, alternative)) - macro_f1(y, np.where(f, alternative, current))
+                     for f in flips]
+        assert np.allclose(pair.flipped_gains(flips), reference)
+        assert pair.gain == pytest.approx(macro_f1(y, alternative) - macro_f1(y, current))
+
+
+def test_keep_rule_needs_enough_changed_rows_and_pays_for_choosing():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 45)
+    current = y.copy()
+    current[:12] = (y[:12] + 1) % 10  # 12 of 45 wrong
+    three = current.copy()
+    three[:3] = y[:3]  # mends 3 rows and harms none: too few rows to tell from chance
+    assert not keep_test(y, current, [three]).kept
+    eight = current.copy()
+    eight[:8] = y[:8]
+    test = keep_test(y, current, [eight])
+    assert test.kept and test.changed == 8 and test.p <= KEEP_ALPHA
+    assert not keep_test(y, current, [current.copy()]).kept  # changes nothing
+    # The best of many noise alternatives, each flipping 6 rows at random, is refused far more
+    # often than 1 in 20: the p-value is that of the maximum over the alternatives.
+    noise = []
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        alternatives = []
+        for _ in range(8):
+            a = current.copy()
+            rows = r.choice(45, 6, replace=False)
+            a[rows] = r.integers(0, 10, 6)
+            alternatives.append(a)
+        noise.append(keep_test(y, current, alternatives).kept)
+    assert sum(noise) <= 1
 
 
 @pytest.mark.slow

@@ -93,10 +93,12 @@ def format_table(steps: list[dict], images: int, folds: int) -> str:
     title = f"validation ({images} images, {folds}-fold)"
     honest = any("honest" in step for step in steps)
     head = (f"{title:<{STEP_WIDTH}}" + "".join(f"{lv + ' F1 in / oof':>22}" for lv in SCORE_LEVELS)
-            + ("  honest" if honest else "") + "  kept")
+            + ("  honest" if honest else "") + "  kept (keep rule)")
     lines = [head, "-" * len(head)]
     for step in steps:
         kept = {True: "yes", False: "no", None: ""}.get(step["kept"], str(step["kept"]))
+        if "keep_test" in step:  # the keep rule's p-value and how many rows the step changes
+            kept += f" (p {step['keep_test']['p']:.3f}, {step['keep_test']['rows_changed']} rows)"
         cells = "".join(f"{step['in_sample'][lv + '_macro_f1']:>13.4f} / {step['out_of_fold'][lv + '_macro_f1']:.4f}"
                         for lv in SCORE_LEVELS)
         if honest:

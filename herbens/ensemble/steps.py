@@ -2,8 +2,8 @@
 
 Every fitted value has one set of parameters per fit of :class:`herbens.ensemble.crossfit.NestedFolds`.
 Each group of fits (the top group: all validation rows; with nesting, one more per outer fold,
-on the rows outside it) decides for itself whether a step is kept, by :func:`keeps` on its own
-inner out-of-fold predictions. The top group's decision is the one shown and applied to the
+on the rows outside it) decides for itself whether a step is kept, by the keep rule
+(:func:`herbens.ensemble.keep_rule.keep_test`) on its own inner out-of-fold predictions. The top group's decision is the one shown and applied to the
 test split; the other groups' final values predict their outer fold: the ``honest`` column.
 """
 
@@ -14,35 +14,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from herbens.ensemble.combine import Params
-from herbens.ensemble.crossfit import NestedFolds, evaluate_fits, scores_of, species_f1
+from herbens.ensemble.crossfit import NestedFolds, evaluate_fits, scores_of
+from herbens.ensemble.keep_rule import KeepTest, keep_test
 from herbens.ensemble.stores import AlignedSplit
 
 ROWS_PER_FITTED_VALUE = 10
-# THE keep rule (README "Ensembling" states it in the same words). A step is kept only when its
-# per-fold out-of-fold species macro-F1 gains over the current predictions are positive in at
-# least KEEP_MIN_POSITIVE of the 5 folds (a fold that gains nothing never counts for a step) AND
-# their mean is at least KEEP_T standard errors above 0 (one-sided t, 4 degrees of freedom).
-# Calibrated by simulation (tests/test_ensemble_keep.py): on three statistically identical
-# runs (several validation sizes and class counts, 48 seeds) any step is kept on at most 5 % of
-# seeds, while a real prior shift's tau is still kept.
-KEEP_MIN_POSITIVE = 4
-KEEP_T = 2.132  # t(0.95, 4 df): a 5 % one-sided test per step
-
-
-def keeps(gains: np.ndarray) -> bool:
-    """The keep rule on per-fold gains (see KEEP_T)."""
-    gains = np.asarray(gains, dtype=np.float64)
-    if len(gains) < 2 or (gains > 0).sum() < min(KEEP_MIN_POSITIVE, len(gains)):
-        return False
-    return gain_t(gains) >= KEEP_T
-
-
-def gain_t(gains: np.ndarray) -> float:
-    """One-sided t statistic of the mean per-fold gain (inf when every fold gains the same > 0)."""
-    se = gains.std(ddof=1) / np.sqrt(len(gains))
-    if se == 0:
-        return float(np.sign(gains.mean()) * np.inf) if gains.any() else 0.0
-    return float(gains.mean() / se)
 
 
 class Steps:
@@ -122,23 +98,16 @@ class Steps:
             self.rows.append({"step": f"{name}: skipped ({reason})", "kept": False, **self.current_scores()})
         return reason is not None
 
-    def _fold_gains(self, group: int, candidate: np.ndarray, current: np.ndarray) -> np.ndarray:
-        """Per inner fold of ``group``: species macro-F1 of ``candidate`` minus ``current``."""
-        inner = self.folds.inner[group]
-        return np.array([species_f1(self.split, candidate, inner == i) - species_f1(self.split, current, inner == i)
-                         for i in range(self.folds.k)])
-
-    def _group_choice(self, group: int, oof: np.ndarray) -> tuple[int, np.ndarray, bool]:
-        """The group's best alternative (first wins ties), its per-fold gains and whether it is kept."""
-        mask, current = self.folds.in_group(group), self._state[0][:, group]
-        f1 = [species_f1(self.split, oof[:, a], mask) for a in range(oof.shape[1])]
-        best = int(np.argmax(f1))
-        gains = self._fold_gains(group, oof[:, best], current)
-        return best, gains, bool(f1[best] > species_f1(self.split, current, mask) and keeps(gains))
+    def _group_choice(self, group: int, oof: np.ndarray) -> KeepTest:
+        """The keep rule on the group's own rows: its inner out-of-fold predictions in use
+        against each alternative's."""
+        mask, species = self.folds.in_group(group), self.split.space.species
+        current = species[self._state[0][mask, group]]
+        return keep_test(self.split.labels[mask], current, [species[oof[mask, a]] for a in range(oof.shape[1])])
 
     def consider(self, name: str, alternatives: list[list[Params]], labels: Sequence[str] = ("",),
                  forced: bool = False) -> bool:
-        """Each group keeps its best out-of-fold alternative if :func:`keeps` says so.
+        """Each group keeps its best out-of-fold alternative if the keep rule says so.
 
         ``alternatives`` (simplest first; the first wins ties) each hold one Params per fit.
         ``forced`` (values given by the user): the single alternative is applied. Returns the
@@ -152,25 +121,23 @@ class Steps:
         ins, oof, honest = evaluate_fits(self.split, self.folds, alternatives, self.chunk_rows)
         fits, state_oof, state_honest = list(self.fits), self._state[0].copy(), self._state[1].copy()
         for group in range(self.folds.num_groups):
-            best, gains, kept = self._group_choice(group, oof[:, group])
+            test = self._group_choice(group, oof[:, group])
+            best = test.best
             if group == self.folds.top_group:
-                top = (best, gains, kept)
-            if kept:
+                top = test
+            if test.kept:
                 for j in range(self.folds.fit_index(group, 0), self.folds.fit_index(group, self.folds.k) + 1):
                     fits[j] = alternatives[best][j]
                 state_oof[:, group] = oof[:, group, best]
                 if group != self.folds.top_group:  # its outer fold, which it never saw
                     held_out = self.folds.top.fold == group
                     state_honest[held_out] = honest[held_out, best]
-        best, gains, kept = top
-        t = gain_t(gains)
-        row = {"step": name + labels[best], "kept": kept, "params": alternatives[best][self.folds.full].to_json(),
+        best = top.best
+        row = {"step": name + labels[best], "kept": top.kept, "params": alternatives[best][self.folds.full].to_json(),
                **self._scores(ins[:, best], oof[:, self.folds.top_group, best], state_honest),
-               "fold_gains": [round(float(g), 4) for g in gains],
-               # null: every fold gained exactly the same, t is infinite (not JSON)
-               "fold_gain_t": round(t, 3) if np.isfinite(t) else None}
+               "keep_test": {"gain": round(top.gain, 4), "p": round(top.p, 4), "rows_changed": top.changed}}
         self.rows.append(row)
         self.fits, self._state = fits, (state_oof, state_honest)
-        if kept:
+        if top.kept:
             self._current = len(self.rows) - 1
-        return kept
+        return top.kept
