@@ -28,9 +28,6 @@ TEMPERATURE_LATTICE = np.exp(np.linspace(*np.log(TEMPERATURE_BOUNDS), 25 * 6 - 5
 FINE_PER_COARSE = 6
 WEIGHT_STEPS = (0.0, -0.25, 0.25, -0.5, 0.5, -1.0, 1.0, -2.0, 2.0)  # log-weight moves; 0 first wins ties
 LOG_WEIGHT_BOUND = 8.0
-# tau may be negative: it then undoes a run's own over-adjustment (class-balanced, logit-adjusted).
-TAU_RANGE = (-1.0, 3.0)
-TAU_COARSE_STEP, TAU_FINE_STEP = 0.1, 0.02
 HIERARCHY_COARSE = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
@@ -280,32 +277,9 @@ def _softmax_1d(theta: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------
-# Post-processing: inverse frequency and hierarchy
+# Post-processing: the hierarchy (tau: herbens.ensemble.tau)
 # ----------------------------------------------------------------------------------------
-def fit_tau(split: AlignedSplit, folds: NestedFolds, fits: Sequence[Params], chunk_rows: int) -> list[float]:
-    """Per fit, ``tau`` in ``scores - tau * log(prior)`` maximising macro-F1 (coarse, then fine grid).
-
-    The range includes negative values: a run trained with a class-balanced or logit-adjusted
-    loss may already over-correct, and a negative tau undoes that.
-    """
-    bases = [p.replace(tau=0.0, alpha=0.0, beta=0.0) for p in fits]
-
-    def grid_pass(grids):
-        def moves(chunk, j):
-            scores = species_scores(chunk, bases[j], split.space)
-            return np.stack([(scores - np.float32(t) * split.space.log_prior).argmax(axis=1) for t in grids[j]],
-                            axis=1)
-
-        best = choose(split, folds, fit_predictions(split, folds, chunk_rows, moves, **needs_of(bases)))
-        return [float(grids[j][best[j]]) for j in range(folds.num_fits)]
-
-    coarse = _simplest_first(np.arange(TAU_RANGE[0], TAU_RANGE[1] + 1e-9, TAU_COARSE_STEP))
-    winners = grid_pass([coarse] * folds.num_fits)
-    steps = np.arange(-TAU_COARSE_STEP, TAU_COARSE_STEP + 1e-9, TAU_FINE_STEP)
-    return grid_pass([_simplest_first(w + steps) for w in winners])
-
-
-def _simplest_first(values) -> np.ndarray:
+def simplest_first(values) -> np.ndarray:
     values = np.unique(np.round(np.asarray(values, dtype=np.float64), 4))
     return values[np.lexsort((values, np.abs(values)))]
 

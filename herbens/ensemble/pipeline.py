@@ -3,10 +3,10 @@
 1. open and align the runs' stores (:mod:`herbens.ensemble.stores`);
 2. on the labelled validation rows: the mean of the runs on one scale (a temperature per run
    and level, by NLL), then in turn the plain mean or a single run instead, run weights, the
-   inverse-frequency ``tau``, the hierarchy ``alpha``/``beta`` (:mod:`herbens.ensemble.fit`),
+   inverse-frequency ``tau`` (:mod:`herbens.ensemble.tau`), the hierarchy ``alpha``/``beta`` (:mod:`herbens.ensemble.fit`),
    each cross-fitted over stratified folds (:mod:`herbens.ensemble.crossfit`) and kept only
    if its OUT-OF-FOLD species macro-F1 gain passes the keep rule
-   (:func:`herbens.ensemble.steps.keeps`); weights are shrunk towards equal by a factor the
+   (:func:`herbens.ensemble.keep_rule.keep_test`); weights are shrunk towards equal by a factor the
    out-of-fold score chooses; the whole procedure is repeated inside outer folds for its
    honest score (nested cross-fitting, :class:`herbens.ensemble.crossfit.NestedFolds`);
 3. refit on all validation rows (the full fit), stream the test split once in row chunks
@@ -25,6 +25,7 @@ import numpy as np
 
 from herbens.data.taxonomy import LEVELS
 from herbens.ensemble import fit
+from herbens.ensemble.tau import fit_tau, fit_tau_nll
 from herbens.ensemble.combine import ClassSpace, Params, needs_of, predict_chunk
 from herbens.ensemble.crossfit import NestedFolds
 from herbens.ensemble.integrity import forget_unreadable_labels, unreadable_record, warn_unverifiable_test
@@ -269,10 +270,13 @@ def _tau_step(steps: Steps, opts: EnsembleOptions, log: Callable) -> None:
         return
     if opts.tau != "fit" or steps.too_few_rows("tau", 1):
         return
-    log("fitting the inverse-frequency tau (cross-fitted) ...")
-    taus = fit.fit_tau(steps.split, steps.folds, steps.fits, opts.chunk_rows)
-    steps.consider(f"+ inverse frequency tau {taus[steps.folds.full]:g}",
-                   [[p.replace(tau=t) for p, t in zip(steps.fits, taus)]])
+    log("fitting the inverse-frequency tau by macro-F1 and by log-loss (cross-fitted) ...")
+    by_f1 = fit_tau(steps.split, steps.folds, steps.fits, opts.chunk_rows)
+    by_nll = fit_tau_nll(steps.split, steps.folds, steps.fits, opts.chunk_rows)
+    full = steps.folds.full
+    steps.consider("+ inverse frequency tau", [[p.replace(tau=t) for p, t in zip(steps.fits, taus)]
+                                               for taus in (by_f1, by_nll)],
+                   [f" {by_f1[full]:g} (macro-F1)", f" {by_nll[full]:g} (log-loss)"])
 
 
 def _hierarchy_step(steps: Steps, opts: EnsembleOptions, levels: Sequence[str], level_temps: list[dict] | None,
