@@ -16,6 +16,7 @@ from herbens.ensemble.crossfit import NestedFolds, evaluate_fits
 from herbens.ensemble.pipeline import ensemble_runs
 from herbens.ensemble.stores import align_split, class_space, labelled, load_runs
 from herbens.ensemble.submission import read_submission
+from herbens.ensemble.tau import fit_tau_nll
 from herbens.core.errors import HerbensError
 from herbens.core.numerics import stratified_folds
 from herbens.stores.logits import logits_dir, write_logits
@@ -188,6 +189,34 @@ def test_tau_recovers_planted_prior_bias(tmp_path, planted):
                             hierarchy="none", progress=False, log=lambda m: None)
     assert summary["tau"] == pytest.approx(planted, abs=0.25)
     assert _step(summary, "+ inverse frequency")["kept"]
+
+
+def test_log_loss_tau_is_the_minimum_of_each_fits_log_loss(tmp_path):
+    """fit_tau_nll (Newton) against the slow reference: each fit's mean log-loss over its own
+    training rows on a fine grid of tau, for every one of the nested fits."""
+    rng = np.random.default_rng(4)
+    classes = 9
+    counts = np.round(60 * 0.7 ** np.arange(classes)).astype(int) + 1
+    tax = make_taxonomy(species=classes, genera=3, families=1, counts=counts)
+    log_prior = np.log(counts / counts.sum())
+    y_val = np.repeat(np.arange(classes), 12)
+    splits = {"val": ([f"v{i}" for i in range(len(y_val))],
+                      {"species": noisy_logits(rng, y_val, classes, 1.5, 1.0) + 0.6 * log_prior}, y_val),
+              "test": (["t0"], {"species": np.zeros((1, classes))}, None)}
+    loaded = load_runs([write_run(tmp_path, "r", tax, splits)])
+    space = class_space(loaded)
+    val = labelled(align_split(loaded, "val", space, exact=False))
+    folds = NestedFolds.of_labels(val.labels)
+    fits = [Params.initial(1)] * folds.num_fits
+    taus = fit_tau_nll(val, folds, fits, chunk_rows=13)
+    z = np.asarray(splits["val"][1]["species"], dtype=np.float16).astype(np.float64)
+    grid = np.arange(-1.0, 3.0, 0.001)
+    for j in range(folds.num_fits):
+        rows = folds.train_mask(j)
+        scores = z[rows][None] - grid[:, None, None] * space.log_prior.astype(np.float64)
+        nll = (np.log(np.exp(scores).sum(axis=2)) - scores[:, np.arange(rows.sum()), val.labels[rows]]).mean(axis=1)
+        assert taus[j] == pytest.approx(grid[np.argmin(nll)], abs=2e-3), j
+    assert taus[folds.full] == pytest.approx(0.6, abs=0.3)  # undoes the planted bias
 
 
 def test_hierarchy_recovers_planted_alpha_beta(tmp_path):
