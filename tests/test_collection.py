@@ -15,12 +15,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import numpy as np
+
 import herbens.bundle.collection as collection
 from herbens.bundle.collection import MANIFEST, parts_dir
 from herbens.bundle.export import export_bundle
-from herbens.bundle.load import write_manifest
+from herbens.bundle.load import load_bundle, write_manifest
+from herbens.bundle.sheet_embeddings import MARKER, SPLIT
 from herbens.cli.main import main
 from herbens.data.metadata import load_test_metadata
+from herbens.infer.run import infer_run
+from herbens.stores.embeddings import read_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = Path(__file__).with_name("predict_killer.py")
@@ -58,24 +63,51 @@ def uninterrupted(bundle, listing, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_embeddings(bundle, listing, tmp_path_factory) -> Path:
+    """The embeddings folder of one uninterrupted process (``pred.embeddings``)."""
+    out = tmp_path_factory.mktemp("whole_embeddings") / "pred.csv"
+    assert predict(bundle, listing, out, "--embeddings") == 0
+    return out.with_suffix(".embeddings")
+
+
+def stores(folder: Path) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Member -> (ids, float16 matrix) of a predict embeddings folder."""
+    members = json.loads((folder / MARKER).read_text())["members"]
+    return {m: (s.image_ids, np.asarray(s.matrix)) for m in members
+            for s in [read_embeddings(folder / m, SPLIT, mmap=False)]}
+
+
+def assert_same_stores(folder: Path, reference: Path) -> None:
+    got, want = stores(folder), stores(reference)
+    assert got.keys() == want.keys()
+    for member, (ids, matrix) in want.items():
+        assert got[member][0] == ids
+        np.testing.assert_array_equal(got[member][1], matrix)
+
+
 def test_a_killed_run_resumes_from_its_shards_and_ends_as_an_uninterrupted_one(bundle, listing, uninterrupted,
-                                                                               tmp_path, monkeypatch):
+                                                                               uninterrupted_embeddings, tmp_path,
+                                                                               monkeypatch):
     out = tmp_path / "pred.csv"
     command = [sys.executable, str(KILLER), "1", "predict", str(bundle), str(listing), "-o", str(out),
-               "--block", BLOCK, "--no-progress"]
+               "--block", BLOCK, "--no-progress", "--embeddings"]
     proc = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     work = parts_dir(out)
-    assert not out.exists() and sorted(p.name for p in work.glob("block-*")) == ["block-00000000.parquet"]
+    assert not out.exists() and sorted(p.name for p in work.glob("block-*.parquet")) == ["block-00000000.parquet"]
+    member = load_bundle(bundle).members[0].name
+    assert [p.name for p in work.glob("block-*.npy")] == [f"block-00000000.embeddings-{member}.npy"]
     made_from = json.loads((work / MANIFEST).read_text())["made_from"]
     assert made_from["input"] and made_from["bundle"] and made_from["block"] == int(BLOCK)
 
     written = []
     real = collection.write_shard
     monkeypatch.setattr(collection, "write_shard", lambda path, table: (written.append(path.name), real(path, table)))
-    assert predict(bundle, listing, out) == 0
+    assert predict(bundle, listing, out, "--embeddings") == 0
     assert written == ["block-00000001.parquet", "block-00000002.parquet"]  # block 0 not predicted again
     assert out.read_bytes() == uninterrupted.read_bytes()
+    assert_same_stores(out.with_suffix(".embeddings"), uninterrupted_embeddings)
     assert not work.exists()
 
 
@@ -105,6 +137,7 @@ def test_another_bundle_input_or_option_with_the_same_output_is_refused(bundle, 
     write_manifest(other_bundle)
     _refused(capsys, predict(other_bundle, listing, out), r"another prediction \(bundle: ")
     _refused(capsys, predict(bundle, listing, out, "--top-k", "3"), r"another prediction \(top_k: 5 there, 3 now\)")
+    _refused(capsys, predict(bundle, listing, out, "--embeddings"), r"another prediction \(embeddings: None there, True now\)")
     assert not out.exists() and len(list(parts_dir(out).glob("block-*"))) == 1  # nothing touched
 
 
@@ -134,14 +167,17 @@ def test_the_page_of_a_large_run_is_capped_and_says_what_it_left_out(bundle, lis
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_processes_write_exactly_the_rows_of_one(bundle, listing, uninterrupted, tmp_path):
+def test_two_processes_write_exactly_the_rows_of_one(bundle, listing, uninterrupted, uninterrupted_embeddings,
+                                                     tmp_path):
     out = tmp_path / "pred.csv"
     env = {**child_env(), "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "herbens",
-               "predict", str(bundle), str(listing), "-o", str(out), "--block", BLOCK, "--no-progress"]
+               "predict", str(bundle), str(listing), "-o", str(out), "--block", BLOCK, "--no-progress",
+               "--embeddings", str(tmp_path / "sheets")]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert out.read_bytes() == uninterrupted.read_bytes()
+    assert_same_stores(tmp_path / "sheets", uninterrupted_embeddings)
 
 
 @pytest.mark.distributed
@@ -157,3 +193,47 @@ def test_a_process_that_fails_stops_every_process_instead_of_a_hang(bundle, list
     assert "another process failed predicting its blocks" in proc.stderr
     assert sorted(p.name for p in parts_dir(out).glob("block-*")) == ["block-00000000.parquet",
                                                                       "block-00000002.parquet"]
+
+
+def test_the_embeddings_beside_the_names_are_the_infer_embeddings_of_the_same_sheets(
+        bundle, listing, uninterrupted, uninterrupted_embeddings, tiny_run, tiny_herbarium, tmp_path):
+    assert (uninterrupted_embeddings.parent / "pred.csv").read_bytes() == uninterrupted.read_bytes()
+    member = load_bundle(bundle).members[0]
+    store = read_embeddings(uninterrupted_embeddings / member.name, SPLIT)
+    assert store.image_ids == listing.read_text().splitlines()
+    assert store.meta["views"] == member.views and store.meta["tta_space"] == member.tta_space
+    assert store.meta["model"] == member.name and store.labels is None
+    marker = json.loads((uninterrupted_embeddings / MARKER).read_text())
+    assert marker["rows"] == 12 and marker["output"] == "pred.csv" and marker["members"] == [member.name]
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    infer_run(run, ["test"], views=member.views, tta_space=member.tta_space, data_root=str(tiny_herbarium),
+              embeddings=True)
+    inferred = read_embeddings(run, "test")
+    test = load_test_metadata(tiny_herbarium / "test_metadata.json")
+    order = [inferred.image_ids.index(str(i)) for i in test["image_id"]]
+    np.testing.assert_array_equal(np.asarray(store.matrix), np.asarray(inferred.matrix)[order])
+
+
+def test_a_sheet_listed_twice_has_one_row_and_an_unreadable_one_none(bundle, listing, uninterrupted_embeddings,
+                                                                     tmp_path):
+    paths = listing.read_text().splitlines()
+    twice = tmp_path / "twice.txt"
+    twice.write_text("\n".join([paths[0], paths[1], str(tmp_path / "missing.jpg"), paths[0], paths[2]]) + "\n")
+    assert predict(bundle, twice, tmp_path / "pred.csv", "--embeddings") == 1  # the missing image
+    assert len(pd.read_csv(tmp_path / "pred.csv")) == 4
+    (ids, matrix), = stores(tmp_path / "pred.embeddings").values()
+    (_, all_matrix), = stores(uninterrupted_embeddings).values()
+    assert ids == paths[:3]
+    np.testing.assert_array_equal(matrix, all_matrix[:3])
+
+
+def test_embeddings_never_replace_a_folder_predict_did_not_write(bundle, listing, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    _refused(capsys, predict(bundle, listing, tmp_path / "pred.csv", "--embeddings", str(folder)),
+             r"--embeddings .*mine: exists and was not written by herbens predict")
+    assert (folder / "notes.txt").read_text() == "keep me" and not (tmp_path / "pred.csv").exists()
+    assert not parts_dir(tmp_path / "pred.csv").exists()

@@ -89,7 +89,7 @@ def test_teacher_targets_are_the_bundle_predictions_of_the_training_images(teach
     assert (folder / "split.csv").read_bytes() == (runs / "tiny" / "split.csv").read_bytes()
     # The slow way: predict the same training images with the bundle and compare every level.
     paths = [str(data.images_dir / f) for f in data.train["file_name"]]
-    (_, good, probs, errors), = list(block_probabilities(load_bundle(folder / "bundle"), paths, progress=False))
+    (_, good, probs, errors, _), = list(block_probabilities(load_bundle(folder / "bundle"), paths, progress=False))
     assert not errors and len(good) == len(paths)
     rows = store.rows_of(data.train["image_id"].astype(str).tolist())
     for level in ("species", "genus", "family"):

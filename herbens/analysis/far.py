@@ -113,7 +113,7 @@ def ood_scores(bundle, paths: list[str], **predict) -> tuple[dict[str, np.ndarra
     """Every OOD score the bundle can give (higher = more familiar) of the readable ``paths``,
     and their indices."""
     scores, kept = {}, []
-    for start, good, probs, _ in block_probabilities(bundle, paths, progress=False, **predict):
+    for start, good, probs, _, _ in block_probabilities(bundle, paths, progress=False, **predict):
         if probs is None:
             continue
         kept += [start + int(i) for i in good]

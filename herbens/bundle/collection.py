@@ -5,7 +5,8 @@ Each block of ``block`` input paths is predicted by one process (block ``b`` by 
 ``b % world``) with :func:`herbens.bundle.predict.predict_paths` (the one loop of ``herbens
 infer``, :mod:`herbens.infer.loop`) and written atomically as ``<output>.parts/block-<b>.parquet``:
 one row per input path (``row``, ``path``, ``record``: the JSON of the output record, or
-``error``). A block is done when its shard exists, so a killed run, started again with the same
+``error``), after the block's arrays, if any (``block-<b>.<name>.npy``: a member's embeddings of
+its readable rows, for ``--embeddings``). A block is done when its shard exists, so a killed run, started again with the same
 command, predicts only the missing blocks. ``manifest.json`` records what the shards were made
 from (the bundle's hash, the input list's hash, the options that change a record); another
 bundle, input or option with the same output is refused, naming what differs. Once every block
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -30,7 +32,7 @@ from accelerate import PartialState
 from herbens.bundle.inputs import LIST_SUFFIXES, collect_inputs, iter_listed_paths
 from herbens.bundle.load import MANIFEST as BUNDLE_MANIFEST
 from herbens.core.errors import HerbensError
-from herbens.core.fileio import atomic_write, file_sha256, read_json, write_json
+from herbens.core.fileio import atomic_write, file_sha256, read_json, save_npy, write_json
 from herbens.core.progress import progress_bar
 from herbens.core.runtime import launched_on_cpus_only
 
@@ -48,6 +50,16 @@ def parts_dir(output: Path) -> Path:
 
 def shard_path(work: Path, block: int) -> Path:
     return work / f"block-{block:08d}.parquet"
+
+
+def shard_block(shard: Path) -> int:
+    """The block number of a shard (``block-00000007.parquet`` -> 7)."""
+    return int(shard.stem.split("-")[1])
+
+
+def array_path(work: Path, block: int, name: str) -> Path:
+    """A block's array ``name`` (a member's embeddings), written before the block's shard."""
+    return work / f"block-{block:08d}.{name}.npy"
 
 
 # ----- processes ----------------------------------------------------------------------------------
@@ -165,7 +177,7 @@ def open_parts(work: Path, made_from: dict) -> None:
 
 
 def done_blocks(work: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in work.glob("block-*.parquet"))
+    return sorted(shard_block(p) for p in work.glob("block-*.parquet"))
 
 
 def record_done(work: Path) -> None:
@@ -191,11 +203,15 @@ def write_shard(path: Path, table: pa.Table) -> None:
         pq.write_table(table, handle)
 
 
-def predict_blocks(predict: Callable[[list[str]], tuple[list[dict], dict[str, str]]], inputs: InputList,
-                   work: Path, block: int, procs: Processes, progress: bool = True) -> int:
+BlockPredictor = Callable[[list[str]], tuple[list[dict], dict[str, str], dict[str, np.ndarray]]]
+
+
+def predict_blocks(predict: BlockPredictor, inputs: InputList, work: Path, block: int, procs: Processes,
+                   progress: bool = True) -> int:
     """Predict this process's blocks that have no shard yet; returns the number of blocks.
 
-    ``predict(paths) -> (records of the readable paths in order, {path: error})``.
+    ``predict(paths) -> (records of the readable paths in order, {path: error}, {name: array})``;
+    the arrays (rows: the readable paths) are saved first, so a block with a shard has them all.
     """
     count, done = 0, set(done_blocks(work))
     bar = progress_bar(desc="predict", unit="block", enabled=progress and procs.is_main)
@@ -203,7 +219,10 @@ def predict_blocks(predict: Callable[[list[str]], tuple[list[dict], dict[str, st
         count += 1
         if b % procs.world != procs.rank or b in done:
             continue
-        write_shard(shard_path(work, b), block_table(part, b * block, *predict(part)))
+        items, failed, arrays = predict(part)
+        for name, array in arrays.items():
+            save_npy(array_path(work, b, name), array)
+        write_shard(shard_path(work, b), block_table(part, b * block, items, failed))
         bar.update(1)
         if procs.is_main:
             record_done(work)

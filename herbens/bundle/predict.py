@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from herbens.bundle.merge import (
 from herbens.bundle.naming import decision_fields, is_enrolled
 from herbens.bundle.page import write_page
 from herbens.bundle.scoring import combine_members, needed_levels
+from herbens.bundle.sheet_embeddings import array_name, check_embeddings_folder, write_sheet_embeddings
 from herbens.core.errors import HerbensError
 from herbens.core.progress import progress_bar
 from herbens.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MIN_IMAGE_SIDE
@@ -102,23 +103,32 @@ class Predictions:
     rows: th.RowSummary
     decisions: np.ndarray
     failures: list[tuple[str, str]]
+    embeddings: list[np.ndarray] | None = None  # per member, unit float32 [n, D] (keep_embeddings)
+
+
+class Block(NamedTuple):
+    """One block of predicted paths (:func:`block_probabilities`)."""
+
+    start: int                      # index of the block's first path
+    good: np.ndarray                # the block's rows (0-based) every member could read
+    probs: object                   # their LevelProbabilities (None when no row was readable)
+    errors: dict[int, str]          # row -> message for the others
+    embeddings: list[np.ndarray] | None = None  # per member, unit float32 [len(good), D] (keep_embeddings)
 
 
 def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, device: str = "cpu", workers: int = 0,
                         block: int = 1024, progress: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                        min_side: int = DEFAULT_MIN_IMAGE_SIDE):
-    """Yield ``(start, good, probabilities, errors)`` per block of ``block`` paths.
-
-    ``good`` are the block's rows (0-based within the block) every member could read,
-    ``probabilities`` their :class:`herbens.bundle.scoring.LevelProbabilities` and ``errors``
-    ``{row: message}`` for the others. Memory holds one block per member.
+                        min_side: int = DEFAULT_MIN_IMAGE_SIDE, keep_embeddings: bool = False) -> Iterator[Block]:
+    """Yield a :class:`Block` per ``block`` paths: the probabilities of its readable rows, the
+    errors of the others and, with ``keep_embeddings``, each member's embeddings of the readable
+    rows. Memory holds one block per member.
     """
 
     levels = needed_levels(bundle.params)
     classes = {lv: bundle.taxonomy.num_classes(lv) for lv in levels}
     bar = progress_bar(total=len(paths) * len(bundle.members), desc="predict", unit="img", enabled=progress)
     enrolment = bundle.enrolment
-    embeddings = enrolment is not None or bundle.ood_banks is not None
+    embeddings = keep_embeddings or enrolment is not None or bundle.ood_banks is not None
     for start in range(0, len(paths), block):
         part = paths[start:start + block]
         logits, errors = [], {}
@@ -129,15 +139,18 @@ def block_probabilities(bundle, paths: list[str], *, batch_size: int = 32, devic
             for i, message in failed.items():
                 errors.setdefault(i, message)
         good = np.array([i for i in range(len(part)) if i not in errors], dtype=np.int64)
-        probs = combine_members([{lv: m[lv][good] for lv in levels} for m in logits], bundle.params, bundle.space) \
-            if len(good) else None
-        if probs is not None and enrolment is not None:
+        if not len(good):
+            yield Block(start, good, None, errors, [] if keep_embeddings else None)
+            continue
+        probs = combine_members([{lv: m[lv][good] for lv in levels} for m in logits], bundle.params, bundle.space)
+        member_embeddings = [m["embedding"][good] for m in logits] if embeddings else None
+        if enrolment is not None:
             # Enrolled species: prototype scores fused with the combined head (herbens.bundle.enrolment).
-            probs = enrolment.fuse(probs, [m["embedding"][good] for m in logits])
-        if probs is not None and bundle.ood_banks is not None:
+            probs = enrolment.fuse(probs, member_embeddings)
+        if bundle.ood_banks is not None:
             # The knn OOD score: distance to each member's training embeddings (herbens.bundle.distance).
-            probs = replace(probs, distance=combined_distance([m["embedding"][good] for m in logits], bundle.ood_banks))
-        yield start, good, probs, errors
+            probs = replace(probs, distance=combined_distance(member_embeddings, bundle.ood_banks))
+        yield Block(start, good, probs, errors, member_embeddings if keep_embeddings else None)
     bar.close()
 
 
@@ -156,28 +169,34 @@ def check_predict_options(top_k: int, batch_size: int, workers: int, block: int,
 
 def predict_paths(bundle, paths: list[str], *, top_k: int = 5, batch_size: int = 32, device: str = "cpu",
                   workers: int = 0, block: int = 1024, progress: bool = True,
-                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE) -> Predictions:
-    """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images."""
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE,
+                  keep_embeddings: bool = False) -> Predictions:
+    """Predict every readable image of ``paths`` with the bundle, in blocks of ``block`` images
+    (with ``keep_embeddings`` also each member's embeddings of them)."""
 
     check_predict_options(top_k, batch_size, workers, block, max_pixels, min_side)
     kept, tops, probs, rows, failures = [], [], [], [], {}
-    for start, good, level_probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
-                                                               workers=workers, block=block, progress=progress,
-                                                               max_pixels=max_pixels, min_side=min_side):
-        failures.update({start + i: message for i, message in errors.items()})
-        if level_probs is None:
+    embeddings = [[] for _ in bundle.members]
+    for part in block_probabilities(bundle, paths, batch_size=batch_size, device=device, workers=workers, block=block,
+                                    progress=progress, max_pixels=max_pixels, min_side=min_side,
+                                    keep_embeddings=keep_embeddings):
+        failures.update({part.start + i: message for i, message in part.errors.items()})
+        if part.probs is None:
             continue
-        top = top_k_columns(level_probs.scores, top_k)
-        kept += [paths[start + i] for i in good]
+        top = top_k_columns(part.probs.scores, top_k)
+        kept += [paths[part.start + i] for i in part.good]
         tops.append(top)  # a bundle's columns are its taxonomy's order, the rows of names.csv
-        probs.append(np.take_along_axis(level_probs.species, top, axis=1))
-        rows.append(th.summarize(level_probs, bundle.ood_score))
+        probs.append(np.take_along_axis(part.probs.species, top, axis=1))
+        rows.append(th.summarize(part.probs, bundle.ood_score))
+        for mine, block_embeddings in zip(embeddings, part.embeddings or []):
+            mine.append(block_embeddings)
     failure_list = [(paths[i], failures[i]) for i in sorted(failures)]
     if not kept:
         return Predictions([], np.zeros((0, top_k), np.int64), np.zeros((0, top_k)), None, np.array([]), failure_list)
     summary = th.RowSummary.concat(rows)
     return Predictions(kept, np.concatenate(tops), np.concatenate(probs), summary,
-                       th.decide(summary, bundle.thresholds), failure_list)
+                       th.decide(summary, bundle.thresholds), failure_list,
+                       [np.concatenate(m) for m in embeddings] if keep_embeddings else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -204,8 +223,8 @@ def records(bundle, pred: Predictions) -> list[dict]:
 def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path | None = None, top_k: int = 5,
                     batch_size: int = 32, device: str | None = None, workers: int = 0, progress: bool = True,
                     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE,
-                    block: int = DEFAULT_BLOCK,
-                    page_cap: int = DEFAULT_PAGE_CAP, log: Callable[[str], None] = print) -> int:
+                    block: int = DEFAULT_BLOCK, page_cap: int = DEFAULT_PAGE_CAP, embeddings: Path | None = None,
+                    log: Callable[[str], None] = print) -> int:
     """Everything ``herbens predict`` does; returns the exit status (1 when some image failed).
 
     Streams the input in blocks of ``block`` paths into resumable shards beside ``output`` and
@@ -213,6 +232,8 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
     launch`` every process predicts its own blocks and the first one merges. ``device`` None:
     the accelerator when present. ``page_cap``: most cards on the HTML page. ``min_side``: images
     with a shorter side are refused as too small to be specimen images (0: no minimum).
+    ``embeddings``: a folder for every member's embeddings of the predicted sheets
+    (:mod:`herbens.bundle.sheet_embeddings`).
     """
     check_predict_options(top_k, batch_size, workers, block, max_pixels, min_side)
     if fmt not in OUTPUT_FORMATS:
@@ -228,27 +249,38 @@ def predict_command(bundle_path, source, output, *, fmt: str = "csv", html: Path
         made_from = {"format": FORMAT_VERSION, "bundle": bundle_digest(bundle), "input": inputs.digest(),
                      "block": block, "top_k": top_k, "max_pixels": max_pixels,
                      "min_side": min_side}
+        if embeddings is not None:
+            check_embeddings_folder(Path(embeddings))
+            made_from["embeddings"] = True  # shards made without them lack the arrays
         check_parts(work, made_from)  # every process refuses alike, before any waits for the others
         if procs.is_main:
             open_parts(work, made_from)
         procs.barrier()
 
-        def predict(part: list[str]) -> tuple[list[dict], dict[str, str]]:
+        def predict(part: list[str]) -> tuple[list[dict], dict[str, str], dict[str, np.ndarray]]:
             pred = predict_paths(bundle, part, top_k=top_k, batch_size=batch_size, device=procs.device, workers=workers,
-                                 block=len(part), progress=False, max_pixels=max_pixels, min_side=min_side)
-            return (records(bundle, pred) if pred.paths else []), dict(pred.failures)
+                                 block=len(part), progress=False, max_pixels=max_pixels, min_side=min_side,
+                                 keep_embeddings=embeddings is not None)
+            arrays = {array_name(m.name): e for m, e in zip(bundle.members, pred.embeddings or [])}
+            return (records(bundle, pred) if pred.paths else []), dict(pred.failures), arrays
 
         blocks = procs.run_everywhere(lambda: predict_blocks(predict, inputs, work, block, procs, progress),
                                       "predicting its blocks (rerun the same command to resume)")
         if not procs.is_main:
             return 0
-        return _merge(bundle, source, inputs, [shard_path(work, b) for b in range(blocks)], output, fmt, html, top_k,
-                      page_cap, log)
+        shards = [shard_path(work, b) for b in range(blocks)]
+        return _merge(bundle, source, inputs, shards, output, fmt, html, top_k, page_cap, log,
+                      None if embeddings is None else Path(embeddings), made_from, progress)
 
 
 def _merge(bundle, source, inputs: InputList, shards: list[Path], output: Path, fmt: str, html: Path | None,
-           top_k: int, page_cap: int, log: Callable[[str], None]) -> int:
-    """Merge the shards into ``output`` (and the page), report, and remove the parts folder."""
+           top_k: int, page_cap: int, log: Callable[[str], None], embeddings: Path | None, made_from: dict,
+           progress: bool) -> int:
+    """Merge the shards into ``output`` (and the page) and, into the folder ``embeddings``, the
+    members' embeddings; report, and remove the parts folder.
+
+    The embeddings are written first: a kill before the parts folder is removed leaves it for
+    the rerun, which merges again."""
     for path, reason in inputs.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     work = shards[0].parent if shards else None
@@ -260,6 +292,9 @@ def _merge(bundle, source, inputs: InputList, shards: list[Path], output: Path, 
         remove_parts(work)
         raise HerbensError(f"{source}: none of the {failed} image(s) could be read (each failure is "
                            f"listed above); nothing written")
+    if embeddings is not None:
+        rows = write_sheet_embeddings(embeddings, bundle, shards, made_from, output, progress)
+        log(f"wrote {embeddings}: the embeddings of {rows} sheet(s) by {len(bundle.members)} member(s)")
     sample = PageSample(page_cap)
     with output_writer(output, fmt, top_k, bundle, finite(bundle.thresholds)) as write:
         for items, failures in shard_items(shards):

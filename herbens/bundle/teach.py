@@ -80,7 +80,7 @@ def write_teacher(source: str | Path, out: str | Path, *, k: int = DEFAULT_K, ba
     for name in ("taxonomy.json", "split.csv"):
         shutil.copyfile(run_dirs[0] / name, out / name)
     with open_targets_writer(out, "train", ids, shapes, meta) as writer:
-        for start, good, probs, errors in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
+        for start, good, probs, errors, _ in block_probabilities(bundle, paths, batch_size=batch_size, device=device,
                                                               workers=workers, progress=progress):
             if errors:
                 listed = "; ".join(f"{paths[start + i]}: {m}" for i, m in sorted(errors.items())[:3])

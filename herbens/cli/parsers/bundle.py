@@ -61,6 +61,9 @@ def add_predict(subparsers) -> None:
                                                    "under torchrun / accelerate launch each process's own)")
     p.add_argument("--block", type=int, default=BLOCK,
                    help="paths per shard: the unit of resume and of work per process (default: %(default)s)")
+    p.add_argument("--embeddings", nargs="?", const=True, default=None, metavar="DIR",
+                   help="also write every member's embeddings of the predicted sheets, one embeddings store "
+                        "per member (default DIR: OUTPUT with .embeddings), for enrolment, search or re-scoring")
     p.add_argument("--page-cap", type=int, default=PAGE_CAP, metavar="N",
                    help="most sheets on the HTML page: all unknown ones first, then a random sample "
                         "(default: %(default)s)")
