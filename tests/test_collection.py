@@ -29,6 +29,7 @@ from herbens.stores.embeddings import read_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = Path(__file__).with_name("predict_killer.py")
+STANDIN = Path(__file__).with_name("predict_standin.py")
 HANG_TIMEOUT_S = 600  # guards against a hung child, not a speed requirement
 BLOCK = "4"
 
@@ -237,3 +238,26 @@ def test_embeddings_never_replace_a_folder_predict_did_not_write(bundle, listing
              r"--embeddings .*mine: exists and was not written by herbens predict")
     assert (folder / "notes.txt").read_text() == "keep me" and not (tmp_path / "pred.csv").exists()
     assert not parts_dir(tmp_path / "pred.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_million_paths_take_the_memory_of_ten_thousand(bundle, listing, tmp_path):
+    """Peak RSS of the whole command over 1,000,000 distinct paths within 1.5x of 10,000: the list
+    streamed, one block of records at a time, shards merged one by one (the forward pass, one
+    batch whatever the count, is done once by tests/predict_standin.py)."""
+    peak = {}
+    for count in (10_000, 1_000_000):
+        names, out = tmp_path / f"list_{count}.txt", tmp_path / f"pred_{count}.csv"
+        with open(names, "w") as handle:
+            handle.writelines(f"/collection/sheet-{i:07d}.jpg\n" for i in range(count))
+        command = [sys.executable, str(STANDIN), str(listing), "predict", str(bundle), str(names), "-o", str(out),
+                   "--no-progress", "--html"]
+        proc = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                              timeout=HANG_TIMEOUT_S * 3)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peak[count] = int(proc.stdout.split("RSS")[-1].split()[0])
+        with open(out) as handle:
+            rows = sum(1 for _ in handle) - 1
+            assert rows == count
+        assert f"{count - 1:07d}.jpg" in pd.read_csv(out, skiprows=range(1, count)).path[0]
+    assert peak[1_000_000] <= 1.5 * peak[10_000], peak
