@@ -8,7 +8,9 @@ schedule, :func:`herbens.training.engine.train_step`, :func:`herbens.training.ch
 ``OUT/<recipe>/`` and writes ``OUT/<recipe>/rank<r>.pt`` with what this rank saw and holds:
 per-step losses, the labels of its own batches, the criterion's state (Seesaw counts), the
 model's parameters (sub-center ArcFace ``W`` included), before and after training, and (with
-``distill.teacher``) the image id and teacher targets of every sample it trained on.
+``distill.teacher``) the image id and teacher targets of every sample it trained on; with
+``distill.online`` also, per step, the image ids, the (mixed) images the online teacher scored
+and its species log-probabilities.
 
 The test compares the ranks' files: DDP and the Seesaw all-reduce must leave them identical.
 """
@@ -36,7 +38,8 @@ from herbens.optim.schedules import build_schedule
 from herbens.stores.targets import teacher_for_training  # noqa: E402
 from herbens.training.checkpoint import save_checkpoint  # noqa: E402
 from herbens.training.engine import TrainParts, TrainState, train_step  # noqa: E402
-from herbens.training.setup import build_accelerator  # noqa: E402
+from herbens.training.setup import build_accelerator, build_mixup  # noqa: E402
+from herbens.training.teacher import online_teacher  # noqa: E402
 
 
 def parameters(model) -> dict[str, torch.Tensor]:
@@ -63,7 +66,17 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
     state = TrainState()
     for obj in (schedule, state, criterion):
         accelerator.register_for_checkpointing(obj)
-    parts = TrainParts(accelerator, model, criterion, optimizer, schedule, tuple(cfg["levels"]))
+    scored = []  # per online teacher call: (image ids, images, species logp); ids: the batch's, set below
+    live = online_teacher(cfg["distill"], data.taxonomy, distill["levels"] if distill else (), data_config, accelerator)
+
+    def recording_teacher(images):
+        targets = live(images)
+        scored.append((ids, images.cpu().clone(), targets["teacher.species.logp"].cpu().clone()))
+        return targets
+
+    parts = TrainParts(accelerator, model, criterion, optimizer, schedule, tuple(cfg["levels"]),
+                       mixup=build_mixup(cfg, data.taxonomy.num_classes("species")),
+                       teacher=recording_teacher if live is not None else None)
     losses, labels, taught = [], {level: [] for level in cfg["levels"]}, []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -71,8 +84,8 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
         for batch in loader:
             for level in labels:
                 labels[level].append(batch[level].cpu())
+            ids = data.train["image_id"].iloc[batch["index"].cpu().numpy()].astype(str).tolist()
             if teacher is not None:
-                ids = data.train["image_id"].iloc[batch["index"].cpu().numpy()].astype(str).tolist()
                 taught += zip(ids, batch["teacher.species.rest"].cpu().tolist())
             losses.append(float(train_step(parts, batch, state)["loss"]))
     save_checkpoint(accelerator, run_dir, state, keep=1)
@@ -83,6 +96,7 @@ def probe(accelerator, recipe: str, out: Path, overrides: list[str], epochs: int
         "labels": {level: torch.cat(v).tolist() for level, v in labels.items()},
         "criterion": {k: v.cpu() for k, v in criterion.state_dict().items()},
         "taught": taught,
+        "scored": scored,
         "initial": initial,
         "final": parameters(accelerator.unwrap_model(model)),
     }, run_dir / f"rank{accelerator.process_index}.pt")

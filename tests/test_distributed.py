@@ -258,3 +258,27 @@ def test_every_image_gets_its_own_teacher_row(tiny_herbarium, tmp_path):
     assert {i for i, _ in ranks[0]["taught"]}.isdisjoint({i for i, _ in ranks[1]["taught"]})
     for image_id, value in seen:
         assert value == pytest.approx(fingerprint[image_id], abs=1e-6), image_id
+
+
+def test_two_processes_give_every_image_its_own_online_teacher_scores(tiny_herbarium, tiny_run, tmp_path):
+    """Each rank's online teacher scores that rank's own mixed batch (of 4: timm mixes even
+    batches): the ranks' images are disjoint, and every recorded score is the bundle's softmax
+    of exactly the images scored."""
+    from herbens.bundle.load import load_bundle
+
+    assert cli_main(["export", str(tiny_run), "-o", str(tmp_path / "bundle")]) == 0
+    torchrun(ROOT / "tests" / "dist_probe.py",
+             [str(tmp_path / "out"), "demo_ce", "--epochs", "1", "--overrides", f"data.root={tiny_herbarium}",
+              *COMMON, *PROBE_OVERRIDES, "train.batch_size=4", "augment.mixup=0.8", f"distill.teacher={tmp_path / 'bundle'}",
+              "distill.online=true"])
+    ranks = load_ranks(tmp_path / "out" / "demo_ce")
+    assert ranks[0]["scored"] and ranks[1]["scored"]
+    ids = [{i for step in rank["scored"] for i in step[0]} for rank in ranks]
+    assert ids[0].isdisjoint(ids[1])
+    member = load_bundle(tmp_path / "bundle").members[0]
+    for rank in ranks:
+        for step_ids, images, logp in rank["scored"]:
+            assert len(step_ids) == len(images) == len(logp)
+            with torch.no_grad():
+                expected = torch.log_softmax(member.model(images)["species"].double(), dim=1)
+            torch.testing.assert_close(logp.double(), expected, rtol=1e-4, atol=1e-4)

@@ -28,9 +28,13 @@ def check_rules(cfg: dict, source: str) -> None:
         _check_component_needs(cfg)
     except HerbensError as exc:
         raise HerbensError(f"{source}: {exc}") from None
-    if cfg["distill"]["teacher"] and (cfg["augment"]["mixup"] or cfg["augment"]["cutmix"]):
+    distill = cfg["distill"]
+    if distill["teacher"] and not distill["online"] and (cfg["augment"]["mixup"] or cfg["augment"]["cutmix"]):
         raise HerbensError(f"{source}: distill.teacher cannot be combined with augment.mixup/cutmix (the "
-                           "teacher's targets describe the unmixed images): set augment.mixup=0 and augment.cutmix=0")
+                           "teacher's stored targets describe the unmixed images): set augment.mixup=0 and "
+                           "augment.cutmix=0, or distill.online=true (the teacher scores the mixed batch)")
+    if distill["online"] and not distill["teacher"]:
+        raise HerbensError(f"{source}: distill.online=true needs distill.teacher (a bundle or a herbens teach folder)")
     _check_probe(cfg, source)
     _check_text_heads(cfg, source)
 

@@ -346,8 +346,12 @@ class Infer(Section):
 
 
 class Distill(Section):
-    teacher: str | None = Field(None, description="folder holding targets/train/ written by herbens teach "
-                                                  "(null: no distillation)")
+    teacher: str | None = Field(None, description="folder holding targets/train/ written by herbens teach; "
+                                                  "with online: a bundle (herbens export) or a herbens teach "
+                                                  "folder (its bundle/) (null: no distillation)")
+    online: bool = Field(False, description="the teacher scores each training batch as the student sees it "
+                                            "(augmented and mixed; Beyer et al. 2022), instead of stored targets "
+                                            "of its own test-time views")
     temperature: float = Field(1.0, gt=0, description="softens teacher and student alike; the KL term is "
                                                       "scaled by T^2")
     alpha: float = Field(0.5, ge=0, le=1, description="share of the distillation term in each distilled "
@@ -384,4 +388,5 @@ class Recipe(Section):
     infer: Infer = Field({}, description="logits written at the end of training and by herbens infer",
                          json_schema_extra=RESUMABLE)
     distill: Distill = Field({}, description="knowledge distillation (Hinton et al. 2015) from an ensemble's "
-                                             "sparse soft targets (herbens teach)")
+                                             "sparse soft targets (herbens teach) or, online, from the "
+                                             "ensemble's bundle scoring each batch")

@@ -79,7 +79,10 @@ class HierarchicalLoss(nn.Module):
         """Each image's factor on its distillation terms (its species' weight), or None."""
         if self.distill_class_weights is None:
             return None
-        return self.distill_class_weights[self.level_target("species", targets).long()]
+        species = self.level_target("species", targets)
+        if species.ndim == 2:  # a mixed (soft) species target: the mixed images' weights, mixed alike
+            return species.float() @ self.distill_class_weights
+        return self.distill_class_weights[species.long()]
 
     def distillation(self, level: str, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
                      weights: torch.Tensor | None = None) -> torch.Tensor:

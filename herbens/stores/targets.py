@@ -246,18 +246,20 @@ def teacher_for_training(distill_cfg: dict, train_frame, taxonomy, levels: Seque
     training image of the student (by image id, so row order does not matter).
 
     Returns:
-        ``(TeacherRows, {"levels", "alpha", "temperature", "class_balanced_beta"})`` or ``(None, None)`` when
-        ``distill.teacher`` is null.
+        ``(TeacherRows, {"levels", "alpha", "temperature", "class_balanced_beta"})``; ``(None, options)``
+        with ``distill.online`` (every recipe level: the online teacher predicts them all); ``(None,
+        None)`` when ``distill.teacher`` is null.
     """
     if not distill_cfg.get("teacher"):
         return None, None
+    options = {"alpha": float(distill_cfg["alpha"]), "temperature": float(distill_cfg["temperature"]),
+               "class_balanced_beta": distill_cfg.get("class_balanced_beta")}
+    if distill_cfg.get("online"):  # the targets come from the teacher in each step (herbens.training.teacher)
+        return None, {"levels": list(levels), **options}
     store = read_targets(distill_cfg["teacher"], "train", taxonomy=taxonomy)
     shared = [level for level in levels if level in store.levels]
     if not shared:
         raise HerbensError(f"distill.teacher {distill_cfg['teacher']}: its targets cover {', '.join(store.levels)}, "
                            f"none of this recipe's levels ({', '.join(levels)})")
     rows = store.rows_of(train_frame["image_id"].astype(str).tolist())
-    options = {"levels": shared, "alpha": float(distill_cfg["alpha"]),
-               "temperature": float(distill_cfg["temperature"]),
-               "class_balanced_beta": distill_cfg.get("class_balanced_beta")}
-    return TeacherRows(distill_cfg["teacher"], rows, shared), options
+    return TeacherRows(distill_cfg["teacher"], rows, shared), {"levels": shared, **options}

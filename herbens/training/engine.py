@@ -47,11 +47,28 @@ class TrainParts:
     ema: object = None
     clip_grad: float | None = None
     progress: bool = True  # progress bars of this process (shown on the main process only)
+    teacher: object = None  # herbens.training.teacher.OnlineTeacher (distill.online)
 
 
 def batch_targets(batch: dict, levels) -> dict:
     """Each level's labels, and the teacher's sparse targets when distilling."""
     return {key: value for key, value in batch.items() if key in levels or key.startswith("teacher.")}
+
+
+def step_inputs(batch: dict, levels, mixup=None, teacher=None) -> tuple:
+    """The images a step trains on, the hard labels (margin heads read them) and the loss targets.
+
+    Mixup/CutMix mixes the images and the species target; an online teacher then scores exactly
+    those mixed images, so its targets describe what the student sees.
+    """
+    images = batch["image"]
+    hard = batch_targets(batch, levels)
+    targets = dict(hard)
+    if mixup is not None:
+        images, targets["species"] = mixup(images, hard["species"])
+    if teacher is not None:
+        targets.update(teacher(images))
+    return images, hard, targets
 
 
 def window_loss_scale(position: int, total_batches: int, grad_accum: int) -> float:
@@ -75,11 +92,7 @@ def train_step(parts: TrainParts, batch: dict, state: TrainState, loss_scale: fl
     """
     acc = parts.accelerator
     with acc.accumulate(parts.model):
-        images = batch["image"]
-        hard = batch_targets(batch, parts.levels)
-        targets = dict(hard)
-        if parts.mixup is not None:
-            images, targets["species"] = parts.mixup(images, hard["species"])
+        images, hard, targets = step_inputs(batch, parts.levels, parts.mixup, parts.teacher)
         outputs = parts.model(images, targets=hard)
         losses = parts.criterion(outputs, targets)
         acc.backward(losses["loss"] * loss_scale)
@@ -164,6 +177,8 @@ def train_one_epoch(parts: TrainParts, loader, state: TrainState, total_batches:
         if acc.sync_gradients and on_step is not None:
             on_step()
     out = totals.read()
+    if parts.teacher is not None:
+        out.update(parts.teacher.cost())
     bar.close()
     elapsed = time.perf_counter() - start
     out.update(images_per_second=images / max(elapsed, 1e-9), epoch_time_s=elapsed,

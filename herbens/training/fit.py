@@ -39,6 +39,9 @@ from herbens.training.preflight import Plan, run_preflight
 from herbens.training.run_folder import clear_failed_start, first_missing_folder, remove_created_folders, start_mode
 from herbens.training.setup import TrainingSetup, build_accelerator, build_setup
 
+# Per-epoch figures of what a step costs, recorded under their own names (not as loss parts).
+COST_KEYS = ("images_per_second", "epoch_time_s", "teacher_s_per_step")
+
 
 def git_revision() -> str | None:
     """The source revision, recorded so a run folder says what code produced it."""
@@ -183,7 +186,7 @@ def _train(cfg: dict, setup: TrainingSetup, state: TrainState, resume: bool, run
     accelerator.init_trackers(cfg["name"], config=_tracker_config(cfg))
     parts = TrainParts(accelerator, setup.model, setup.criterion, setup.optimizer, setup.schedule,
                        tuple(cfg["levels"]), mixup=setup.mixup, ema=setup.ema, clip_grad=cfg["train"]["clip_grad"],
-                       progress=progress)
+                       progress=progress, teacher=setup.teacher)
     _train_epochs(cfg, parts, setup.loader, setup.sampler, setup.val_loader, state, run_dir, setup.data.taxonomy)
 
 
@@ -254,8 +257,9 @@ def _train_epochs(cfg, parts: TrainParts, loader, sampler, val_loader, state: Tr
         _report_unreadable(acc, loader.dataset, stats.pop("unreadable"), unreadable, epoch)
         record = {"epoch": epoch + 1, "step": state.step,
                   "train_loss": stats.pop("loss"), "lr": current_lr(parts.optimizer)}
-        record.update({f"loss_{k}": v for k, v in stats.items() if k not in ("images_per_second", "epoch_time_s")})
-        record.update(images_per_second=stats["images_per_second"], epoch_time_s=stats["epoch_time_s"], **scores)
+        cost = {k: stats.pop(k) for k in COST_KEYS if k in stats}
+        record.update({f"loss_{k}": v for k, v in stats.items()})
+        record.update(cost, **scores)
         state.history.append(record)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         acc.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=state.step)

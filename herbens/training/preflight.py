@@ -29,7 +29,7 @@ from herbens.core.errors import HerbensError
 from herbens.infer.loop import Engine, predict_batches
 from herbens.optim.optimizers import SGD_FAMILY, build_optimizer
 from herbens.optim.schedules import build_training_schedule
-from herbens.training.engine import batch_targets
+from herbens.training.engine import step_inputs
 
 # Bytes per element of a stored logit (the logits store keeps float16).
 LOGIT_BYTES = 2
@@ -159,15 +159,13 @@ def few_train_images(dataset, levels) -> dict:
 
 
 def check_train_step(model, criterion, batch: dict, levels, opt_cfg: dict, lr: float, accelerator,
-                     mixup=None) -> None:
-    """One forward, backward and optimizer step on copies of the model and the loss."""
+                     mixup=None, teacher=None) -> None:
+    """One forward, backward and optimizer step on copies of the model and the loss (and the
+    online teacher's targets of the batch)."""
     model, criterion = copy.deepcopy(model).train(), copy.deepcopy(criterion)
     optimizer = build_optimizer(model, list(criterion.parameters()), opt_cfg, lr)
-    images = batch["image"].to(accelerator.device)
-    hard = {key: value.to(accelerator.device) for key, value in batch_targets(batch, levels).items()}
-    targets = dict(hard)
-    if mixup is not None:
-        images, targets["species"] = mixup(images, hard["species"])
+    on_device = {key: value.to(accelerator.device) for key, value in batch.items() if torch.is_tensor(value)}
+    images, hard, targets = step_inputs(on_device, levels, mixup, teacher)
     with accelerator.autocast():
         losses = criterion(model(images, targets=hard), targets)
     if not torch.isfinite(losses["loss"]):
@@ -269,7 +267,7 @@ def run_preflight(cfg: dict, setup, run_dir: Path) -> Plan:
     views = Views.of_recipe(cfg)
     with preserved_rngs():
         check_train_step(setup.plain_model, setup.criterion, few_train_images(setup.loader.dataset, levels),
-                         levels, cfg["optimizer"], setup.lr, acc, setup.mixup)
+                         levels, cfg["optimizer"], setup.lr, acc, setup.mixup, setup.teacher)
         for split, (frame, images_dir, taxonomy) in splits.items():
             if split in cfg["infer"]["splits"]:  # eval mode only: training sets train mode again
                 check_prediction(setup.plain_model, cfg, frame, images_dir, taxonomy, classes, setup.data_config, acc,

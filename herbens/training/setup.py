@@ -32,6 +32,7 @@ from herbens.models.net import build_model
 from herbens.optim.optimizers import build_optimizer, scaled_lr
 from herbens.optim.schedules import build_training_schedule, epoch_updates
 from herbens.stores.targets import teacher_for_training
+from herbens.training.teacher import online_teacher
 
 
 def tracker_names(cfg: dict) -> list[str]:
@@ -103,6 +104,7 @@ class TrainingSetup:
     updates_per_epoch: int
     compiled_modules: int         # modules compiled in place (model.compile)
     config: dict                  # the recipe as config.yaml records it (text heads' scales filled in)
+    teacher: object = None        # the online teacher (distill.online), herbens.training.teacher
 
 
 def build_setup(cfg: dict, accelerator: Accelerator, data: RunData,
@@ -138,7 +140,9 @@ def build_setup(cfg: dict, accelerator: Accelerator, data: RunData,
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     updates = epoch_updates(len(loader), int(cfg["train"]["grad_accum"]))
     schedule = build_training_schedule(optimizer, cfg["scheduler"], cfg["train"], updates, lr)
+    teacher_model = online_teacher(cfg["distill"], data.taxonomy, distill["levels"] if distill else (), data_config,
+                                   accelerator)
     return TrainingSetup(accelerator, data, model, plain_model, criterion, optimizer, schedule,
                          build_ema(cfg, plain_model), loader, sampler, val_loader, data_config,
                          build_mixup(cfg, data.taxonomy.num_classes("species")), batch, global_batch, lr, updates,
-                         compiled, config)
+                         compiled, config, teacher_model)
