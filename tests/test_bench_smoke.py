@@ -43,3 +43,25 @@ def test_gpu_train_bench_smoke_prints_every_contender_and_its_ratio(tmp_path):
             assert float(ratio) == pytest.approx(contender["ratio_to_bare"], abs=1e-3)
             assert contender["compile_s"] == 0 and contender["peak_memory_gb"] is None  # CPU, eager
     assert (tmp_path / "gpu_train.txt").read_text().strip()
+
+
+@pytest.mark.slow
+def test_distil_bench_smoke_trains_every_model_and_reports_each_row(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    command = [sys.executable, "bench/distil_bench.py", "--workdir", str(tmp_path / "work"), "--results",
+               str(tmp_path), "--seeds", "3", "--epochs", "1", "--student-epochs", "2", "--name", "smoke"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert list(result["models"]) == ["single", "ensemble", "offline", "online", "single_long"]
+    assert result["epochs"] == {"single": 1, "ensemble": 3, "offline": 2, "online": 2, "single_long": 2}
+    seed = result["per_seed"][0]
+    assert [len(seed["curves"][k]) for k in ("demo_balanced", "offline", "online")] == [1, 2, 2]
+    assert 0 < result["teacher_share"] < 1 and result["teacher_s_per_step"] > 0
+    assert result["cost"]["ensemble"]["params_M"] > result["cost"]["single"]["params_M"] > 0
+    table = (tmp_path / "smoke.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 6  # header + 5 models
+    assert "consistent online teacher" in table
+    too_long = subprocess.run([*command[:-4], "--student-epochs", "4"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert too_long.returncode != 0 and "--student-epochs must be 1..3" in too_long.stderr

@@ -1,0 +1,180 @@
+"""Distillation where an ensemble is really better than one run: converged members on a harder herbarium.
+
+    python bench/distil_bench.py [--workdir /tmp/distil_bench] [--seeds 3 13 23] [--epochs 32]
+                                 [--student-epochs 64] [--name distil_bench] [--results bench/results]
+
+On the demo herbarium every 16-epoch run is optimisation-limited, so nothing can be learnt there
+about distillation (bench/distil_demo.py). This bench builds a harder synthetic herbarium
+(``HARD``: more species, more intra-class variation, a longer tail) and, for each seed:
+
+1. the three demo recipes (``demo_balanced``, ``demo_arcface``, ``demo_seesaw``), each trained
+   for ``--epochs`` (long enough that validation macro-F1 has stopped improving: the curve of
+   each run is recorded), ensembled with ``herbens ensemble`` and exported as a bundle;
+2. the converged single recipe (``demo_balanced`` of step 1);
+3. an offline student: ``demo_balanced`` trained for ``--student-epochs`` on the ensemble's
+   sparse targets (``herbens teach``; ``demo_distil``'s loss settings);
+4. an online student: the same, with the consistent teacher (``distill.online``: the bundle
+   scores each augmented, mixed batch; Mixup 0.8);
+5. the single recipe trained for ``--student-epochs`` too, so that a longer schedule alone is not
+   taken for distillation.
+
+Students get at most the ensemble's total epochs (3 x ``--epochs``). Test species macro-F1 per
+model (mean and spread over the seeds), parameters, forward GFLOPs, measured inference
+images/s (same test images, same process) and the online teacher's cost per step.
+
+Writes ``<results>/<name>.json`` and ``.md`` (default ``bench/results/distil_bench.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distil_demo import images_per_second, model_cost, summarize  # noqa: E402
+
+from herbens.config import load_config  # noqa: E402
+from herbens.data.taxonomy import Taxonomy  # noqa: E402
+from herbens.demo import DEMO_RECIPES, score_run, score_submission, solution_labels  # noqa: E402
+
+# The harder herbarium: twice the demo's species, twice its variation, a tail down to 4 images.
+HARD = {"species": 48, "seed": 0, "long_edge": 192, "min_images": 4, "max_images": 40, "test_per_species": 4,
+        "difficulty": 1.4}
+SINGLE = "demo_balanced"
+SPLIT = ["data.val_fraction=0.2", "train.log_every=50"]
+STUDENT = ["distill.temperature=1.0", "distill.alpha=0.5", "distill.class_balanced_beta=0.99"]
+ROWS = (("single", "converged single recipe"), ("ensemble", "ensemble of the three converged runs"),
+        ("offline", "student, offline sparse targets"), ("online", "student, consistent online teacher"),
+        ("single_long", "single recipe, the students' epochs"))
+
+
+def train(recipe: str, name: str, seed: int, root: Path, runs: Path, extra: list[str]) -> tuple[Path, float]:
+    from herbens.training.fit import fit
+
+    cfg = load_config(recipe, [f"data.root={root}", f"output_dir={runs}", f"name={name}", f"seed={seed}",
+                               *SPLIT, *extra])
+    start = time.perf_counter()
+    run_dir = fit(cfg, overwrite=True, progress=False)
+    return run_dir, time.perf_counter() - start
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def val_curve(run_dir: Path) -> list[float]:
+    return [round(h["val_species_macro_f1"], 3) for h in history(run_dir)]
+
+
+def one_seed(seed: int, root: Path, work: Path, epochs: int, student_epochs: int, log) -> dict:
+    """Every model of one seed: their test scores, curves, training times and the teacher's cost."""
+    from herbens.bundle.export import export_bundle
+    from herbens.bundle.teach import write_teacher
+    from herbens.ensemble.pipeline import ensemble_runs
+
+    runs = work / f"runs_s{seed}"
+    members, out = [], {"scores": {}, "seconds": {}, "curves": {}}
+    for recipe in DEMO_RECIPES:
+        run_dir, seconds = train(recipe, recipe, seed, root, runs, [f"train.epochs={epochs}"])
+        members.append(run_dir)
+        out["curves"][recipe], out["seconds"][recipe] = val_curve(run_dir), seconds
+    taxonomy = Taxonomy.load(members[0] / "taxonomy.json")
+    truth = solution_labels(root, taxonomy)
+    submission = work / f"ensemble_s{seed}.csv"
+    ensemble_runs(members, submission, progress=False, log=lambda _: None)
+    out["scores"]["single"] = score_run(members[DEMO_RECIPES.index(SINGLE)], truth, taxonomy)
+    out["scores"]["ensemble"] = score_submission(submission, root, taxonomy)
+    teacher = write_teacher(submission.with_suffix(".json"), work / f"teacher_s{seed}", log=lambda _: None,
+                            progress=False)
+    longer = [f"train.epochs={student_epochs}"]
+    for kind, extra in (("offline", [*STUDENT, f"distill.teacher={teacher}"]),
+                        ("online", [*STUDENT, f"distill.teacher={teacher / 'bundle'}", "distill.online=true",
+                                    "augment.mixup=0.8"]),
+                        ("single_long", [])):
+        run_dir, seconds = train(SINGLE, kind, seed, root, runs, [*longer, *extra])
+        out["scores"][kind] = score_run(run_dir, truth, taxonomy)
+        out["seconds"][kind], out["curves"][kind] = seconds, val_curve(run_dir)
+        if kind == "online":  # the teacher's seconds per step, and its share of the student's epoch time
+            epochs_run = history(run_dir)
+            steps = np.diff([0] + [h["step"] for h in epochs_run])
+            out["teacher_s_per_step"] = float(np.mean([h["teacher_s_per_step"] for h in epochs_run]))
+            out["teacher_share"] = float(np.mean([h["teacher_s_per_step"] * n / h["epoch_time_s"]
+                                                  for h, n in zip(epochs_run, steps)]))
+    log(f"seed {seed}: " + ", ".join(f"{k} {v['species_macro_f1']:.3f}" for k, v in out["scores"].items()))
+    out["bundles"] = {"single": export_bundle(members[DEMO_RECIPES.index(SINGLE)], work / f"bundle_single_s{seed}",
+                                              overwrite=True, log=lambda _: None),
+                      "ensemble": teacher / "bundle"}
+    return out
+
+
+def table(result: dict) -> str:
+    lines = ["| model | epochs | test species F1 | genus F1 | family F1 | params (M) | fwd GFLOPs | inference img/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind, label in ROWS:
+        s = result["models"][kind]
+        cost = result["cost"]["ensemble" if kind == "ensemble" else "single"]
+        cells = [f"{s[level]['mean']:.3f} ± {s[level]['std']:.3f}" for level in ("species", "genus", "family")]
+        lines.append(f"| {label} | {result['epochs'][kind]} | " + " | ".join(cells)
+                     + f" | {cost['params_M']:.2f} | {cost['gflops']:.3f} | {cost['images_per_second']:.1f} |")
+    gap = result["models"]["ensemble"]["species"]["mean"] - result["models"]["single_long"]["species"]["mean"]
+    for kind in ("offline", "online"):
+        gained = result["models"][kind]["species"]["mean"] - result["models"]["single_long"]["species"]["mean"]
+        share = gained / gap if gap > 0 else float("nan")
+        lines.append(f"\n{kind} student: {gained:+.3f} species F1 over the single recipe of the same epochs, "
+                     f"{share:.2f} of its gap to the ensemble (target: at least 0.5)")
+    lines.append(f"\nseeds {result['seeds']}; online teacher {result['teacher_s_per_step'] * 1000:.1f} ms per step "
+                 f"({result['teacher_share']:.0%} of the online student's training time); "
+                 f"herbarium {result['herbarium']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from herbens.data.metadata import load_test_metadata
+    from herbens.demo import synthesize_once
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/distil_bench"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3, 13, 23])
+    parser.add_argument("--epochs", type=int, default=32, help="each ensemble member's (converged) epochs")
+    parser.add_argument("--student-epochs", type=int, default=64, help="at most 3 x --epochs")
+    parser.add_argument("--name", default="distil_bench", help="results file name")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="folder of the results")
+    args = parser.parse_args(argv)
+    if not 1 <= args.student_epochs <= 3 * args.epochs:
+        raise SystemExit(f"--student-epochs must be 1..{3 * args.epochs} (the ensemble's total epochs)")
+    root = args.workdir / "data"
+    synthesize_once(root, HARD, progress=False)
+    seeds = [one_seed(seed, root, args.workdir, args.epochs, args.student_epochs, print) for seed in args.seeds]
+    taxonomy = Taxonomy.load(args.workdir / f"runs_s{args.seeds[0]}" / SINGLE / "taxonomy.json")
+    test = load_test_metadata(root / "test_metadata.json")
+    paths = [str(Path(test.attrs["images_dir"]) / f) for f in test["file_name"]]
+    bundles = [s.pop("bundles") for s in seeds][0]  # cost measured on the first seed's models
+    cost = {"single": model_cost([load_config(SINGLE, [f"data.root={root}"])], taxonomy),
+            "ensemble": model_cost([load_config(r, [f"data.root={root}"]) for r in DEMO_RECIPES], taxonomy)}
+    for kind in cost:
+        cost[kind]["images_per_second"] = images_per_second(bundles[kind], paths)
+    result = {"seeds": args.seeds, "herbarium": HARD,
+              "epochs": {"single": args.epochs, "ensemble": 3 * args.epochs, "offline": args.student_epochs,
+                         "online": args.student_epochs, "single_long": args.student_epochs},
+              "models": {kind: summarize([s["scores"][kind] for s in seeds]) for kind, _ in ROWS},
+              "teacher_s_per_step": float(np.mean([s["teacher_s_per_step"] for s in seeds])),
+              "teacher_share": float(np.mean([s["teacher_share"] for s in seeds])),
+              "cost": cost, "per_seed": seeds}
+    text = table(result)
+    print("\n" + text)
+    out = args.results
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / f"{args.name}.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
