@@ -117,8 +117,9 @@ def test_every_class_kept_makes_the_distillation_term_the_dense_kl(teacher_bundl
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_alpha_zero_trains_bit_for_bit_like_no_teacher(teacher_bundle, tiny_herbarium, tmp_path):
-    common = ["train.epochs=1", "train.deterministic=true", *MIXED]
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_alpha_zero_trains_bit_for_bit_like_no_teacher(teacher_bundle, tiny_herbarium, tmp_path, grad_accum):
+    common = ["train.epochs=1", "train.deterministic=true", f"train.grad_accum={grad_accum}", *MIXED]
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=plain", *common]) == 0
     assert train_tiny(tiny_herbarium, tmp_path, extra=["name=zero", *common, *online(teacher_bundle, "distill.alpha=0")]) == 0
     assert _history(tmp_path / "zero")[-1]["teacher_s_per_step"] > 0  # the teacher did run
