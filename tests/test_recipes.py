@@ -276,6 +276,20 @@ def test_recipes_say_which_speed_options_they_train_with():
     assert "speed" in recipes_module.format_table(list(rows.values())).splitlines()[0]
 
 
+def test_a_recipe_whose_header_says_experimental_is_listed_as_experimental(tmp_path):
+    base = recipes_module.recipe_paths()[0].parent / "demo_ce.yaml"
+    (tmp_path / "plain.yaml").write_text(f"# A plain recipe.\ndefaults: {base}\n")
+    (tmp_path / "trial.yaml").write_text(f"# A trial recipe.\n# EXPERIMENTAL: no student beat the single run yet\n"
+                                         f"defaults: {base}\n")
+    rows = {row["name"]: row for row in list_recipes(flops=False, folder=tmp_path)}
+    assert rows["plain"]["experimental"] is None
+    assert rows["trial"]["experimental"] == "no student beat the single run yet"
+    table = recipes_module.format_table(list(rows.values()))
+    assert "trial (experimental)" in table and "plain (experimental)" not in table
+    assert recipes_module.experimental_lines(list(rows.values())) == [
+        "trial is experimental: no student beat the single run yet"]
+
+
 def test_dinov2_style_weights_load_at_a_non_square_size(tmp_path, taxonomy):
     """A DINOv2-with-registers trunk pre-trained on a square grid loads at a portrait size (as
     dinov2_b14_546x420 does at full size): timm resamples the position embeddings, and the model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from herbens.config.catalogue import format_table, list_recipes, table_note
+from herbens.config.catalogue import experimental_lines, format_table, list_recipes, table_note
 
 
 def run(args: argparse.Namespace) -> int:
@@ -15,4 +15,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
         print(table_note())
+        for line in experimental_lines(rows):
+            print(line)
     return 0

@@ -203,6 +203,18 @@ def header_comment(path: Path) -> str:
     return " ".join(lines)
 
 
+# A recipe whose header comment has a line starting with this is listed as experimental; the
+# rest of that line says why (what measurement it has not passed).
+EXPERIMENTAL = "EXPERIMENTAL:"
+
+
+def experimental_reason(description: str) -> str | None:
+    """Why the recipe is experimental (from its header comment), or None for a regular one."""
+    if EXPERIMENTAL not in description:
+        return None
+    return description.split(EXPERIMENTAL, 1)[1].strip()
+
+
 def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HERBARIUM_2022_CLASSES,
                     trunk_cache: dict | None = None) -> dict:
     """One row of the table for the recipe at ``path``.
@@ -217,7 +229,8 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         params_m, trunk_params, gflops, outputs {"embedding": D, level: C}, levels {level: {head,
         loss, weight}} (``head``: its name; ``loss``: the loss names joined by ``+``),
         fused_attention (the model runs fused SwinV2 attention), compile (model.compile),
-        description``; ``gflops`` and ``outputs`` are None when not computed.
+        description, experimental`` (why the recipe is experimental, or None); ``gflops`` and
+        ``outputs`` are None when not computed.
     """
 
     cfg = load_config(path)
@@ -247,6 +260,7 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         "fused_attention": fused,
         "compile": cfg["model"]["compile"],
         "description": header_comment(path),
+        "experimental": experimental_reason(header_comment(path)),
     }
 
 
@@ -298,14 +312,20 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         height, width = row["input_size"]
         pretrained = "x".join(map(str, row["pretrained_size"])) if row["pretrained_size"] else "-"
+        name = f"{row['name']} (experimental)" if row["experimental"] else row["name"]
         cells.append((
-            row["name"], row["backbone"], f"{height}x{width}", pretrained, f"{row['params_m']:.1f}",
+            name, row["backbone"], f"{height}x{width}", pretrained, f"{row['params_m']:.1f}",
             gflops_text(row["gflops"]), losses_text(row["levels"]), speed_text(row)))
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     numeric = {4, 5}  # right-align the numbers
     lines = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w)
                        for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in cells]
     return "\n".join(lines)
+
+
+def experimental_lines(rows: list[dict]) -> list[str]:
+    """One line per experimental recipe of ``rows``: its name and why."""
+    return [f"{row['name']} is experimental: {row['experimental']}" for row in rows if row["experimental"]]
 
 
 def table_note() -> str:
