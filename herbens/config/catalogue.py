@@ -208,11 +208,15 @@ def header_comment(path: Path) -> str:
 EXPERIMENTAL = "EXPERIMENTAL:"
 
 
-def experimental_reason(description: str) -> str | None:
-    """Why the recipe is experimental (from its header comment), or None for a regular one."""
-    if EXPERIMENTAL not in description:
-        return None
-    return description.split(EXPERIMENTAL, 1)[1].strip()
+def experimental_reason(path: Path) -> str | None:
+    """Why the recipe is experimental (its header comment's ``EXPERIMENTAL:`` line), or None."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            return None
+        text = line.lstrip("#").strip()
+        if text.startswith(EXPERIMENTAL):
+            return text[len(EXPERIMENTAL):].strip()
+    return None
 
 
 def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HERBARIUM_2022_CLASSES,
@@ -260,7 +264,7 @@ def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HE
         "fused_attention": fused,
         "compile": cfg["model"]["compile"],
         "description": header_comment(path),
-        "experimental": experimental_reason(header_comment(path)),
+        "experimental": experimental_reason(path),
     }
 
 
