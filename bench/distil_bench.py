@@ -1,16 +1,16 @@
-"""Distillation where an ensemble is really better than one run: converged members on a harder herbarium.
+"""Distillation on a harder herbarium: members, their ensemble, offline and online students, one long run.
 
-    python bench/distil_bench.py [--workdir /tmp/distil_bench] [--seeds 3 13 23] [--epochs 32]
-                                 [--student-epochs 64] [--name distil_bench] [--results bench/results]
+    python bench/distil_bench.py [--workdir /tmp/distil_bench] [--seeds 3 13 23] [--epochs 64]
+                                 [--student-epochs 128] [--name distil_bench] [--results bench/results]
 
 On the demo herbarium every 16-epoch run is optimisation-limited, so nothing can be learnt there
 about distillation (bench/distil_demo.py). This bench builds a harder synthetic herbarium
 (``HARD``: more species, more intra-class variation, a longer tail) and, for each seed:
 
 1. the three demo recipes (``demo_balanced``, ``demo_arcface``, ``demo_seesaw``), each trained
-   for ``--epochs`` (long enough that validation macro-F1 has stopped improving: the curve of
-   each run is recorded), ensembled with ``herbens ensemble`` and exported as a bundle;
-2. the converged single recipe (``demo_balanced`` of step 1);
+   for ``--epochs`` (every run's validation curve is recorded, to show whether it still
+   improves), ensembled with ``herbens ensemble`` and exported as a bundle;
+2. the single recipe (``demo_balanced`` of step 1);
 3. an offline student: ``demo_balanced`` trained for ``--student-epochs`` on the ensemble's
    sparse targets (``herbens teach``; ``demo_distil``'s loss settings);
 4. an online student: the same, with the consistent teacher (``distill.online``: the bundle
@@ -50,7 +50,7 @@ HARD = {"species": 48, "seed": 0, "long_edge": 192, "min_images": 4, "max_images
 SINGLE = "demo_balanced"
 SPLIT = ["data.val_fraction=0.2", "train.log_every=50"]
 STUDENT = ["distill.temperature=1.0", "distill.alpha=0.5", "distill.class_balanced_beta=0.99"]
-ROWS = (("single", "converged single recipe"), ("ensemble", "ensemble of the three converged runs"),
+ROWS = (("single", "single recipe (an ensemble member)"), ("ensemble", "ensemble of the three runs"),
         ("offline", "student, offline sparse targets"), ("online", "student, consistent online teacher"),
         ("single_long", "single recipe, the students' epochs"))
 
@@ -120,15 +120,17 @@ def table(result: dict) -> str:
     for kind, label in ROWS:
         s = result["models"][kind]
         cost = result["cost"]["ensemble" if kind == "ensemble" else "single"]
-        cells = [f"{s[level]['mean']:.3f} ± {s[level]['std']:.3f}" for level in ("species", "genus", "family")]
+        cells = [f"{s[level]['mean']:.3f} ± {s[level]['std']:.3f}" if len(s[level]["values"]) > 1
+                 else f"{s[level]['mean']:.3f}" for level in ("species", "genus", "family")]
         lines.append(f"| {label} | {result['epochs'][kind]} | " + " | ".join(cells)
                      + f" | {cost['params_M']:.2f} | {cost['gflops']:.3f} | {cost['images_per_second']:.1f} |")
     gap = result["models"]["ensemble"]["species"]["mean"] - result["models"]["single_long"]["species"]["mean"]
     for kind in ("offline", "online"):
         gained = result["models"][kind]["species"]["mean"] - result["models"]["single_long"]["species"]["mean"]
-        share = gained / gap if gap > 0 else float("nan")
+        share = f"{gained / gap:.2f} of its gap to the ensemble" if gap > 0 else \
+            "and that single recipe is above the ensemble (no gap to close)"
         lines.append(f"\n{kind} student: {gained:+.3f} species F1 over the single recipe of the same epochs, "
-                     f"{share:.2f} of its gap to the ensemble (target: at least 0.5)")
+                     f"{share} (target: at least half the gap)")
     lines.append(f"\nseeds {result['seeds']}; online teacher {result['teacher_s_per_step'] * 1000:.1f} ms per step "
                  f"({result['teacher_share']:.0%} of the online student's training time); "
                  f"herbarium {result['herbarium']}")
@@ -142,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/distil_bench"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 13, 23])
-    parser.add_argument("--epochs", type=int, default=32, help="each ensemble member's (converged) epochs")
-    parser.add_argument("--student-epochs", type=int, default=64, help="at most 3 x --epochs")
+    # Seed 3 of demo_balanced: 0.680 test species F1 at 32 epochs, 0.767 at 64, 0.820 at 128 (its
+    # validation curve looks flat at the end of each): no budget tried here is converged.
+    parser.add_argument("--epochs", type=int, default=64, help="each ensemble member's (converged) epochs")
+    parser.add_argument("--student-epochs", type=int, default=128, help="at most 3 x --epochs")
     parser.add_argument("--name", default="distil_bench", help="results file name")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="folder of the results")
     args = parser.parse_args(argv)
