@@ -32,7 +32,7 @@ from herbens.stores.kernel import open_store
 from herbens.stores.writer import BlockWriter, new_description, publish_store
 
 # Zero-probability classes (log 0 = -inf) are stored at float32's smallest normal log instead.
-_LOG_TINY = np.float32(np.log(np.finfo(np.float32).tiny))
+LOG_TINY = np.float32(np.log(np.finfo(np.float32).tiny))
 
 
 def targets_dir(run_dir: str | os.PathLike, split: str) -> Path:
@@ -58,7 +58,7 @@ def sparsify(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.
     values = np.take_along_axis(log_probs, top, axis=1)
     order = np.lexsort((top, -values), axis=1)
     classes = np.take_along_axis(top, order, axis=1).astype(np.int32)
-    logp = np.maximum(np.take_along_axis(values, order, axis=1), _LOG_TINY)  # NaN stays NaN
+    logp = np.maximum(np.take_along_axis(values, order, axis=1), LOG_TINY)  # NaN stays NaN
     kept = np.exp(logp.astype(np.float64)).sum(axis=1)
     rest = np.clip(1.0 - kept, 0.0, 1.0).astype(np.float32)
     return classes, logp, rest

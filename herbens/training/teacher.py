@@ -28,10 +28,8 @@ import torch.nn.functional as F
 from herbens.bundle.load import load_bundle
 from herbens.bundle.scoring import combine_members, needed_levels
 from herbens.core.errors import HerbensError
+from herbens.stores.targets import LOG_TINY
 
-# Zero-probability classes are given float32's smallest normal log, as the targets store does
-# (log 0 would make the KL's 0 * log 0 a NaN).
-LOG_TINY = float(np.log(np.finfo(np.float32).tiny))
 
 
 def teacher_bundle_dir(path: str | Path) -> Path:
@@ -89,6 +87,7 @@ class OnlineTeacher:
         probs = combine_members(logits, self.bundle.params, self.bundle.space)
         targets = {}
         for level in self.levels:
+            # Zero-probability classes get the targets store's floor: log 0 would make 0 * log 0 a NaN.
             with np.errstate(divide="ignore"):
                 logp = np.maximum(np.log(probs.level(level), dtype=np.float32), LOG_TINY)
             logp = torch.from_numpy(logp).to(images.device)
