@@ -190,17 +190,19 @@ def forward_cost(model: torch.nn.Module, height: int, width: int, trunk_cache: d
     return trunk_flops + total, sizes
 
 
-def header_comment(path: Path) -> str:
-    """The recipe's leading comment without its launch-command line (what it reproduces)."""
+def header_lines(path: Path) -> list[str]:
+    """The text of each line of the recipe's leading comment."""
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
             break
-        text = line.lstrip("#").strip()
-        if text.startswith(("accelerate launch", "herbens train")):
-            continue
-        lines.append(text)
-    return " ".join(lines)
+        lines.append(line.lstrip("#").strip())
+    return lines
+
+
+def header_comment(path: Path) -> str:
+    """The recipe's leading comment without its launch-command line (what it reproduces)."""
+    return " ".join(text for text in header_lines(path) if not text.startswith(("accelerate launch", "herbens train")))
 
 
 # A recipe whose header comment has a line starting with this is listed as experimental; the
@@ -210,13 +212,8 @@ EXPERIMENTAL = "EXPERIMENTAL:"
 
 def experimental_reason(path: Path) -> str | None:
     """Why the recipe is experimental (its header comment's ``EXPERIMENTAL:`` line), or None."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.startswith("#"):
-            return None
-        text = line.lstrip("#").strip()
-        if text.startswith(EXPERIMENTAL):
-            return text[len(EXPERIMENTAL):].strip()
-    return None
+    marked = [text for text in header_lines(path) if text.startswith(EXPERIMENTAL)]
+    return marked[0][len(EXPERIMENTAL):].strip() if marked else None
 
 
 def describe_recipe(path: Path, flops: bool = True, classes: dict[str, int] = HERBARIUM_2022_CLASSES,
