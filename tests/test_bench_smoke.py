@@ -53,15 +53,22 @@ def test_distil_bench_smoke_trains_every_model_and_reports_each_row(tmp_path):
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "smoke.json").read_text())
-    assert list(result["models"]) == ["single", "ensemble", "offline", "online", "single_long"]
-    assert result["epochs"] == {"single": 1, "ensemble": 3, "offline": 2, "online": 2, "single_long": 2}
+    assert list(result["models"]) == ["single", "ensemble", "offline", "online", "online_mixup", "single_long"]
+    assert result["epochs"] == {"single": 1, "ensemble": 3, "offline": 2, "online": 2, "online_mixup": 2,
+                                "single_long": 2}
     seed = result["per_seed"][0]
-    assert [len(seed["curves"][k]) for k in ("demo_balanced", "offline", "online")] == [1, 2, 2]
+    assert [len(seed["curves"][k]) for k in ("demo_balanced", "offline", "online", "online_mixup")] == [1, 2, 2, 2]
     assert 0 < result["teacher_share"] < 1 and result["teacher_s_per_step"] > 0
     assert result["cost"]["ensemble"]["params_M"] > result["cost"]["single"]["params_M"] > 0
     table = (tmp_path / "smoke.md").read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 6  # header + 5 models
-    assert "consistent online teacher" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 7  # header + 6 models
+    assert "consistent online teacher, Mixup 0.8" in table
+    # A second run with the same settings gathers the seed from <workdir>/seed_3.json: nothing retrained.
+    again = subprocess.run([*command[:-2], "--name", "again"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "seed 3: the results in" in again.stdout and "epoch 1/" not in again.stdout + again.stderr
+    assert json.loads((tmp_path / "again.json").read_text())["models"] == result["models"]
     too_long = subprocess.run([*command[:-4], "--student-epochs", "4"], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=600)
     assert too_long.returncode != 0 and "--student-epochs must be 1..3" in too_long.stderr
