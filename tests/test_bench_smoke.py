@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,6 +70,19 @@ def test_distil_bench_smoke_trains_every_model_and_reports_each_row(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "seed 3: the results in" in again.stdout and "epoch 1/" not in again.stdout + again.stderr
     assert json.loads((tmp_path / "again.json").read_text())["models"] == result["models"]
+    # An ensemble of one recipe's seeds: members trained with the seed and the next two.
+    seeds = subprocess.run([*command[:-2], "--name", "seeds", "--ensemble", "seeds", "--single", "demo_seesaw",
+                            "--workdir", str(tmp_path / "seeds")], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=1200)
+    assert seeds.returncode == 0, seeds.stdout + seeds.stderr
+    by_seed = json.loads((tmp_path / "seeds.json").read_text())
+    assert [m[1:] for m in by_seed["members"]] == [["demo_seesaw_seed+0", 0], ["demo_seesaw_seed+1", 1],
+                                                   ["demo_seesaw_seed+2", 2]]
+    assert "online_mixup" not in by_seed["models"] and "hard labels" in by_seed["skipped"]["online_mixup"]
+    assert "online_mixup student not run" in (tmp_path / "seeds.md").read_text()  # Seesaw refuses Mixup
+    runs = tmp_path / "seeds" / "runs_s3"
+    assert [yaml.safe_load((runs / f"demo_seesaw_seed+{i}" / "config.yaml").read_text())["seed"]
+            for i in range(3)] == [3, 4, 5]
     too_long = subprocess.run([*command[:-4], "--student-epochs", "4"], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=600)
     assert too_long.returncode != 0 and "--student-epochs must be 1..3" in too_long.stderr
