@@ -2,6 +2,7 @@
 
     python bench/distil_bench.py [--workdir /tmp/distil_bench] [--seeds 3 13 23] [--epochs 64]
                                  [--student-epochs 128] [--ensemble recipes|seeds] [--single demo_balanced]
+                                 [--difficulty 1.4]
                                  [--name distil_bench] [--results bench/results]
 
 On the demo herbarium every 16-epoch run is optimisation-limited, so nothing can be learnt there
@@ -151,10 +152,10 @@ def one_seed(seed: int, root: Path, work: Path, epochs: int, student_epochs: int
     return out
 
 
-def seed_result(seed: int, root: Path, work: Path, epochs: int, student_epochs: int,
+def seed_result(seed: int, herbarium: dict, root: Path, work: Path, epochs: int, student_epochs: int,
                 specs: list[tuple[str, str, int]], log) -> dict:
     """One seed's results: from ``<work>/seed_<seed>.json`` when made with the same settings, else trained."""
-    key = {"seed": seed, "herbarium": HARD, "input": INPUT, "epochs": epochs, "student_epochs": student_epochs,
+    key = {"seed": seed, "herbarium": herbarium, "input": INPUT, "epochs": epochs, "student_epochs": student_epochs,
            "members": [list(spec) for spec in specs]}
     path = work / f"seed_{seed}.json"
     if path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
@@ -210,15 +211,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="members: the three demo recipes, or --single with three seeds")
     parser.add_argument("--single", default="demo_balanced", choices=DEMO_RECIPES,
                         help="the single recipe (a member, and every student's recipe)")
+    parser.add_argument("--difficulty", type=float, default=HARD["difficulty"],
+                        help="the herbarium's intra-class variation (herbens synth --difficulty)")
     parser.add_argument("--name", default="distil_bench", help="results file name")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="folder of the results")
     args = parser.parse_args(argv)
     if not 1 <= args.student_epochs <= 3 * args.epochs:
         raise SystemExit(f"--student-epochs must be 1..{3 * args.epochs} (the ensemble's total epochs)")
     root = args.workdir / "data"
-    synthesize_once(root, HARD, progress=False)
+    herbarium = {**HARD, "difficulty": args.difficulty}
+    synthesize_once(root, herbarium, progress=False)
     specs = member_specs(args.ensemble, args.single)
-    seeds = [seed_result(seed, root, args.workdir, args.epochs, args.student_epochs, specs, print)
+    seeds = [seed_result(seed, herbarium, root, args.workdir, args.epochs, args.student_epochs, specs, print)
              for seed in args.seeds]
     taxonomy = Taxonomy.load(args.workdir / f"runs_s{args.seeds[0]}" / specs[0][1] / "taxonomy.json")
     test = load_test_metadata(root / "test_metadata.json")
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "ensemble": model_cost([load_config(r, [f"data.root={root}", *INPUT]) for r, _, _ in specs], taxonomy)}
     for kind in cost:
         cost[kind]["images_per_second"] = images_per_second(Path(bundles[kind]), paths)
-    result = {"seeds": args.seeds, "herbarium": HARD, "members": specs,
+    result = {"seeds": args.seeds, "herbarium": herbarium, "members": specs,
               "epochs": {"single": args.epochs, "ensemble": 3 * args.epochs, "offline": args.student_epochs,
                          "online": args.student_epochs, "online_mixup": args.student_epochs,
                          "single_long": args.student_epochs},
