@@ -165,7 +165,7 @@ def seed_result(seed: int, herbarium: dict, root: Path, work: Path, epochs: int,
     partial = path.with_suffix(".json.partial")  # written whole, then renamed: never a half-written seed
     partial.write_text(json.dumps({"key": key, "result": result}, indent=2, default=str) + "\n")
     partial.replace(path)
-    return json.loads(path.read_text())["result"]
+    return json.loads(path.read_text())["result"]  # as a reused seed reads it (paths as strings)
 
 
 def table(result: dict) -> str:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.workdir / "data"
     herbarium = {**HARD, "difficulty": args.difficulty}
     synthesize_once(root, herbarium, progress=False)
-    specs = member_specs(args.ensemble, args.single)
+    specs, refusal = member_specs(args.ensemble, args.single), mixup_refusal(args.single)
     seeds = [seed_result(seed, herbarium, root, args.workdir, args.epochs, args.student_epochs, specs, print)
              for seed in args.seeds]
     taxonomy = Taxonomy.load(args.workdir / f"runs_s{args.seeds[0]}" / specs[0][1] / "taxonomy.json")
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                          "single_long": args.student_epochs},
               "models": {kind: summarize([s["scores"][kind] for s in seeds]) for kind, _ in ROWS
                          if kind in seeds[0]["scores"]},
-              "skipped": {"online_mixup": mixup_refusal(args.single)} if mixup_refusal(args.single) else {},
+              "skipped": {"online_mixup": refusal} if refusal else {},
               "teacher_s_per_step": float(np.mean([s["teacher_s_per_step"] for s in seeds])),
               "teacher_share": float(np.mean([s["teacher_share"] for s in seeds])),
               "cost": cost, "per_seed": seeds}

@@ -31,7 +31,6 @@ from herbens.core.errors import HerbensError
 from herbens.stores.targets import LOG_TINY
 
 
-
 def teacher_bundle_dir(path: str | Path) -> Path:
     """The bundle of ``distill.teacher``: the folder itself or its ``bundle/`` (herbens teach)."""
     path = Path(path)
